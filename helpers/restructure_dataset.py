@@ -1,0 +1,442 @@
+#!/usr/bin/env python
+"""Turn a Tiny ImageNet download into the class-folder layout Keras reads.
+
+Source: seed write-up ``000_*.txt`` ("Dataset Structure"): Keras'
+``flow_from_directory`` expects ``<split>/<class>/<image>``, and Tiny ImageNet is
+not shipped that way. The original script re-saved every image through PIL,
+deleted the originals as it went and could not be run twice. This one never
+decodes an image, checks everything before it touches anything, and can be run
+again (or after a crash) with the same command.
+
+Input, Tiny ImageNet's raw layout (tiny-imagenet-100-A, tiny-imagenet-200)::
+
+    SRC/wnids.txt                      one WordNet id per line: the classes
+    SRC/words.txt                      wnid<TAB>names (optional)
+    SRC/train/<wnid>/images/*.JPEG     (and <wnid>_boxes.txt, skipped)
+    SRC/val/images/*.JPEG              with SRC/val/val_annotations.txt:
+                                       file<TAB>wnid<TAB>x0<TAB>y0<TAB>x1<TAB>y1
+    SRC/test/images/*.JPEG             unlabelled
+
+Output::
+
+    OUT/train/<wnid>/*.JPEG
+    OUT/val/<wnid>/*.JPEG
+    OUT/test/<wnid>/*.JPEG             only with --holdout N, carved from train
+    OUT/test_unlabelled/*.JPEG         the official, unlabelled test images
+    OUT/wnids.txt, OUT/words.txt       copied (for class names)
+
+Usage::
+
+    python helpers/restructure_dataset.py SRC --output OUT [--holdout 50] [--classes 100]
+    python helpers/restructure_dataset.py SRC --in-place [--dry-run]
+
+or from Python: ``restructure(src, output=..., holdout=..., ...)``.
+
+Standard library only, so it runs before anything else is installed.
+"""
+
+import argparse
+import dataclasses
+import errno
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+import sys
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+# The extensions Keras' ``flow_from_directory`` and ``image_dataset_from_directory``
+# read (case-insensitive); anything else in an image folder is a stray file.
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".tif", ".tiff")
+MARKER = ".restructure_complete.json"
+JOURNAL = ".restructure_journal.json"
+PROGRESS_MIN_FILES = 10_000  # trees this large report progress, every 10% of the files
+
+
+class LayoutError(ValueError):
+    """The source tree is not a valid Tiny ImageNet download; nothing was changed."""
+
+
+@dataclasses.dataclass
+class Summary:
+    """What a run did (or, with ``dry_run``, would do).
+
+    Attributes:
+        classes: number of classes in the output.
+        images: images per output split, e.g. ``{"train": 45000, "val": 5000, ...}``.
+        stray_files: files skipped because they are not images (``.DS_Store``,
+            ``*_boxes.txt``, ...), or images no annotation row names.
+        excluded_images: images of classes left out by ``classes=N``.
+        transfer: ``"link"``, ``"copy"``, ``"move"``, or ``"none"`` (already complete).
+        already_complete: the output was a finished tree and was left alone.
+    """
+
+    classes: int = 0
+    images: dict = dataclasses.field(default_factory=dict)
+    stray_files: int = 0
+    excluded_images: int = 0
+    transfer: str = "none"
+    already_complete: bool = False
+
+    def describe(self):
+        splits = ", ".join(f"{split} {count}" for split, count in self.images.items())
+        state = " (already complete, left alone)" if self.already_complete else ""
+        return (
+            f"{self.classes} classes; images: {splits}; stray files skipped: "
+            f"{self.stray_files}; images of excluded classes: {self.excluded_images}; "
+            f"transfer: {self.transfer}{state}"
+        )
+
+
+def _is_image(name):
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _check_name(name, where):
+    """Return ``name`` if it is a plain file name inside its folder, else a problem."""
+    if (
+        not name
+        or name in (".", "..")
+        or "/" in name
+        or "\\" in name
+        or os.path.isabs(name)
+    ):
+        return f"{where}: {name!r} is not a plain file name (it points outside the dataset root)"
+    return None
+
+
+def _read_wnids(src):
+    path = src / "wnids.txt"
+    if not path.is_file():
+        raise LayoutError(f"{path} is missing: it lists the classes (one WordNet id per line).")
+    wnids, problems = [], []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        wnid = line.strip()
+        if not wnid:
+            continue
+        problem = _check_name(wnid, f"{path}:{number}")
+        if problem:
+            problems.append(problem)
+        elif wnid in wnids:
+            problems.append(f"{path}:{number}: duplicate wnid {wnid!r}")
+        else:
+            wnids.append(wnid)
+    if not wnids and not problems:
+        problems.append(f"{path} lists no classes")
+    return wnids, problems
+
+
+def _list_folder(folder):
+    """Sorted image names and the count of stray files in ``folder`` (not recursive)."""
+    images, stray = [], 0
+    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        if entry.is_file() and _is_image(entry.name):
+            images.append(entry.name)
+        else:
+            stray += 1
+    return images, stray
+
+
+def _plan(src, wnids, holdout, seed, selected):
+    """Every transfer as ``(source, destination)`` relative paths, checked, and the counts.
+
+    Raises:
+        LayoutError: listing every problem found, before anything is changed.
+    """
+    problems, moves = [], []
+    summary = Summary(classes=len(selected))
+    images = {"train": 0, "val": 0}
+    if holdout:
+        images["test"] = 0
+    wnid_set, selected_set = set(wnids), set(selected)
+
+    train = src / "train"
+    if not train.is_dir():
+        problems.append(f"{train} is missing")
+    else:
+        for entry in sorted(os.scandir(train), key=lambda e: e.name):
+            if not entry.is_dir():
+                summary.stray_files += 1
+            elif entry.name not in wnid_set:
+                problems.append(f"{train / entry.name}: wnid {entry.name!r} is not in wnids.txt")
+        for wnid in selected:
+            folder = train / wnid / "images"
+            if not folder.is_dir():
+                problems.append(f"{folder} is missing (class {wnid} of wnids.txt)")
+                continue
+            names, stray = _list_folder(folder)
+            # <wnid>_boxes.txt and anything else beside images/ is stray too.
+            summary.stray_files += stray + sum(1 for e in os.scandir(train / wnid) if e.name != "images")
+            if holdout and len(names) <= holdout:
+                problems.append(
+                    f"{folder}: {len(names)} images, too few to hold out {holdout} and still train"
+                )
+                continue
+            held = set(random.Random(f"{seed}:{wnid}").sample(names, holdout)) if holdout else set()
+            for name in names:
+                split = "test" if name in held else "train"
+                moves.append((f"train/{wnid}/images/{name}", f"{split}/{wnid}/{name}"))
+                images[split] += 1
+        for wnid in wnid_set - selected_set:
+            folder = train / wnid / "images"
+            if folder.is_dir():
+                summary.excluded_images += len(_list_folder(folder)[0])
+
+    val = src / "val"
+    annotations = val / "val_annotations.txt"
+    if not annotations.is_file():
+        problems.append(f"{annotations} is missing")
+    else:
+        seen = {}
+        available = set(_list_folder(val / "images")[0]) if (val / "images").is_dir() else set()
+        for number, line in enumerate(annotations.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            where = f"{annotations}:{number}"
+            fields = line.split("\t")
+            if len(fields) < 2:
+                problems.append(f"{where}: expected 'file<TAB>wnid<TAB>box', got {line!r}")
+                continue
+            name, wnid = fields[0].strip(), fields[1].strip()
+            problem = _check_name(name, where)
+            if problem:
+                problems.append(problem)
+            elif name in seen:
+                problems.append(f"{where}: duplicate row for {name} (first at line {seen[name]})")
+            elif wnid not in wnid_set:
+                problems.append(f"{where}: wnid {wnid!r} of {name} is not in wnids.txt")
+            elif name not in available:
+                problems.append(f"{where}: {val / 'images' / name} is missing")
+            elif wnid in selected_set:
+                moves.append((f"val/images/{name}", f"val/{wnid}/{name}"))
+                images["val"] += 1
+            else:
+                summary.excluded_images += 1
+            seen.setdefault(name, number)
+        summary.stray_files += len(available - set(seen))
+        if (val / "images").is_dir():
+            summary.stray_files += sum(1 for e in os.scandir(val / "images") if not _is_image(e.name))
+
+    test_images = src / "test" / "images"
+    if test_images.is_dir():
+        names, stray = _list_folder(test_images)
+        summary.stray_files += stray
+        moves.extend((f"test/images/{name}", f"test_unlabelled/{name}") for name in names)
+        images["test_unlabelled"] = len(names)
+
+    if problems:
+        shown = "\n  ".join(problems[:50])
+        more = f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else ""
+        raise LayoutError(
+            f"{src} is not a valid Tiny ImageNet tree; nothing was changed. "
+            f"{len(problems)} problem(s):\n  {shown}{more}"
+        )
+    summary.images = images
+    return moves, summary
+
+
+class _Transfer:
+    """Hard links when possible, else copies; or moves (``in_place``). All atomic per file."""
+
+    def __init__(self, in_place):
+        self.mode = "move" if in_place else "link"
+        self._folders = set()
+
+    def __call__(self, source, destination):
+        if destination.parent not in self._folders:
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            self._folders.add(destination.parent)
+        if self.mode == "move":
+            os.replace(source, destination)
+            return
+        if self.mode == "link":
+            try:
+                os.link(source, destination)
+                return
+            except OSError as error:
+                if error.errno not in (errno.EXDEV, errno.EPERM, errno.ENOTSUP, errno.EMLINK):
+                    raise
+                logger.info("hard links are not possible here (%s); copying instead", error.strerror)
+                self.mode = "copy"
+        partial = destination.with_name(destination.name + ".partial")
+        shutil.copy2(source, partial)
+        os.replace(partial, destination)  # a crash never leaves a half-written image
+
+
+def _options_key(wnids, holdout, seed, classes):
+    text = json.dumps({"wnids": wnids, "holdout": holdout, "seed": seed, "classes": classes})
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _write_json(path, data):
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(data, indent=1), encoding="utf-8")
+    os.replace(partial, path)
+
+
+def restructure(src, output=None, in_place=False, holdout=0, classes=None, seed=0, dry_run=False):
+    """Reorganise a Tiny ImageNet download into ``<split>/<wnid>/<image>`` folders.
+
+    Everything is checked before anything changes. Output mode links (or copies)
+    into a new tree and never modifies ``src``; in-place mode moves files and keeps
+    a journal, so that a killed run finishes when run again. A finished tree
+    carries a marker and is left alone.
+
+    Args:
+        src: root of the download (``wnids.txt``, ``train/``, ``val/``, ``test/``).
+        output: folder for the new tree. Exactly one of ``output`` and ``in_place``.
+        in_place: move files inside ``src`` instead, as the original script did.
+        holdout: images per class carved from train into a labelled ``test/`` split
+            (0 for none). Chosen with ``random.Random(f"{seed}:{wnid}")``, so the
+            same seed gives the same split.
+        classes: keep only the first N wnids of ``wnids.txt`` (``None`` keeps all).
+        seed: integer seed of the holdout choice.
+        dry_run: only plan and report; change nothing.
+
+    Returns:
+        A ``Summary`` of the classes, images per split and skipped files.
+
+    Raises:
+        LayoutError: the tree is not valid (missing files, unknown or duplicate rows,
+            names outside the root); the message lists every problem. Nothing changed.
+        ValueError: bad arguments (``holdout < 0``, ``classes < 1``, both or neither
+            of ``output`` and ``in_place``, ``output`` equal to ``src``).
+    """
+    src = Path(src).resolve()
+    if (output is None) == (not in_place):
+        raise ValueError("Give exactly one of output=DIR and in_place=True.")
+    if holdout < 0:
+        raise ValueError(f"holdout must be >= 0. Received: holdout={holdout}")
+    if classes is not None and classes < 1:
+        raise ValueError(f"classes must be >= 1. Received: classes={classes}")
+    if classes is not None and in_place:
+        raise ValueError(
+            "classes=N needs output=DIR: in place, the excluded classes would stay in train/ "
+            "and be read as classes."
+        )
+    if not src.is_dir():
+        raise LayoutError(f"Dataset root {src} does not exist or is not a folder.")
+    root = src if in_place else Path(output).resolve()
+    if not in_place and root == src:
+        raise ValueError(f"output is the source folder {src}; use in_place=True for that.")
+
+    wnids, problems = _read_wnids(src)
+    if problems:
+        raise LayoutError(f"{src} is not a valid Tiny ImageNet tree; nothing was changed:\n  " + "\n  ".join(problems))
+    selected = wnids[:classes] if classes else wnids
+    key = _options_key(selected, holdout, seed, classes)
+
+    marker = root / MARKER
+    if marker.is_file():
+        done = json.loads(marker.read_text(encoding="utf-8"))
+        if done.get("options") != key:
+            raise ValueError(
+                f"{root} was already restructured with other options ({done.get('arguments')}); "
+                "use a new output folder."
+            )
+        summary = Summary(**done["summary"])
+        summary.already_complete = True
+        return summary
+
+    journal = src / JOURNAL
+    if in_place and journal.is_file():  # an interrupted in-place run: finish its plan
+        state = json.loads(journal.read_text(encoding="utf-8"))
+        if state["options"] != key:
+            raise ValueError(
+                f"An unfinished in-place run with other options ({state['arguments']}) left {journal}; "
+                "run it again with those options to finish it."
+            )
+        moves, summary = [tuple(m) for m in state["moves"]], Summary(**state["summary"])
+    else:
+        moves, summary = _plan(src, wnids, holdout, seed, selected)
+    arguments = {"holdout": holdout, "classes": classes, "seed": seed}
+
+    if dry_run:
+        summary.transfer = "move" if in_place else "link or copy"
+        for source, destination in moves[:5]:
+            print(f"  {source} -> {destination}")
+        if len(moves) > 5:
+            print(f"  ... {len(moves) - 5} more")
+        return summary
+
+    if in_place and not journal.is_file():
+        _write_json(journal, {"options": key, "arguments": arguments, "moves": moves,
+                              "summary": dataclasses.asdict(summary)})
+
+    transfer = _Transfer(in_place)
+    step = max(len(moves) // 10, 1) if len(moves) >= PROGRESS_MIN_FILES else len(moves) + 1
+    for done_count, (source, destination) in enumerate(moves, 1):
+        source, destination = src / source, root / destination
+        if destination.exists():
+            if not in_place and destination.stat().st_size != source.stat().st_size:
+                raise LayoutError(f"{destination} already exists and differs from {source}; nothing overwritten.")
+            if in_place and source.exists():
+                raise LayoutError(f"Both {source} and {destination} exist; remove one and run again.")
+        elif in_place and not source.exists():
+            raise LayoutError(f"{source} is missing and was not moved to {destination}.")
+        else:
+            transfer(source, destination)
+        if done_count % step == 0:
+            logger.info("%d/%d files (%.0f%%)", done_count, len(moves), 100 * done_count / len(moves))
+
+    for name in ("wnids.txt", "words.txt"):
+        if (src / name).is_file() and not in_place:
+            shutil.copyfile(src / name, root / name)
+    if in_place:
+        for folder in [src / "val" / "images", src / "test" / "images", src / "test"] + [
+            src / "train" / wnid / "images" for wnid in selected
+        ]:
+            try:
+                folder.rmdir()  # only succeeds when empty: stray files are kept
+            except FileNotFoundError:
+                pass
+            except OSError:
+                if folder.name == "images":
+                    logger.warning("%s kept: it still holds stray or unannotated files", folder)
+    summary.transfer = transfer.mode
+    _write_json(marker, {"options": key, "arguments": arguments, "summary": dataclasses.asdict(summary)})
+    if in_place:
+        journal.unlink()
+    return summary
+
+
+def _parse_args(argv):
+    parser = argparse.ArgumentParser(
+        description="Reorganise a Tiny ImageNet download into train/<wnid>/, val/<wnid>/ "
+        "(and a labelled test/<wnid>/ holdout) for flow_from_directory.",
+    )
+    parser.add_argument("src", help="root of the download (holds wnids.txt, train/, val/, test/)")
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--output", help="build the new tree here, with hard links when possible, "
+                       "copies otherwise; SRC is left untouched")
+    where.add_argument("--in-place", action="store_true", help="move the files inside SRC (default: off)")
+    parser.add_argument("--holdout", type=int, default=0,
+                        help="images per class carved from train into a labelled test/ split (default: 0)")
+    parser.add_argument("--classes", type=int, default=None,
+                        help="keep only the first N wnids of wnids.txt (default: all)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the holdout choice (default: 0)")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan, change nothing (default: off)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = _parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        summary = restructure(
+            args.src, output=args.output, in_place=args.in_place, holdout=args.holdout,
+            classes=args.classes, seed=args.seed, dry_run=args.dry_run,
+        )
+    except ValueError as error:  # LayoutError included
+        logger.error("error: %s", error)
+        return 2
+    print(("dry run, nothing changed: " if args.dry_run else "") + summary.describe())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
