@@ -1,0 +1,74 @@
+"""Pretrained backbones from ``keras.applications``, with offline options.
+
+``weights`` follows Keras' own convention, plus ``"none"`` for the command line:
+``"imagenet"`` downloads the ImageNet weights (needs internet once; Keras caches
+them in ``~/.keras/models``), ``None`` or ``"none"`` initialises randomly, and any
+other string is the path of a local no-top weights file.
+"""
+
+import logging
+from pathlib import Path
+
+import keras
+
+logger = logging.getLogger(__name__)
+
+
+class WeightsUnavailableError(RuntimeError):
+    """The ImageNet weights could not be downloaded or the file could not be loaded."""
+
+
+def resolve_weights(weights):
+    """Normalise a ``weights`` argument to ``"imagenet"``, ``None`` or an existing path.
+
+    Raises:
+        FileNotFoundError: ``weights`` is a path that does not exist.
+    """
+    if weights is None or (isinstance(weights, str) and weights.lower() == "none"):
+        return None
+    if weights == "imagenet":
+        return weights
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"Backbone weights file {path} does not exist. Use weights='imagenet' "
+            "(download), 'none' (random) or the path of a no-top weights file."
+        )
+    return str(path)
+
+
+def pretrained_backbone(application, weights, **kwargs):
+    """Builds ``application(include_top=False, weights=..., **kwargs)`` with clear errors.
+
+    Args:
+        application: a ``keras.applications`` constructor, e.g. ``keras.applications.Xception``.
+        weights: ``"imagenet"``, ``None``/``"none"``, or a path to a no-top weights file.
+        **kwargs: passed on (``input_shape``, ``pooling``, ...).
+
+    Returns:
+        The backbone, a functional ``keras.Model`` named as Keras names it
+        (``"xception"``, ``"vgg16"``).
+
+    Raises:
+        FileNotFoundError: ``weights`` is a path that does not exist.
+        WeightsUnavailableError: the ImageNet download failed, or the file does not
+            fit the architecture. The message names both offline options.
+    """
+    weights = resolve_weights(weights)
+    name = application.__name__
+    try:
+        return application(include_top=False, weights=weights, **kwargs)
+    except Exception as error:  # Keras raises a bare Exception for a failed download
+        if weights is None:
+            raise
+        what = (
+            f"Could not download the ImageNet {name} weights"
+            if weights == "imagenet"
+            else f"Could not load {name} no-top weights from {weights}"
+        )
+        raise WeightsUnavailableError(
+            f"{what} ({type(error).__name__}: {error}). Offline options: "
+            f"--weights none (random initialisation) or --weights PATH to a local "
+            f"{name} no-top weights file (from keras.applications.{name}(include_top=False), "
+            f"e.g. saved with model.save_weights('x.weights.h5'))."
+        ) from error

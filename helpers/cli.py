@@ -1,0 +1,126 @@
+"""Command-line pieces both training scripts share.
+
+Each script builds its own parser with these groups, so that the flags, their
+defaults and their help text are the same in both.
+"""
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+COMMANDS = ("train", "evaluate", "predict")
+
+
+def with_default_command(argv, default="train"):
+    """Prepends ``default`` when ``argv`` starts with no command, so
+    ``script.py --data-dir D`` means ``script.py train --data-dir D``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS + ("-h", "--help"):
+        argv.insert(0, default)
+    return argv
+
+
+def add_data_arguments(parser, require_data=True):
+    group = parser.add_argument_group("data")
+    group.add_argument("--data-dir", required=require_data, type=Path,
+                       help="dataset root with train/ and val/ class folders, optionally test/ "
+                       "(see helpers/restructure_dataset.py); required")
+    group.add_argument("--skip-image-check", action="store_true",
+                       help="do not decode every image once before training to find unreadable "
+                       "files (default: check)")
+    return group
+
+
+def add_weights_argument(group, backbone):
+    group.add_argument("--weights", default="imagenet",
+                       help=f"{backbone} weights: 'imagenet' (downloaded once by Keras), 'none' "
+                       "(random), or the path of a no-top weights file (default: imagenet)")
+
+
+def add_training_arguments(parser, epochs=30, fine_tune_epochs=30, batch_size=32, fine_tune_batch_size=16,
+                           learning_rate=1e-3, fine_tune_learning_rate=1e-4):
+    group = parser.add_argument_group("training")
+    group.add_argument("--epochs", type=int, default=epochs,
+                       help=f"phase 1 epochs, backbone frozen; 0 skips it (default: {epochs})")
+    group.add_argument("--fine-tune-epochs", type=int, default=fine_tune_epochs,
+                       help=f"phase 2 epochs, everything fine-tuned; 0 skips it (default: {fine_tune_epochs})")
+    group.add_argument("--batch-size", type=int, default=batch_size,
+                       help=f"phase 1 batch size (default: {batch_size})")
+    group.add_argument("--fine-tune-batch-size", type=int, default=fine_tune_batch_size,
+                       help=f"phase 2 batch size (default: {fine_tune_batch_size})")
+    group.add_argument("--learning-rate", type=float, default=learning_rate,
+                       help=f"phase 1 learning rate (default: {learning_rate:g})")
+    group.add_argument("--fine-tune-learning-rate", type=float, default=fine_tune_learning_rate,
+                       help=f"phase 2 learning rate (default: {fine_tune_learning_rate:g})")
+    group.add_argument("--train-batchnorm", action="store_true",
+                       help="in phase 2, also update the backbone's BatchNormalization statistics "
+                       "(default: they stay frozen, in inference mode)")
+    group.add_argument("--steps-per-epoch", type=int, default=None,
+                       help="batches per epoch (default: the whole training set)")
+    group.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    return group
+
+
+def add_output_arguments(parser):
+    group = parser.add_argument_group("output")
+    group.add_argument("--output-dir", type=Path, default=Path("runs/latest"),
+                       help="checkpoints, logs, plots and metrics.json; rerunning the same command "
+                       "here resumes (default: runs/latest)")
+    group.add_argument("--verbose", action="store_true", help="debug logging (default: off)")
+    return group
+
+
+def check_training_arguments(args):
+    """Raises ``ValueError`` naming a flag whose value cannot work."""
+    for flag in ("epochs", "fine_tune_epochs"):
+        if getattr(args, flag) < 0:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 0. Received: {getattr(args, flag)}")
+    for flag in ("batch_size", "fine_tune_batch_size", "steps_per_epoch"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1. Received: {value}")
+    if args.epochs == 0 and args.fine_tune_epochs == 0:
+        raise ValueError("--epochs and --fine-tune-epochs are both 0: there is nothing to train.")
+
+
+def configure_logging(verbose=False):
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+def save_args(args, output_dir):
+    """Writes the resolved arguments to ``output_dir/args.json`` so a run can be repeated."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    values = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()
+              if not callable(value)}
+    path = output_dir / "args.json"
+    path.write_text(json.dumps(values, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def run(command, args, expected_errors):
+    """Runs ``command(args)``; an expected error is logged as one clear line, exit code 1."""
+    try:
+        return command(args) or 0
+    except expected_errors as error:
+        logger.debug("traceback", exc_info=True)
+        logger.error("%s", error)
+        return 1
+
+
+def parser_with_commands(description):
+    """A parser with train / evaluate / predict sub-parsers, returned as a tuple."""
+    parser = argparse.ArgumentParser(description=description)
+    commands = parser.add_subparsers(dest="command", metavar="{train,evaluate,predict}")
+    train = commands.add_parser("train", help="train both phases, then evaluate (default command)")
+    evaluate = commands.add_parser("evaluate", help="score a saved model on a labelled split")
+    predict = commands.add_parser("predict", help="top-k classes of image files or folders")
+    return parser, train, evaluate, predict

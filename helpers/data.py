@@ -1,0 +1,222 @@
+"""Class-folder image datasets: listing, checking, class names.
+
+The layout is the one ``helpers/restructure_dataset.py`` writes and Keras'
+``flow_from_directory`` reads::
+
+    DATA/train/<class>/*.JPEG
+    DATA/val/<class>/*.JPEG
+    DATA/test/<class>/*.JPEG     optional labelled holdout
+    DATA/words.txt               optional: <class><TAB>human-readable names
+
+Images are listed exactly as ``flow_from_directory`` lists them (class folders in
+sorted order, files found recursively, sorted, by extension), so the class indices
+here are the generator's.
+
+Bad input stops the run before training with a ``DatasetError`` that names every
+bad folder or file: a missing or empty data directory, a class folder without
+images, a class missing from a split, and images that cannot be decoded (truncated,
+corrupt, or not an image under an image extension). We stop rather than skip,
+so a figure is never silently measured on fewer images than the folder holds.
+Files without an image extension are ignored by Keras too; they are counted and
+reported in the log.
+"""
+
+import concurrent.futures
+import dataclasses
+import logging
+import os
+from pathlib import Path
+
+from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+# The extensions flow_from_directory reads (Keras' white_list_formats), lower case.
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".tif", ".tiff")
+MAX_LISTED = 20  # problems listed in an error message before "... and N more"
+
+
+class DatasetError(ValueError):
+    """The data directory is missing, empty or holds unreadable images."""
+
+
+@dataclasses.dataclass
+class Split:
+    """One split of a class-folder dataset.
+
+    Attributes:
+        name: ``"train"``, ``"val"`` or ``"test"``.
+        directory: the split's folder.
+        class_names: class folder names in index order (sorted), length ``num_classes``.
+        paths: image paths, class by class, in ``flow_from_directory`` order.
+        labels: class index of each path, ints in ``[0, num_classes)``.
+        skipped: files ignored because their extension is not an image's.
+    """
+
+    name: str
+    directory: Path
+    class_names: list
+    paths: list
+    labels: list
+    skipped: int = 0
+
+    def __len__(self):
+        return len(self.paths)
+
+
+def _raise(problems, header):
+    shown = "\n  ".join(problems[:MAX_LISTED])
+    more = f"\n  ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
+    raise DatasetError(f"{header}\n  {shown}{more}")
+
+
+def _images_in(folder):
+    """Image files under ``folder`` (recursive, sorted like Keras) and the skipped count."""
+    images, skipped = [], 0
+    for root, _, files in sorted(os.walk(folder), key=lambda item: item[0]):
+        for name in sorted(files):
+            if name.lower().endswith(IMAGE_EXTENSIONS):
+                images.append(Path(root) / name)
+            else:
+                skipped += 1
+    return images, skipped
+
+
+def list_split(directory, class_names=None, name=None):
+    """Lists and checks one split folder.
+
+    Args:
+        directory: the split folder, holding one sub-folder per class.
+        class_names: the expected classes (from train); ``None`` takes the
+            sorted sub-folders of ``directory``.
+        name: the split's name for messages (default: the folder's name).
+
+    Returns:
+        A ``Split``.
+
+    Raises:
+        DatasetError: the folder is missing, has no class folders, a class folder
+            holds no image, or an expected class folder is missing. The message
+            names every such folder.
+    """
+    directory = Path(directory)
+    name = name or directory.name
+    if not directory.is_dir():
+        raise DatasetError(f"The {name} split folder {directory} does not exist.")
+    found = sorted(entry.name for entry in os.scandir(directory) if entry.is_dir())
+    if class_names is None:
+        if not found:
+            raise DatasetError(
+                f"{directory} has no class folders: expected {directory}/<class>/<image files>."
+            )
+        class_names = found
+    problems = [f"{directory / c}: class folder missing (train has it)" for c in class_names if c not in found]
+    problems += [f"{directory / c}: class folder not in train" for c in found if c not in class_names]
+    paths, labels, skipped = [], [], 0
+    for index, class_name in enumerate(class_names):
+        if class_name not in found:
+            continue
+        images, ignored = _images_in(directory / class_name)
+        skipped += ignored
+        if not images:
+            problems.append(f"{directory / class_name}: no images ({', '.join(IMAGE_EXTENSIONS)})")
+        paths += images
+        labels += [index] * len(images)
+    if problems:
+        _raise(problems, f"The {name} split in {directory} cannot be used:")
+    if skipped:
+        logger.warning("%s: ignored %d files without an image extension", directory, skipped)
+    return Split(name, directory, list(class_names), paths, labels, skipped)
+
+
+def _decode_problem(path):
+    try:
+        with Image.open(path) as image:
+            image.load()  # full decode: catches truncated files, unlike verify()
+    except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, ...
+        return f"{path}: {type(error).__name__}: {error}"
+    return None
+
+
+def check_images(paths, workers=None):
+    """Decodes every image once with PIL (what the Keras generator uses).
+
+    Runs in a thread pool (PIL releases the GIL while decoding).
+
+    Args:
+        paths: image file paths.
+        workers: threads (default: the number of CPU cores).
+
+    Raises:
+        DatasetError: naming every file that cannot be decoded.
+    """
+    with concurrent.futures.ThreadPoolExecutor(workers or os.cpu_count()) as pool:
+        problems = [p for p in pool.map(_decode_problem, paths, chunksize=256) if p]
+    if problems:
+        _raise(
+            problems,
+            f"{len(problems)} of {len(paths)} images cannot be decoded; remove or replace them "
+            "and run again:",
+        )
+
+
+def load_splits(data_dir, splits=("train", "val"), optional=("test",), check=True):
+    """Lists and checks the splits of a data directory against train's classes.
+
+    Args:
+        data_dir: the dataset root.
+        splits: required split folders; the first defines the classes.
+        optional: split folders used when present.
+        check: also decode every image (``check_images``).
+
+    Returns:
+        A dict ``{split name: Split}`` of the splits found.
+
+    Raises:
+        DatasetError: the root is missing or empty, or a split is unusable.
+    """
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise DatasetError(f"Data directory {data_dir} does not exist.")
+    if not any(data_dir.iterdir()):
+        raise DatasetError(f"Data directory {data_dir} is empty: expected {', '.join(splits)} folders.")
+    result, class_names = {}, None
+    for name in list(splits) + [s for s in optional if (data_dir / s).is_dir()]:
+        result[name] = list_split(data_dir / name, class_names, name)
+        class_names = result[name].class_names
+    if check:
+        check_images([p for split in result.values() for p in split.paths])
+    return result
+
+
+def read_words(path):
+    """Reads Tiny ImageNet's ``words.txt`` (``wnid<TAB>names``) into a dict; ``{}`` if absent."""
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    words = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        key, _, names = line.partition("\t")
+        if key.strip():
+            words[key.strip()] = names.strip()
+    return words
+
+
+def image_files(inputs):
+    """Expands image files and folders (searched recursively) into image paths.
+
+    Raises:
+        DatasetError: a path does not exist, or a folder holds no image.
+    """
+    paths = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            found, _ = _images_in(item)
+            if not found:
+                raise DatasetError(f"{item} holds no images ({', '.join(IMAGE_EXTENSIONS)}).")
+            paths += found
+        elif item.is_file():
+            paths.append(item)
+        else:
+            raise DatasetError(f"{item} does not exist.")
+    return paths

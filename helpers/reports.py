@@ -1,0 +1,128 @@
+"""Metrics and plots written after training and evaluation."""
+
+import json
+import logging
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+MAX_TICK_LABELS = 30  # a confusion matrix with more classes is drawn without names
+
+
+def classification_metrics(probabilities, labels, class_names, top_k=5):
+    """Top-1, top-k and per-class accuracy, and the confusion matrix.
+
+    Args:
+        probabilities: ``(num_images, num_classes)`` float array of class scores.
+        labels: ``(num_images,)`` int array, true class indices in ``[0, num_classes)``.
+        class_names: ``num_classes`` names, in index order.
+        top_k: k of the top-k accuracy (capped at ``num_classes``).
+
+    Returns:
+        A dict: ``top1`` and ``top5`` (fractions in [0, 1]; ``top5`` is the top-k
+        accuracy), ``num_images``, ``per_class_accuracy`` (``{name: fraction}``,
+        ``None`` for a class without images) and ``confusion_matrix``
+        (``num_classes`` lists of counts, rows are true classes).
+    """
+    probabilities = np.asarray(probabilities)
+    labels = np.asarray(labels, dtype=np.int64)
+    num_classes = len(class_names)
+    if probabilities.shape != (len(labels), num_classes):
+        raise ValueError(
+            f"Expected probabilities of shape {(len(labels), num_classes)}. "
+            f"Received: {probabilities.shape}"
+        )
+    predicted = probabilities.argmax(axis=1)
+    k = min(top_k, num_classes)
+    top = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
+    confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(confusion, (labels, predicted), 1)
+    per_class = {}
+    for index, name in enumerate(class_names):
+        total = confusion[index].sum()
+        per_class[name] = float(confusion[index, index] / total) if total else None
+    return {
+        "top1": float((predicted == labels).mean()) if len(labels) else 0.0,
+        "top5": float((top == labels[:, None]).any(axis=1).mean()) if len(labels) else 0.0,
+        "top_k": k,
+        "num_images": int(len(labels)),
+        "per_class_accuracy": per_class,
+        "confusion_matrix": confusion.tolist(),
+    }
+
+
+def write_json(path, data):
+    """Writes ``data`` as indented JSON and returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def plot_history(history, path, title):
+    """Loss, accuracy and top-5 accuracy curves of one phase (train and validation).
+
+    Args:
+        history: ``{metric: [value per epoch]}``, e.g. from ``training.read_history``.
+        path: the PNG to write.
+        title: figure title.
+    """
+    panels = [("loss", "loss"), ("accuracy", "accuracy"), ("top5_accuracy", "top-5 accuracy")]
+    panels = [(key, label) for key, label in panels if key in history]
+    figure, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
+    for axis, (key, label) in zip(axes[0], panels):
+        epochs = np.arange(1, len(history[key]) + 1)
+        axis.plot(epochs, history[key], marker="o", label="train")
+        if f"val_{key}" in history:
+            axis.plot(epochs, history[f"val_{key}"], marker="o", label="validation")
+        axis.set_xlabel("epoch")
+        axis.set_ylabel(label)
+        axis.grid(alpha=0.3)
+        axis.legend()
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+def plot_confusion_matrix(confusion, class_names, path, title):
+    """Row-normalised confusion matrix (rows: true class, columns: predicted)."""
+    confusion = np.asarray(confusion, dtype=np.float64)
+    rates = confusion / np.maximum(confusion.sum(axis=1, keepdims=True), 1)
+    size = min(4 + 0.35 * len(class_names), 20)
+    figure, axis = plt.subplots(figsize=(size, size))
+    image = axis.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    if len(class_names) <= MAX_TICK_LABELS:
+        ticks = np.arange(len(class_names))
+        axis.set_xticks(ticks, class_names, rotation=90)
+        axis.set_yticks(ticks, class_names)
+    axis.set_xlabel("predicted class")
+    axis.set_ylabel("true class")
+    axis.set_title(title)
+    figure.colorbar(image, ax=axis, fraction=0.046, pad=0.04)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+def format_report(metrics, class_labels=None):
+    """A short text report: the split, top-1, top-k and the weakest classes."""
+    lines = [
+        f"split: {metrics['split']} ({metrics['num_images']} images)",
+        f"top-1 accuracy: {100 * metrics['top1']:.2f}%",
+        f"top-{metrics['top_k']} accuracy: {100 * metrics['top5']:.2f}%",
+    ]
+    scored = [(acc, name) for name, acc in metrics["per_class_accuracy"].items() if acc is not None]
+    if scored:
+        lines.append("weakest classes: " + ", ".join(
+            f"{(class_labels or {}).get(name, name)} {100 * acc:.0f}%" for acc, name in sorted(scored)[:5]
+        ))
+    return "\n".join(lines)

@@ -1,0 +1,198 @@
+"""Training phases: freeze/unfreeze, callbacks, resume, NaN handling.
+
+Both scripts train in phases (backbone frozen, then fine-tuned). Each phase
+writes into the output directory:
+
+    <phase>_best.keras        best model by the phase's monitored metric
+    <phase>_log.csv           one row per epoch (CSVLogger, appended on resume)
+    logs/<phase>/             TensorBoard logs
+    backup/<phase>/           BackupAndRestore state, deleted when the phase ends
+    <phase>_done.json         written when the phase completes; a rerun skips it
+"""
+
+import csv
+import json
+import logging
+import math
+import shutil
+import sys
+from pathlib import Path
+
+import keras
+
+logger = logging.getLogger(__name__)
+
+
+class NaNLossError(RuntimeError):
+    """Training produced a NaN or infinite loss and was stopped."""
+
+
+class StopOnNaN(keras.callbacks.Callback):
+    """Raises ``NaNLossError`` at the first batch whose loss is NaN or infinite.
+
+    Unlike ``keras.callbacks.TerminateOnNaN`` it raises before the epoch ends, so
+    neither ``BackupAndRestore`` nor ``ModelCheckpoint`` ever saves the broken
+    weights: the last good backup and best checkpoint stay.
+    """
+
+    def __init__(self, phase):
+        super().__init__()
+        self.phase = phase
+        self.epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            raise NaNLossError(
+                f"{self.phase}: the loss became {float(loss)} at epoch {self.epoch + 1}, "
+                f"batch {batch + 1}. Training stopped; the last good checkpoint and backup are "
+                "kept. Lower the learning rate and run the same command again to resume."
+            )
+
+
+def set_backbone_trainable(model, backbone_name, trainable, train_batchnorm=False):
+    """Freezes or unfreezes a backbone, keeping BatchNormalization in inference mode.
+
+    Keras 3 runs a ``BatchNormalization`` layer whose ``trainable`` is False in
+    inference mode (moving statistics used and not updated). Fine-tuning with small
+    batches otherwise wrecks the ImageNet statistics, so by default they stay
+    frozen while every other layer trains; see keras-io
+    ``examples/vision/image_classification_efficientnet_fine_tuning.py``
+    (``unfreeze_model``).
+
+    Args:
+        model: a model holding the backbone as a nested layer.
+        backbone_name: the nested backbone's name (``"xception"``, ``"vgg16"``).
+        trainable: True to fine-tune the backbone, False to freeze all of it.
+        train_batchnorm: when ``trainable``, also train the BatchNormalization
+            layers (their gamma/beta and moving statistics).
+
+    Returns:
+        The number of trainable weight tensors in the backbone.
+    """
+    backbone = model.get_layer(backbone_name)
+    backbone.trainable = trainable
+    if trainable and not train_batchnorm:
+        for layer in backbone.layers:
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.trainable = False
+    return len(backbone.trainable_weights)
+
+
+def read_history(csv_path):
+    """Reads a CSVLogger file into ``{column: [values by epoch]}``.
+
+    A row repeated for the same epoch (written just before an interruption and
+    again on resume) counts once, the last one winning.
+    """
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        return {}
+    rows = {}
+    with csv_path.open(newline="") as handle:
+        for row in csv.DictReader(handle):
+            rows[int(row["epoch"])] = row
+    history = {}
+    for epoch in sorted(rows):
+        for key, value in rows[epoch].items():
+            history.setdefault(key, []).append(float(value) if value not in ("", None) else math.nan)
+    return history
+
+
+def progress_verbosity():
+    """Keras ``verbose``: a progress bar on a terminal, one line per epoch in a log file."""
+    return 1 if sys.stdout.isatty() else 2
+
+
+def phase_complete(output_dir, phase):
+    """True when ``phase`` finished in ``output_dir`` (its ``<phase>_done.json`` exists)."""
+    return (Path(output_dir) / f"{phase}_done.json").is_file()
+
+
+def run_phase(
+    model,
+    phase,
+    train_data,
+    val_data,
+    epochs,
+    output_dir,
+    monitor="val_loss",
+    steps_per_epoch=None,
+    callbacks=(),
+):
+    """Fits one training phase with checkpoints, logs and resume.
+
+    Resumable: if the process dies mid-epoch, running it again restores the last
+    completed epoch (``keras.callbacks.BackupAndRestore``); a completed phase
+    (``<phase>_done.json`` present) is skipped. A NaN loss raises ``NaNLossError``.
+
+    Args:
+        model: a compiled ``keras.Model``.
+        phase: name used for the files (``"phase1"``).
+        train_data, val_data: anything ``model.fit`` accepts (a Keras
+            ``PyDataset`` such as the generator's iterator, or a ``tf.data.Dataset``).
+        epochs: epochs to train; 0 skips the phase.
+        output_dir: where the files go.
+        monitor: ``"val_loss"`` (lower is better) or a ``val_`` accuracy (higher).
+        steps_per_epoch: batches per epoch (default: the whole training set).
+        callbacks: extra Keras callbacks.
+
+    Returns:
+        The path of the best checkpoint, or ``None`` when the phase did not run
+        (``epochs == 0``).
+
+    Raises:
+        NaNLossError: the loss became NaN or infinite.
+    """
+    output_dir = Path(output_dir)
+    best_path = output_dir / f"{phase}_best.keras"
+    done_path = output_dir / f"{phase}_done.json"
+    if epochs <= 0:
+        logger.info("%s: skipped (0 epochs)", phase)
+        return None
+    if phase_complete(output_dir, phase):
+        logger.info("%s: already complete (%s); not run again", phase, done_path)
+        return best_path
+
+    csv_path = output_dir / f"{phase}_log.csv"
+    mode = "min" if "loss" in monitor else "max"
+    past = read_history(csv_path).get(monitor, [])
+    best_so_far = (min if mode == "min" else max)(past) if past and best_path.is_file() else None
+    if len(past) >= epochs and best_path.is_file():  # killed after the last epoch
+        logger.info("%s: all %d epochs are logged; marking the phase complete", phase, epochs)
+        done_path.write_text(json.dumps({"epochs": epochs, "epochs_run": 0, "first_epoch": epochs}))
+        return best_path
+    if past:
+        logger.info("%s: resuming after %d logged epochs (best %s %.4f)", phase, len(past), monitor, best_so_far or math.nan)
+    all_callbacks = [
+        StopOnNaN(phase),
+        keras.callbacks.BackupAndRestore(str(output_dir / "backup" / phase)),
+        keras.callbacks.ModelCheckpoint(
+            str(best_path), monitor=monitor, mode=mode, save_best_only=True,
+            initial_value_threshold=best_so_far,
+        ),
+        keras.callbacks.CSVLogger(str(csv_path), append=True),
+        keras.callbacks.TensorBoard(str(output_dir / "logs" / phase)),
+        *callbacks,
+    ]
+    history = model.fit(
+        train_data,
+        validation_data=val_data,
+        epochs=epochs,
+        steps_per_epoch=steps_per_epoch,
+        callbacks=all_callbacks,
+        verbose=progress_verbosity(),
+    )
+    backup_root = output_dir / "backup"
+    if backup_root.is_dir() and not any(backup_root.iterdir()):
+        shutil.rmtree(backup_root)
+    if not best_path.is_file():  # e.g. every val loss was NaN
+        model.save(best_path)
+    done_path.write_text(
+        json.dumps({"epochs": epochs, "epochs_run": len(history.epoch),
+                    "first_epoch": history.epoch[0] if history.epoch else epochs}, indent=1)
+    )
+    return best_path
