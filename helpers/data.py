@@ -180,10 +180,18 @@ def load_splits(data_dir, splits=("train", "val"), optional=("test",), check=Tru
         raise DatasetError(f"Data directory {data_dir} does not exist.")
     if not any(data_dir.iterdir()):
         raise DatasetError(f"Data directory {data_dir} is empty: expected {', '.join(splits)} folders.")
-    result, class_names = {}, None
+    result, class_names, problems = {}, None, []
     for name in list(splits) + [s for s in optional if (data_dir / s).is_dir()]:
-        result[name] = list_split(data_dir / name, class_names, name)
+        try:
+            result[name] = list_split(data_dir / name, class_names, name)
+        except DatasetError as error:  # report every split's problems at once
+            problems.append(str(error))
+            if class_names is None and (data_dir / name).is_dir():  # check later splits against its folders
+                class_names = sorted(e.name for e in os.scandir(data_dir / name) if e.is_dir()) or None
+            continue
         class_names = result[name].class_names
+    if problems:
+        raise DatasetError("\n".join(problems))
     if check:
         check_images([p for split in result.values() for p in split.paths])
     return result

@@ -1,0 +1,341 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+from PIL import Image
+
+import cnn_rnn_classifier as crc
+from helpers import backbones, training
+from tests.conftest import SHARED, write_jpeg
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(image_size=71, rnn_timesteps=71, rnn_units=8, weights=None)
+TINY_FLAGS = ["--weights", "none", "--image-size", "71", "--rnn-timesteps", "71", "--rnn-units", "8",
+              "--batch-size", "4", "--fine-tune-batch-size", "4"]
+
+
+def train_args(data, out, *extra):
+    return ["--data-dir", str(data), "--output-dir", str(out), *TINY_FLAGS, *extra]
+
+
+# ---------------------------------------------------------------- model
+
+def test_seed_defaults_shapes_and_parameters():
+    model = crc.build_cnn_rnn_classifier(weights=None)
+    assert model.input_shape == (None, 299, 299, 3)
+    assert model.output_shape == (None, 100)
+    assert model.get_layer("timesteps").output.shape == (None, 23, 3887)
+    assert model.get_layer("rnn_lstm_1").output.shape == (None, 23, 2048)
+    assert model.get_layer("rnn_lstm_2").output.shape == (None, 2048)
+    assert model.get_layer("xception").output.shape == (None, 2048)
+    assert model.count_params() == 103_256_716
+    assert model.get_layer("xception").count_params() == 20_861_480
+    assert not any(isinstance(layer, keras.layers.Lambda) for layer in model.layers)
+    with pytest.raises(ValueError):
+        model.get_layer("cnn_projection")  # 2048 units need no projection
+
+
+def test_small_configuration_projects_cnn_features():
+    model = crc.build_cnn_rnn_classifier(num_classes=3, **TINY)
+    assert model.get_layer("cnn_projection").output.shape == (None, 8)
+    assert model.get_layer("merge").output.shape == (None, 8)
+    x = np.random.default_rng(0).uniform(-1, 1, (2, 71, 71, 3)).astype("float32")
+    probabilities = model.predict(x, verbose=0)
+    assert probabilities.shape == (2, 3)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
+
+
+def test_cnn_only_ablation_has_no_rnn_branch():
+    model = crc.build_cnn_rnn_classifier(num_classes=3, cnn_only=True, **TINY)
+    names = [layer.name for layer in model.layers]
+    assert "rnn_lstm_1" not in names and "merge" not in names and "cnn_projection" not in names
+    assert model.get_layer("predictions").input.shape == (None, 2048)
+
+
+def test_grayscale_layer_is_channel_mean():
+    x = np.random.default_rng(1).uniform(-1, 1, (2, 5, 5, 3)).astype("float32")
+    gray = keras.ops.convert_to_numpy(crc.Grayscale()(x))
+    np.testing.assert_allclose(gray[..., 0], x.mean(axis=-1), rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(image_size=64), r"image_size must be at least 71.*Received: image_size=64"),
+        (dict(image_size=71, rnn_timesteps=23), r"must divide image_size\*\*2 = 5041.*Received: rnn_timesteps=23"),
+        (dict(num_classes=1), r"num_classes must be at least 2.*Received: num_classes=1"),
+        (dict(rnn_units=0, image_size=71, rnn_timesteps=71), r"Received: rnn_units=0"),
+    ],
+)
+def test_bad_arguments_raise_value_error(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        crc.build_cnn_rnn_classifier(**{"weights": None, **kwargs})
+
+
+def test_failed_download_names_offline_options(monkeypatch):
+    def offline(**_):
+        raise Exception("URL fetch failure on https://storage.googleapis.com/...: None -- [Errno -3]")
+
+    offline.__name__ = "Xception"
+    monkeypatch.setattr(keras.applications, "Xception", offline)
+    with pytest.raises(backbones.WeightsUnavailableError) as error:
+        crc.build_cnn_rnn_classifier(num_classes=3, image_size=71, rnn_timesteps=71, rnn_units=8)
+    text = str(error.value)
+    assert "Could not download the ImageNet Xception weights" in text
+    assert "--weights none" in text and "--weights PATH" in text
+
+
+def test_missing_weights_file_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere.weights.h5 does not exist"):
+        crc.build_cnn_rnn_classifier(num_classes=3, image_size=71, rnn_timesteps=71, weights=str(tmp_path / "nowhere.weights.h5"))
+
+
+def test_weights_from_local_file(tmp_path):
+    source = keras.applications.Xception(include_top=False, weights=None, input_shape=(71, 71, 3), pooling="avg")
+    path = tmp_path / "xception_notop.weights.h5"
+    source.save_weights(path)
+    model = crc.build_cnn_rnn_classifier(num_classes=3, image_size=71, rnn_timesteps=71, rnn_units=8, weights=str(path))
+    for expected, actual in zip(source.get_weights(), model.get_layer("xception").get_weights()):
+        np.testing.assert_array_equal(expected, actual)
+
+
+@pytest.mark.skipif(not (SHARED / "weights" / "xception_imagenet_notop.weights.h5").is_file(),
+                    reason="needs ../shared/weights")
+def test_offline_imagenet_weights_load():
+    model = crc.build_cnn_rnn_classifier(num_classes=3, image_size=71, rnn_timesteps=71, rnn_units=8,
+                                         weights=str(SHARED / "weights" / "xception_imagenet_notop.weights.h5"))
+    first = model.get_layer("xception").get_layer("block1_conv1").get_weights()[0]
+    assert first.shape == (3, 3, 3, 32) and 0.05 < float(np.abs(first).mean()) < 1.0
+
+
+def test_safe_mode_round_trip_in_fresh_process(tmp_path):
+    model = crc.build_cnn_rnn_classifier(num_classes=3, **TINY)
+    x = np.random.default_rng(2).uniform(-1, 1, (2, 71, 71, 3)).astype("float32")
+    expected = model.predict(x, verbose=0)
+    model.save(tmp_path / "model.keras")
+    np.save(tmp_path / "x.npy", x)
+    script = (
+        "import sys, numpy as np, keras; sys.path.insert(0, sys.argv[1]); import cnn_rnn_classifier; "
+        "m = keras.saving.load_model(sys.argv[2], safe_mode=True); "
+        "np.save(sys.argv[3], m.predict(np.load(sys.argv[4]), verbose=0))"
+    )
+    subprocess.run([sys.executable, "-c", script, str(ROOT), str(tmp_path / "model.keras"),
+                    str(tmp_path / "y.npy"), str(tmp_path / "x.npy")], check=True, capture_output=True)
+    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), expected, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- data
+
+def test_standardize_maps_to_xception_range():
+    generator = crc.CustomImageDataGenerator()
+    x = np.array([[[0, 127.5, 255]]], dtype="float32")
+    np.testing.assert_allclose(generator.standardize(x.copy()), [[[-1.0, 0.0, 1.0]]])
+    assert generator.standardize(np.full((4, 4, 3), 255, "float32")).max() == 1.0
+
+
+def test_generator_converts_grayscale_and_cmyk_to_rgb(tmp_path):
+    rgb = write_jpeg(tmp_path / "d" / "a" / "rgb.jpg", 0, size=71)
+    gray = write_jpeg(tmp_path / "d" / "a" / "gray.jpg", 1, size=71, mode="L")
+    cmyk = write_jpeg(tmp_path / "d" / "a" / "cmyk.jpg", 2, size=71, mode="CMYK")
+    iterator = crc.CustomImageDataGenerator().flow_from_directory(
+        str(tmp_path / "d"), target_size=(71, 71), batch_size=3, shuffle=False)
+    batch, labels = iterator[0]
+    assert batch.shape == (3, 71, 71, 3) and labels.shape == (3, 1)
+    assert -1.0 <= batch.min() and batch.max() <= 1.0
+    order = [Path(p).name for p in iterator.filepaths]
+    for path in (rgb, gray, cmyk):
+        expected = np.asarray(Image.open(path).convert("RGB"), dtype="float32") / 127.5 - 1
+        np.testing.assert_allclose(batch[order.index(path.name)], expected, atol=1e-5)
+    gray_batch = batch[order.index("gray.jpg")]
+    np.testing.assert_array_equal(gray_batch[..., 0], gray_batch[..., 2])
+
+
+# ---------------------------------------------------------------- training end to end
+
+PROMISED = ["args.json", "classes.json", "metrics.json", "phase1_best.keras", "phase2_best.keras",
+            "phase1_log.csv", "phase2_log.csv", "phase1_curves.png", "phase2_curves.png", "confusion_matrix.png"]
+
+
+def test_two_phase_run_writes_every_output(class_folders, tmp_path, capsys):
+    out = tmp_path / "run"
+    (class_folders / "words.txt").write_text("cat\tdomestic cat\ndog\tdomestic dog\n")
+    code = crc.main(train_args(class_folders, out, "--epochs", "1", "--fine-tune-epochs", "1"))
+    assert code == 0
+    for name in PROMISED:
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    assert (out / "logs" / "phase1").is_dir() and (out / "logs" / "phase2").is_dir()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["split"] == "test" and metrics["num_images"] == 9
+    assert set(metrics["per_class_accuracy"]) == {"cat", "dog", "fox"}
+    assert 0.0 <= metrics["top1"] <= metrics["top5"] == 1.0  # 3 classes: top-5 always right
+    assert sum(map(sum, metrics["confusion_matrix"])) == 9
+    assert json.loads((out / "args.json").read_text())["rnn_units"] == 8
+    assert json.loads((out / "classes.json").read_text())["descriptions"] == {"cat": "domestic cat", "dog": "domestic dog"}
+    history = training.read_history(out / "phase1_log.csv")
+    assert {"loss", "accuracy", "top5_accuracy", "val_loss", "val_accuracy", "val_top5_accuracy"} <= set(history)
+    assert "top-1 accuracy" in capsys.readouterr().out
+
+    # Phase 1 froze Xception; phase 2 trained it but left BatchNormalization in inference mode.
+    phase1 = keras.saving.load_model(out / "phase1_best.keras")
+    phase2 = keras.saving.load_model(out / "phase2_best.keras")
+    conv1, conv2 = (m.get_layer("xception").get_layer("block1_conv1").get_weights()[0] for m in (phase1, phase2))
+    assert not np.allclose(conv1, conv2)
+    bn1, bn2 = (m.get_layer("xception").get_layer("block1_conv1_bn").get_weights() for m in (phase1, phase2))
+    for a, b in zip(bn1, bn2):
+        np.testing.assert_array_equal(a, b)
+
+    # evaluate and predict on the saved model
+    assert crc.main(["evaluate", "--model", str(out / "phase2_best.keras"), "--data-dir", str(class_folders),
+                     "--json", str(tmp_path / "eval.json")]) == 0
+    evaluated = json.loads((tmp_path / "eval.json").read_text())
+    assert evaluated["num_images"] == 9 and evaluated["top1"] == pytest.approx(metrics["top1"])
+    capsys.readouterr()
+    assert crc.main(["predict", "--model", str(out / "phase2_best.keras"), "--top-k", "2",
+                     str(class_folders / "test" / "cat")]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("  1. ") == 3 and printed.count("  2. ") == 3 and "  3. " not in printed
+    assert "cat (domestic cat)" in printed or "dog (domestic dog)" in printed or "fox" in printed
+
+    # Rerunning the finished command runs no phase again.
+    before = (out / "phase2_best.keras").stat().st_mtime_ns
+    assert crc.main(train_args(class_folders, out, "--epochs", "1", "--fine-tune-epochs", "1")) == 0
+    assert (out / "phase2_best.keras").stat().st_mtime_ns == before
+
+
+def test_fine_tune_only_and_cnn_only(class_folders, tmp_path):
+    out = tmp_path / "run"
+    assert crc.main(train_args(class_folders, out, "--epochs", "0", "--fine-tune-epochs", "1", "--cnn-only")) == 0
+    assert not (out / "phase1_best.keras").exists() and (out / "phase2_best.keras").is_file()
+    assert json.loads((out / "metrics.json").read_text())["model"].endswith("phase2_best.keras")
+    assert keras.saving.load_model(out / "phase2_best.keras").name == "cnn_classifier"
+
+
+class Killed(BaseException):
+    """Stands for the process being killed: not an Exception, so nothing catches it."""
+
+
+def test_resume_after_interruption(class_folders, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    args = train_args(class_folders, out, "--epochs", "3", "--fine-tune-epochs", "0", "--steps-per-epoch", "2")
+    batches = {"n": 0}
+
+    def kill_in_second_epoch(self, batch, logs=None):
+        batches["n"] += 1
+        if batches["n"] == 3:  # first batch of epoch 2, after epoch 1 was backed up
+            raise Killed()
+
+    monkeypatch.setattr(keras.callbacks.CSVLogger, "on_train_batch_end", kill_in_second_epoch, raising=False)
+    with pytest.raises(Killed):
+        crc.main(args)
+    assert training.read_history(out / "phase1_log.csv")["epoch"] == [0.0]
+    assert (out / "backup" / "phase1").is_dir() and not (out / "phase1_done.json").exists()
+    monkeypatch.undo()
+
+    assert crc.main(args) == 0
+    done = json.loads((out / "phase1_done.json").read_text())
+    assert done["first_epoch"] == 1 and done["epochs_run"] == 2  # continued, not restarted
+    assert training.read_history(out / "phase1_log.csv")["epoch"] == [0.0, 1.0, 2.0]
+    assert not (out / "backup").exists()
+
+
+def test_resume_with_other_model_flags_is_refused(class_folders, tmp_path, caplog):
+    out = tmp_path / "run"
+    assert crc.main(train_args(class_folders, out, "--epochs", "1", "--fine-tune-epochs", "0", "--steps-per-epoch", "1")) == 0
+    changed = train_args(class_folders, out, "--epochs", "1", "--fine-tune-epochs", "0")
+    changed[changed.index("--rnn-units") + 1] = "16"
+    assert crc.main(changed) == 1
+    assert "--rnn-units 8 -> 16" in caplog.text
+
+
+def test_nan_loss_keeps_last_good_checkpoint(tmp_path):
+    state = {"epoch": 0}
+
+    class Batches(keras.utils.PyDataset):
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, index):
+            x = np.ones((4, 2), "float32") * index
+            if state["epoch"] == 1 and index == 1:
+                x[:] = np.nan
+            return x, np.ones((4, 1), "float32")
+
+    class TrackEpoch(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            state["epoch"] = epoch
+
+    inputs = keras.Input((2,))
+    model = keras.Model(inputs, keras.layers.Dense(1)(inputs))
+    model.compile("sgd", "mse")
+    with pytest.raises(training.NaNLossError, match=r"phase1: the loss became nan at epoch 2, batch 2"):
+        training.run_phase(model, "phase1", Batches(), (np.ones((2, 2), "float32"), np.ones((2, 1), "float32")),
+                           3, tmp_path, callbacks=[TrackEpoch()])
+    good = keras.saving.load_model(tmp_path / "phase1_best.keras")
+    assert all(np.isfinite(w).all() for w in good.get_weights())
+    assert training.read_history(tmp_path / "phase1_log.csv")["epoch"] == [0.0]
+    assert not (tmp_path / "phase1_done.json").exists()
+
+
+def test_nan_loss_in_cli_is_one_clear_error(class_folders, tmp_path, caplog):
+    code = crc.main(train_args(class_folders, tmp_path / "run", "--epochs", "2", "--fine-tune-epochs", "0",
+                               "--learning-rate", "1e30"))
+    assert code == 1
+    assert "the loss became" in caplog.text and "Lower the learning rate" in caplog.text
+
+
+# ---------------------------------------------------------------- bad input
+
+def _error_of(argv, caplog):
+    caplog.clear()
+    assert crc.main(argv) == 1
+    return caplog.text
+
+
+def test_missing_and_empty_data_dir(tmp_path, caplog):
+    assert f"Data directory {tmp_path / 'nope'} does not exist" in _error_of(train_args(tmp_path / "nope", tmp_path / "o"), caplog)
+    (tmp_path / "empty").mkdir()
+    assert "is empty" in _error_of(train_args(tmp_path / "empty", tmp_path / "o"), caplog)
+    (tmp_path / "nosplits" / "train").mkdir(parents=True)
+    assert "has no class folders" in _error_of(train_args(tmp_path / "nosplits", tmp_path / "o"), caplog)
+
+
+def test_class_folder_without_images(class_folders, tmp_path, caplog):
+    (class_folders / "train" / "emu").mkdir()
+    (class_folders / "train" / "emu" / "readme.txt").write_text("no images here")
+    text = _error_of(train_args(class_folders, tmp_path / "o"), caplog)
+    assert f"{class_folders / 'train' / 'emu'}: no images" in text
+    assert f"{class_folders / 'val' / 'emu'}: class folder missing" in text
+
+
+@pytest.mark.parametrize("damage", ["truncate", "text"])
+def test_unreadable_image_is_named_and_nothing_trained(class_folders, tmp_path, caplog, damage):
+    bad = class_folders / "val" / "dog" / "dog_1.jpg"
+    if damage == "truncate":
+        bad.write_bytes(bad.read_bytes()[:200])
+    else:
+        bad.write_text("this is not a JPEG")
+    text = _error_of(train_args(class_folders, tmp_path / "o"), caplog)
+    assert "1 of 36 images cannot be decoded" in text and str(bad) in text
+    assert not (tmp_path / "o" / "phase1_log.csv").exists()
+
+
+def test_non_image_files_are_ignored(class_folders, tmp_path):
+    from helpers import data
+
+    (class_folders / "train" / "cat" / "notes.txt").write_text("x")
+    (class_folders / "train" / "cat" / ".DS_Store").write_bytes(b"\0")
+    splits = data.load_splits(class_folders)
+    assert len(splits["train"]) == 18 and splits["train"].skipped == 2
+    assert splits["train"].labels == [0] * 6 + [1] * 6 + [2] * 6
+
+
+def test_flag_errors(class_folders, tmp_path, caplog):
+    assert "must divide image_size**2" in _error_of(
+        train_args(class_folders, tmp_path / "o") + ["--rnn-timesteps", "7"], caplog)
+    assert "both 0" in _error_of(train_args(class_folders, tmp_path / "o", "--epochs", "0", "--fine-tune-epochs", "0"), caplog)
+    assert "--batch-size must be >= 1. Received: 0" in _error_of(train_args(class_folders, tmp_path / "o", "--batch-size", "0"), caplog)
+    assert "does not exist" in _error_of(["evaluate", "--model", str(tmp_path / "m.keras"), "--data-dir", str(class_folders)], caplog)
