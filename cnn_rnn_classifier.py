@@ -193,32 +193,23 @@ def train(args):
         return build_cnn_rnn_classifier(len(class_names), args.image_size, args.rnn_timesteps,
                                         args.rnn_units, args.weights, args.cnn_only)
 
-    size, ran = args.image_size, []
-    # Phase 1: Xception frozen (BatchNormalization in inference mode), RMSprop; best by val loss.
-    if args.epochs and not training.phase_complete(out, "phase1"):
-        model = build()
-        training.set_backbone_trainable(model, BACKBONE, False)
-        _compile(model, keras.optimizers.RMSprop(learning_rate=args.learning_rate))
-        model.summary(print_fn=logger.info, line_length=110)
-        training.run_phase(model, "phase1", _flow(splits["train"], size, args.batch_size, True, args.seed),
-                           _flow(splits["val"], size, args.batch_size, False), args.epochs, out,
-                           monitor="val_loss", steps_per_epoch=args.steps_per_epoch)
-    # Phase 2: everything trainable but BatchNormalization statistics, Adam(1e-4); best by val accuracy.
-    if args.fine_tune_epochs and not training.phase_complete(out, "phase2"):
-        phase1_best = out / "phase1_best.keras"
-        model = keras.saving.load_model(phase1_best) if args.epochs else build()
-        training.set_backbone_trainable(model, BACKBONE, True, train_batchnorm=args.train_batchnorm)
-        _compile(model, keras.optimizers.Adam(learning_rate=args.fine_tune_learning_rate))
-        training.run_phase(model, "phase2", _flow(splits["train"], size, args.fine_tune_batch_size, True, args.seed),
-                           _flow(splits["val"], size, args.fine_tune_batch_size, False), args.fine_tune_epochs,
-                           out, monitor="val_accuracy", steps_per_epoch=args.steps_per_epoch)
-    for phase, title in (("phase1", "phase 1: Xception frozen"), ("phase2", "phase 2: fine-tuning")):
-        history = training.read_history(out / f"{phase}_log.csv")
-        if history:
-            reports.plot_history(history, out / f"{phase}_curves.png", title)
-            ran.append(phase)
+    def make_data(batch_size):
+        return (_flow(splits["train"], args.image_size, batch_size, True, args.seed),
+                _flow(splits["val"], args.image_size, batch_size, False))
 
-    best = out / f"{ran[-1]}_best.keras"
+    phases = [
+        # Phase 1: Xception frozen (BatchNormalization in inference mode), RMSprop; best by val loss.
+        training.Phase("phase1", "phase 1: Xception frozen", args.epochs, args.batch_size,
+                       lambda: keras.optimizers.RMSprop(learning_rate=args.learning_rate),
+                       lambda model: training.set_backbone_trainable(model, BACKBONE, False), "val_loss"),
+        # Phase 2: everything but BatchNormalization statistics trains, Adam(1e-4); best by val accuracy.
+        training.Phase("phase2", "phase 2: fine-tuning", args.fine_tune_epochs, args.fine_tune_batch_size,
+                       lambda: keras.optimizers.Adam(learning_rate=args.fine_tune_learning_rate),
+                       lambda model: training.set_backbone_trainable(model, BACKBONE, True, args.train_batchnorm),
+                       "val_accuracy"),
+    ]
+    best = training.train_phases(out, phases, build, _compile, make_data, args.steps_per_epoch)
+
     split = "test" if "test" in splits else "val"
     if split == "val":
         logger.warning("no labelled test/ split in %s: evaluating on val/, which also chose the "
@@ -226,12 +217,7 @@ def train(args):
                        "this way). helpers/restructure_dataset.py --holdout N makes a test/ split.",
                        args.data_dir)
     metrics = evaluate_model(keras.saving.load_model(best), splits[split], args.batch_size)
-    metrics["model"] = str(best)
-    reports.plot_confusion_matrix(metrics["confusion_matrix"], class_names, out / "confusion_matrix.png",
-                                  f"{split}: top-1 {100 * metrics['top1']:.1f}%")
-    reports.write_json(out / "metrics.json", metrics)
-    print(reports.format_report(metrics, words))
-    print(f"outputs in {out}")
+    reports.save_evaluation(out, metrics, best, [words.get(c, c) for c in class_names])
 
 
 def evaluate_model(model, split, batch_size):
@@ -262,33 +248,31 @@ def _load(model_path):
 
 def evaluate(args):
     """The ``evaluate`` command."""
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1. Received: {args.batch_size}")
     model = _load(args.model)
-    classes = _classes_for(args.model)
-    names = classes["class_names"] if classes else None
-    splits = data.load_splits(args.data_dir, splits=(), optional=(args.split,), check=False) if args.split else None
-    if not splits:
-        found = [s for s in ("test", "val") if (args.data_dir / s).is_dir()]
-        if not found:
-            raise data.DatasetError(f"{args.data_dir} has neither a test/ nor a val/ split.")
-        splits = data.load_splits(args.data_dir, splits=(found[0],), optional=(), check=False)
-    split = next(iter(splits.values()))
-    if names and names != split.class_names:
-        split = data.list_split(split.directory, names, split.name)
+    classes = _classes_for(args.model) or {}
+    if not args.data_dir.is_dir():
+        raise data.DatasetError(f"Data directory {args.data_dir} does not exist.")
+    name = args.split or next((s for s in ("test", "val") if (args.data_dir / s).is_dir()), None)
+    if name is None:
+        raise data.DatasetError(f"{args.data_dir} has neither a test/ nor a val/ split.")
+    split = data.list_split(args.data_dir / name, classes.get("class_names"), name)
     if model.output_shape[-1] != len(split.class_names):
         raise ValueError(f"{args.model} predicts {model.output_shape[-1]} classes; "
                          f"{split.directory} has {len(split.class_names)}.")
     data.check_images(split.paths)
     metrics = evaluate_model(model, split, args.batch_size)
     metrics["model"] = str(args.model)
-    print(reports.format_report(metrics, (classes or {}).get("descriptions")))
+    print(reports.format_report(metrics, classes.get("descriptions")))
     if args.json:
         reports.write_json(args.json, metrics)
 
 
 def predict(args):
     """The ``predict`` command: prints the top-k classes of each image."""
-    if args.top_k < 1:
-        raise ValueError(f"--top-k must be >= 1. Received: {args.top_k}")
+    if args.top_k < 1 or args.batch_size < 1:
+        raise ValueError(f"--top-k and --batch-size must be >= 1. Received: {args.top_k}, {args.batch_size}")
     model = _load(args.model)
     paths = data.image_files(args.inputs)
     data.check_images(paths)

@@ -5,6 +5,7 @@ import logging
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
@@ -82,6 +83,7 @@ def plot_history(history, path, title):
         if f"val_{key}" in history:
             axis.plot(epochs, history[f"val_{key}"], marker="o", label="validation")
         axis.set_xlabel("epoch")
+        axis.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         axis.set_ylabel(label)
         axis.grid(alpha=0.3)
         axis.legend()
@@ -126,3 +128,22 @@ def format_report(metrics, class_labels=None):
             f"{(class_labels or {}).get(name, name)} {100 * acc:.0f}%" for acc, name in sorted(scored)[:5]
         ))
     return "\n".join(lines)
+
+
+def save_evaluation(output_dir, metrics, model_path, display_names):
+    """Writes ``metrics.json`` and ``confusion_matrix.png`` for a trained run and prints the report.
+
+    Args:
+        output_dir: the run's folder.
+        metrics: from ``classification_metrics``, plus ``split``.
+        model_path: the evaluated checkpoint (recorded as ``model``).
+        display_names: class names to show, in index order.
+    """
+    output_dir = Path(output_dir)
+    metrics["model"] = str(model_path)
+    plot_confusion_matrix(metrics["confusion_matrix"], display_names, output_dir / "confusion_matrix.png",
+                          f"{metrics['split']}: top-1 {100 * metrics['top1']:.1f}%")
+    write_json(output_dir / "metrics.json", metrics)
+    names = dict(zip(metrics["per_class_accuracy"], display_names))
+    print(format_report(metrics, names))
+    print(f"outputs in {output_dir}")

@@ -11,6 +11,7 @@ writes into the output directory:
 """
 
 import csv
+import dataclasses
 import json
 import logging
 import math
@@ -53,7 +54,24 @@ class StopOnNaN(keras.callbacks.Callback):
             )
 
 
-def set_backbone_trainable(model, backbone_name, trainable, train_batchnorm=False):
+def find_layer(model, name):
+    """The layer called ``name`` anywhere in ``model``: nested models and wrappers included.
+
+    Raises:
+        ValueError: no such layer.
+    """
+    stack = [model]
+    while stack:
+        layer = stack.pop()
+        if layer.name == name and layer is not model:
+            return layer
+        stack.extend(getattr(layer, "layers", []))
+        if isinstance(layer, keras.layers.Wrapper):
+            stack.append(layer.layer)
+    raise ValueError(f"No layer named {name!r} in model {model.name!r}.")
+
+
+def set_backbone_trainable(model, backbone_name, trainable, train_batchnorm=False, top_layers=None):
     """Freezes or unfreezes a backbone, keeping BatchNormalization in inference mode.
 
     Keras 3 runs a ``BatchNormalization`` layer whose ``trainable`` is False in
@@ -64,22 +82,89 @@ def set_backbone_trainable(model, backbone_name, trainable, train_batchnorm=Fals
     (``unfreeze_model``).
 
     Args:
-        model: a model holding the backbone as a nested layer.
+        model: a model holding the backbone as a nested layer (at any depth).
         backbone_name: the nested backbone's name (``"xception"``, ``"vgg16"``).
         trainable: True to fine-tune the backbone, False to freeze all of it.
         train_batchnorm: when ``trainable``, also train the BatchNormalization
             layers (their gamma/beta and moving statistics).
+        top_layers: when ``trainable``, unfreeze only the backbone's last
+            ``top_layers`` layers (the LRCN seed fine-tunes VGG16's top 5); ``None``
+            unfreezes all.
 
     Returns:
         The number of trainable weight tensors in the backbone.
     """
-    backbone = model.get_layer(backbone_name)
+    backbone = find_layer(model, backbone_name)
     backbone.trainable = trainable
-    if trainable and not train_batchnorm:
-        for layer in backbone.layers:
-            if isinstance(layer, keras.layers.BatchNormalization):
+    if trainable:
+        first_trainable = len(backbone.layers) - top_layers if top_layers is not None else 0
+        for index, layer in enumerate(backbone.layers):
+            if index < first_trainable or (
+                isinstance(layer, keras.layers.BatchNormalization) and not train_batchnorm
+            ):
                 layer.trainable = False
     return len(backbone.trainable_weights)
+
+
+@dataclasses.dataclass
+class Phase:
+    """One training phase.
+
+    Attributes:
+        name: file prefix, ``"phase1"``.
+        title: plot title.
+        epochs: 0 skips the phase.
+        batch_size: passed to ``make_data``.
+        optimizer: a function returning a fresh Keras optimizer.
+        configure: a function that freezes or unfreezes the model for this phase.
+        monitor: checkpoint metric, ``"val_loss"`` or ``"val_accuracy"``.
+    """
+
+    name: str
+    title: str
+    epochs: int
+    batch_size: int
+    optimizer: object
+    configure: object
+    monitor: str
+
+
+def train_phases(output_dir, phases, build_model, compile_model, make_data, steps_per_epoch=None):
+    """Runs the phases in order, each from the previous phase's best checkpoint.
+
+    The first phase that runs starts from ``build_model()``. Each writes the files of
+    ``run_phase`` and a ``<phase>_curves.png`` plot.
+
+    Args:
+        output_dir: where everything goes.
+        phases: ``Phase`` objects, in order.
+        build_model: returns a new model (used when no earlier phase ran).
+        compile_model: ``compile_model(model, optimizer)``.
+        make_data: ``make_data(batch_size) -> (train_data, val_data)``.
+        steps_per_epoch: batches per epoch (default: all).
+
+    Returns:
+        The path of the last phase's best checkpoint.
+    """
+    from helpers import reports  # matplotlib is only needed here
+
+    output_dir, previous = Path(output_dir), None
+    for phase in phases:
+        if phase.epochs and not phase_complete(output_dir, phase.name):
+            model = keras.saving.load_model(previous) if previous else build_model()
+            phase.configure(model)
+            compile_model(model, phase.optimizer())
+            if previous is None:
+                model.summary(print_fn=logger.info, line_length=110)
+            train_data, val_data = make_data(phase.batch_size)
+            run_phase(model, phase.name, train_data, val_data, phase.epochs, output_dir,
+                      monitor=phase.monitor, steps_per_epoch=steps_per_epoch)
+        if phase.epochs:
+            previous = output_dir / f"{phase.name}_best.keras"
+        history = read_history(output_dir / f"{phase.name}_log.csv")
+        if history:
+            reports.plot_history(history, output_dir / f"{phase.name}_curves.png", phase.title)
+    return previous
 
 
 def read_history(csv_path):

@@ -1,0 +1,215 @@
+"""Frame-sequence datasets for LRCN: listing, frame sampling, batching.
+
+A sample is a folder of frames; its frames are ordered by the natural sort of their
+names (``frame_2`` before ``frame_10``). Two layouts are read (seeds ``002``/``003``):
+
+- the seed's: ``<split>/<label>_<anything>/<frames>``, the label a 1-based number;
+- class folders: ``<split>/<class>/<sample>/<frames>``.
+
+Batches stream from disk through a ``keras.utils.PyDataset`` with worker threads, so
+memory does not grow with the dataset: ``(batch, frames, size, size, 3)`` float32 RGB
+in 0..255 (the model applies VGG16's preprocessing itself) and one-hot labels.
+"""
+
+import dataclasses
+import re
+from pathlib import Path
+
+import keras
+import numpy as np
+from PIL import Image
+
+from helpers.data import IMAGE_EXTENSIONS, DatasetError, check_images
+from helpers.layers import PAD_VALUE
+
+SEED_LAYOUT = re.compile(r"^(\d+)_")
+
+
+def natural_key(name):
+    """Sort key that orders digit runs by value: ``frame_2`` < ``frame_10``."""
+    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", str(name))]
+
+
+def frame_files(folder):
+    """The image files directly in ``folder``, naturally sorted."""
+    return sorted((p for p in Path(folder).iterdir() if p.is_file() and p.name.lower().endswith(IMAGE_EXTENSIONS)),
+                  key=lambda p: natural_key(p.name))
+
+
+def sample_indices(length, frames):
+    """Indices of ``frames`` frames spread evenly over a sequence of ``length``.
+
+    The first and last frames are always taken and the gaps differ by at most one
+    (``round(linspace(0, length - 1, frames))``). A sequence shorter than ``frames``
+    has its frames repeated evenly in order, each held about ``frames / length``
+    steps, like a slowed-down clip; the order of events is kept. (The seed stepped
+    back from the last frame and repeated the first frame for short sequences.)
+
+    Returns:
+        int array ``(frames,)``, non-decreasing, in ``[0, length)``.
+
+    Raises:
+        ValueError: ``length < 1`` or ``frames < 1``.
+    """
+    if length < 1 or frames < 1:
+        raise ValueError(f"Need length >= 1 and frames >= 1. Received: length={length}, frames={frames}")
+    return np.round(np.linspace(0, length - 1, frames)).astype(np.int64)
+
+
+@dataclasses.dataclass
+class SequenceSplit:
+    """One split of a frame-sequence dataset.
+
+    Attributes:
+        directory: the split folder.
+        class_names: names in index order (the seed layout's labels as ``"1"``, ``"2"``, ...).
+        samples: one list of naturally sorted frame paths per sample.
+        labels: class index per sample.
+        layout: ``"seed"`` or ``"class_folders"``.
+    """
+
+    directory: Path
+    class_names: list
+    samples: list
+    labels: list
+    layout: str
+
+    def __len__(self):
+        return len(self.samples)
+
+
+def list_sequences(directory, class_names=None):
+    """Lists the samples of a split in either layout.
+
+    Args:
+        directory: the split folder.
+        class_names: expected classes (from train), or ``None`` to take them from here.
+
+    Raises:
+        DatasetError: a missing or empty folder, a sample folder without frames, a seed
+            layout name without a number, a class not in ``class_names``. Every problem is named.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise DatasetError(f"Split folder {directory} does not exist.")
+    folders = sorted((p for p in directory.iterdir() if p.is_dir()), key=lambda p: natural_key(p.name))
+    if not folders:
+        raise DatasetError(f"{directory} has no sample or class folders.")
+    seed_layout = any(frame_files(f) for f in folders) or all(SEED_LAYOUT.match(f.name) for f in folders)
+    problems, entries = [], []  # (class name, sample folder)
+    if seed_layout:
+        for folder in folders:
+            match = SEED_LAYOUT.match(folder.name)
+            if not match or int(match.group(1)) < 1:
+                problems.append(f"{folder}: a sample folder must be named <label>_<anything>, label from 1")
+            else:
+                entries.append((str(int(match.group(1))), folder))
+    else:
+        for class_folder in folders:
+            samples = sorted((p for p in class_folder.iterdir() if p.is_dir()), key=lambda p: natural_key(p.name))
+            if not samples:
+                problems.append(f"{class_folder}: no sample folders")
+            entries += [(class_folder.name, sample) for sample in samples]
+    if class_names is None:
+        class_names = sorted({name for name, _ in entries}, key=natural_key)
+    samples, labels = [], []
+    for name, folder in entries:
+        frames = frame_files(folder)
+        if not frames:
+            problems.append(f"{folder}: no frames ({', '.join(IMAGE_EXTENSIONS)})")
+        elif name not in class_names:
+            problems.append(f"{folder}: class {name!r} is not one of the training classes {class_names}")
+        else:
+            samples.append(frames)
+            labels.append(class_names.index(name))
+    if problems:
+        shown = "\n  ".join(problems[:20])
+        raise DatasetError(f"The frame sequences in {directory} cannot be used:\n  {shown}")
+    return SequenceSplit(directory, list(class_names), samples, labels, "seed" if seed_layout else "class_folders")
+
+
+def load_frames(paths, image_size):
+    """Decodes frames to ``(len(paths), image_size, image_size, 3)`` float32 RGB in 0..255 (bilinear resize)."""
+    out = np.empty((len(paths), image_size, image_size, 3), np.float32)
+    for i, path in enumerate(paths):
+        with Image.open(path) as image:
+            out[i] = np.asarray(image.convert("RGB").resize((image_size, image_size), Image.BILINEAR), np.float32)
+    return out
+
+
+class FrameSequences(keras.utils.PyDataset):
+    """Batches of frame sequences, read from disk by worker threads.
+
+    Three ways to batch, matching the seed's two loading modes plus padding:
+
+    - ``frames=N``: every sample sampled to N frames (``sample_indices``); any batch size.
+    - ``frames=None, batch_size=1``: each sample at its own length, one per batch (the seed).
+    - ``frames=None, batch_size>1``: samples bucketed by length (sorted, then cut into
+      batches, so a batch's lengths are close), padded at the end to the batch's
+      longest with ``PAD_VALUE``; the model masks the padding.
+
+    Yields ``(x, y)``: x ``(batch, frames, image_size, image_size, 3)`` float32 RGB 0..255
+    (padding ``PAD_VALUE``); y ``(batch, num_classes)`` one-hot float32, or with
+    ``per_frame`` ``(batch, frames, num_classes)``.
+    """
+
+    def __init__(self, split, image_size, batch_size, frames=None, shuffle=False, seed=0, per_frame=False,
+                 workers=2, max_frames=None, **kwargs):
+        super().__init__(workers=workers, use_multiprocessing=False, **kwargs)
+        self.split, self.image_size, self.frames = split, image_size, frames
+        self.batch_size, self.shuffle, self.per_frame = batch_size, shuffle, per_frame
+        self.max_frames = max_frames
+        self.rng = np.random.default_rng(seed)
+        self.num_classes = len(split.class_names)
+        self._make_batches()
+
+    def _length(self, index):
+        length = len(self.split.samples[index])
+        return min(length, self.max_frames) if self.max_frames else length
+
+    def _make_batches(self):
+        order = np.arange(len(self.split))
+        if self.shuffle:
+            self.rng.shuffle(order)
+        if self.frames is None and self.batch_size > 1:  # bucketing: close lengths share a batch
+            order = sorted(order, key=self._length)
+        self.batches = [list(order[i:i + self.batch_size]) for i in range(0, len(order), self.batch_size)]
+        if self.shuffle:
+            self.rng.shuffle(self.batches)
+
+    def __len__(self):
+        return len(self.batches)
+
+    def on_epoch_end(self):
+        self._make_batches()
+
+    def sample_paths(self, index):
+        paths = self.split.samples[index]
+        if self.frames:
+            return [paths[i] for i in sample_indices(len(paths), self.frames)]
+        if self.max_frames and len(paths) > self.max_frames:
+            return [paths[i] for i in sample_indices(len(paths), self.max_frames)]
+        return paths
+
+    def __getitem__(self, batch_index):
+        indices = self.batches[batch_index]
+        clips = [load_frames(self.sample_paths(i), self.image_size) for i in indices]
+        length = max(len(c) for c in clips)
+        x = np.full((len(clips), length, self.image_size, self.image_size, 3), PAD_VALUE, np.float32)
+        for row, clip in enumerate(clips):
+            x[row, :len(clip)] = clip
+        y = np.eye(self.num_classes, dtype=np.float32)[[self.split.labels[i] for i in indices]]
+        if self.per_frame:
+            y = np.repeat(y[:, None], length, axis=1)
+        return x, y
+
+    @property
+    def labels(self):
+        """Class index of every sample, in batch order (for evaluation without shuffling)."""
+        return [self.split.labels[i] for batch in self.batches for i in batch]
+
+
+def check_sequences(split):
+    """Decodes every frame once; raises ``DatasetError`` naming each unreadable frame."""
+    check_images([p for sample in split.samples for p in sample])
+
