@@ -159,26 +159,13 @@ def _compile(model, optimizer):
     )
 
 
-def _check_resumable(args):
-    """Refuses to resume a run whose model was built with other arguments."""
-    saved = args.output_dir / "args.json"
-    if not saved.is_file() or not any(args.output_dir.glob("phase*_log.csv")):
-        return
-    before = json.loads(saved.read_text())
-    changed = [f"--{k.replace('_', '-')} {before.get(k)} -> {getattr(args, k)}"
-               for k in MODEL_ARGUMENTS if k in before and before[k] != getattr(args, k)]
-    if changed:
-        raise ValueError(f"{args.output_dir} holds a run with another model ({', '.join(changed)}); "
-                         "use a new --output-dir, or the same flags to resume.")
-
-
 def train(args):
     """The ``train`` command: two phases, then evaluation and the report."""
     cli.check_training_arguments(args)
     splits = data.load_splits(args.data_dir, check=False)
     class_names = splits["train"].class_names
     check_model_arguments(len(class_names), args.image_size, args.rnn_timesteps, args.rnn_units)
-    _check_resumable(args)
+    cli.check_resumable(args, MODEL_ARGUMENTS)
     if not args.skip_image_check:
         logger.info("checking that all %d images decode", sum(map(len, splits.values())))
         data.check_images([p for split in splits.values() for p in split.paths])

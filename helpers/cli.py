@@ -87,6 +87,23 @@ def check_training_arguments(args):
         raise ValueError("--epochs and --fine-tune-epochs are both 0: there is nothing to train.")
 
 
+def check_resumable(args, model_arguments):
+    """Refuses to resume a run in ``args.output_dir`` whose model was built with other flags.
+
+    Raises:
+        ValueError: naming each changed flag, old and new value.
+    """
+    saved = Path(args.output_dir) / "args.json"
+    if not saved.is_file() or not any(Path(args.output_dir).glob("phase*_log.csv")):
+        return
+    before = json.loads(saved.read_text())
+    changed = [f"--{k.replace('_', '-')} {before.get(k)} -> {getattr(args, k)}"
+               for k in model_arguments if k in before and before[k] != getattr(args, k)]
+    if changed:
+        raise ValueError(f"{args.output_dir} holds a run with another model ({', '.join(changed)}); "
+                         "use a new --output-dir, or the same flags to resume.")
+
+
 def configure_logging(verbose=False):
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,

@@ -118,10 +118,11 @@ def plot_confusion_matrix(confusion, class_names, path, title):
 def format_report(metrics, class_labels=None):
     """A short text report: the split, top-1, top-k and the weakest classes."""
     lines = [
-        f"split: {metrics['split']} ({metrics['num_images']} images)",
+        f"split: {metrics['split']} ({metrics['num_images']} samples)",
         f"top-1 accuracy: {100 * metrics['top1']:.2f}%",
-        f"top-{metrics['top_k']} accuracy: {100 * metrics['top5']:.2f}%",
     ]
+    if "top5" in metrics:
+        lines.append(f"top-{metrics['top_k']} accuracy: {100 * metrics['top5']:.2f}%")
     scored = [(acc, name) for name, acc in metrics["per_class_accuracy"].items() if acc is not None]
     if scored:
         lines.append("weakest classes: " + ", ".join(

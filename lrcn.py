@@ -1,0 +1,322 @@
+#!/usr/bin/env python
+"""LRCN for frame sequences: per-frame VGG16 + Dense 2048 + GRU(1024), trained in two phases.
+
+Source: Donahue et al., "Long-term Recurrent Convolutional Networks for Visual
+Recognition and Description", CVPR 2015, as the seed write-ups ``002_*.txt`` /
+``003_*.txt`` build it in Keras::
+
+    frames (batch, frames, 224, 224, 3), RGB 0..255
+      -> per frame: VGG16 preprocessing -> VGG16 (no top) -> Flatten -> Dense(2048) -> Dropout(0.5)
+      -> GRU(1024, orthogonal kernel, bias ones, dropout 0.5, recurrent dropout 0.5)
+      -> Dense(num_classes, softmax)            (per_frame: one label per frame)
+
+Phase 1 trains with VGG16 frozen, phase 2 fine-tunes VGG16's top ``fine_tune_layers``
+layers (the seed's 5), both with SGD(momentum 0.9) and gradient clipping.
+
+Usage::
+
+    python lrcn.py [train] --data-dir DATA --output-dir runs/lrcn (--frames 16 | --variable-length) [--weights imagenet|none|PATH]
+    python lrcn.py evaluate --model runs/lrcn/phase2_best.keras --data-dir DATA [--json FILE]
+    python lrcn.py predict --model runs/lrcn/phase2_best.keras [--top-k 5] FRAME_FOLDER_OR_VIDEO...
+"""
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from helpers import cli, data, reports, sequences, training
+from helpers.backbones import WeightsUnavailableError, pretrained_backbone
+from helpers.layers import FoldFrames, FrameMask, VGG16Preprocess
+
+logger = logging.getLogger(__name__)
+
+BACKBONE = "vgg16"
+VGG16_MIN_SIZE = 32
+VGG16_LAYERS = 19  # keras.applications.VGG16(include_top=False): input, 13 conv, 5 pooling
+MODEL_ARGUMENTS = ("image_size", "frames", "dense_units", "gru_units", "fine_tune_layers", "per_frame",
+                   "recurrent_dropout")
+
+
+def check_model_arguments(num_classes, frames, image_size, dense_units, gru_units, fine_tune_layers, recurrent_dropout):
+    """Raises ``ValueError`` echoing the first argument the model cannot be built with."""
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be at least 2. Received: num_classes={num_classes}")
+    if image_size < VGG16_MIN_SIZE:
+        raise ValueError(f"image_size must be at least {VGG16_MIN_SIZE} (VGG16's minimum). Received: image_size={image_size}")
+    if not 0 <= fine_tune_layers <= VGG16_LAYERS:
+        raise ValueError(f"fine_tune_layers must be in [0, {VGG16_LAYERS}] (VGG16 without top has "
+                         f"{VGG16_LAYERS} layers). Received: fine_tune_layers={fine_tune_layers}")
+    if frames is not None and frames < 1:
+        raise ValueError(f"frames must be None (variable) or at least 1. Received: frames={frames}")
+    if dense_units < 1 or gru_units < 1:
+        raise ValueError(f"dense_units and gru_units must be at least 1. Received: {dense_units}, {gru_units}")
+    if not 0 <= recurrent_dropout < 1:
+        raise ValueError(f"recurrent_dropout must be in [0, 1). Received: recurrent_dropout={recurrent_dropout}")
+
+
+def build_lrcn(num_classes, frames=None, image_size=224, dense_units=2048, gru_units=1024, fine_tune_layers=5,
+               per_frame=False, weights="imagenet", recurrent_dropout=0.5):
+    """Builds the seed's LRCN.
+
+    Args:
+        num_classes: number of classes, at least 2.
+        frames: frames per sample, or ``None`` for variable-length input.
+        image_size: frame height and width in pixels, at least 32 (VGG16's minimum).
+        dense_units: units of the per-frame ``Dense`` after Flatten (the seed's 2048; linear, as in the seed).
+        gru_units: GRU units (the seed's 1024).
+        fine_tune_layers: VGG16's top layers that phase 2 fine-tunes, in [0, 19]
+            (the seed's 5: block4_pool and block5). All of VGG16 is frozen until then.
+        per_frame: return a label per frame, ``(batch, frames, num_classes)``, the
+            other LRCN output the seed mentions; else one per sequence.
+        weights: VGG16 weights: ``"imagenet"``, ``None``/``"none"``, or a no-top weights file path.
+        recurrent_dropout: the GRU's recurrent dropout (the seed's 0.5). Any value
+            above 0 rules out the fused cuDNN GRU kernel on a GPU, which is several
+            times faster; 0 keeps the seed's input dropout and allows cuDNN.
+
+    Returns:
+        A functional ``keras.Model``. Input ``(batch, frames, image_size, image_size, 3)``
+        float32 RGB in 0..255 (VGG16's preprocessing is inside the model); padded frames
+        hold ``helpers.layers.PAD_VALUE`` (-1) and are masked. Output
+        ``(batch, num_classes)`` (or ``(batch, frames, num_classes)``) softmax float32.
+        Layers: ``vgg16`` (inside ``frame_encoder``, inside ``per_frame_cnn``), ``gru``, ``predictions``.
+
+    Raises:
+        ValueError: an argument is out of range (the message echoes it).
+        FileNotFoundError, helpers.backbones.WeightsUnavailableError: as for the weights.
+    """
+    check_model_arguments(num_classes, frames, image_size, dense_units, gru_units, fine_tune_layers, recurrent_dropout)
+    frame = keras.Input((image_size, image_size, 3), name="frame")
+    backbone = pretrained_backbone(keras.applications.VGG16, weights, input_shape=(image_size, image_size, 3))
+    x = backbone(VGG16Preprocess(name="vgg16_preprocess")(frame))
+    x = keras.layers.Flatten(name="flatten")(x)
+    x = keras.layers.Dense(dense_units, name="frame_dense")(x)
+    x = keras.layers.Dropout(0.5, name="frame_dropout")(x)
+    frame_encoder = keras.Model(frame, x, name="frame_encoder")
+
+    inputs = keras.Input((frames, image_size, image_size, 3), name="frames")
+    mask = FrameMask(name="frame_mask")(inputs)  # (batch, frames): False on padding
+    features = FoldFrames(frame_encoder, name="per_frame_cnn")(inputs)  # (batch, frames, dense_units)
+    sequence = keras.layers.GRU(
+        gru_units, kernel_initializer="orthogonal", bias_initializer="ones", dropout=0.5,
+        recurrent_dropout=recurrent_dropout, return_sequences=per_frame, name="gru",
+    )(features, mask=mask)
+    outputs = keras.layers.Dense(num_classes, activation="softmax", name="predictions")(sequence)
+    return keras.Model(inputs, outputs, name="lrcn")
+
+
+def sgd(learning_rate):
+    """The seed's SGD(momentum 0.9) with gradient clipping.
+
+    Keras 3 accepts only one of ``clipnorm`` and ``clipvalue``; the seed set both
+    (1.0 and 0.5). We keep ``clipnorm=1.0``: it rescales each gradient as a whole,
+    keeping its direction, while ``clipvalue`` clips every element on its own and
+    can turn the update. The seed found clipping mattered; norm clipping is what
+    the RNN literature it followed recommends.
+    """
+    return keras.optimizers.SGD(learning_rate=learning_rate, momentum=0.9, clipnorm=1.0)
+
+
+def _metrics(num_classes):
+    metrics = ["accuracy"]
+    if num_classes > 5:
+        metrics.append(keras.metrics.TopKCategoricalAccuracy(k=5, name="top5_accuracy"))
+    return metrics
+
+
+def _data(split, args, batch_size, shuffle):
+    return sequences.FrameSequences(split, args.image_size, batch_size, args.frames, shuffle=shuffle,
+                                    seed=args.seed, per_frame=args.per_frame, workers=args.workers)
+
+
+def train(args):
+    """The ``train`` command: two phases, then evaluation (and on shuffled frames) and the report."""
+    cli.check_training_arguments(args)
+    if args.workers < 1:
+        raise ValueError(f"--workers must be >= 1. Received: {args.workers}")
+    splits = {"train": sequences.list_sequences(args.data_dir / "train")}
+    names = splits["train"].class_names
+    for name in ("val", "test"):
+        if name == "val" or (args.data_dir / name).is_dir():
+            splits[name] = sequences.list_sequences(args.data_dir / name, names)
+    check_model_arguments(len(names), args.frames, args.image_size, args.dense_units, args.gru_units,
+                          args.fine_tune_layers, args.recurrent_dropout)
+    cli.check_resumable(args, MODEL_ARGUMENTS)
+    if not args.skip_image_check:
+        for split in splits.values():
+            sequences.check_sequences(split)
+    out = args.output_dir
+    cli.save_args(args, out)
+    reports.write_json(out / "classes.json", {"class_names": names, "layout": splits["train"].layout})
+    keras.utils.set_random_seed(args.seed)
+
+    def build():
+        return build_lrcn(len(names), args.frames, args.image_size, args.dense_units, args.gru_units,
+                          args.fine_tune_layers, args.per_frame, args.weights, args.recurrent_dropout)
+
+    def compile_model(model, optimizer):
+        model.compile(optimizer=optimizer, loss="categorical_crossentropy", metrics=_metrics(len(names)))
+
+    phases = [
+        training.Phase("phase1", "phase 1: VGG16 frozen", args.epochs, args.batch_size,
+                       lambda: sgd(args.learning_rate),
+                       lambda model: training.set_backbone_trainable(model, BACKBONE, False), "val_loss"),
+        training.Phase("phase2", f"phase 2: VGG16's top {args.fine_tune_layers} layers fine-tuned",
+                       args.fine_tune_epochs, args.fine_tune_batch_size, lambda: sgd(args.fine_tune_learning_rate),
+                       lambda model: training.set_backbone_trainable(
+                           model, BACKBONE, True, top_layers=args.fine_tune_layers), "val_accuracy"),
+    ]
+    best = training.train_phases(
+        out, phases, build, compile_model,
+        lambda batch_size: (_data(splits["train"], args, batch_size, True), _data(splits["val"], args, batch_size, False)),
+        args.steps_per_epoch,
+    )
+    split = splits.get("test", splits["val"])
+    if "test" not in splits:
+        logger.warning("no test/ split: evaluating on val/, which also chose the checkpoint (optimistic)")
+    model = keras.saving.load_model(best)
+    metrics = evaluate_model(model, split, args.batch_size, args.workers)
+    shuffled = evaluate_model(model, split, args.batch_size, args.workers, shuffle_frames=True)
+    metrics["shuffled_frames_top1"] = shuffled["top1"]
+    reports.save_evaluation(out, metrics, best, names)
+    print(f"top-1 with each clip's frames shuffled: {100 * shuffled['top1']:.2f}% "
+          f"(chance {100 / len(names):.0f}%)")
+
+
+class _ShuffledFrames(sequences.FrameSequences):
+    """The same clips with their frames in a random order (checks that the GRU reads the order)."""
+
+    def sample_paths(self, index):
+        paths = list(super().sample_paths(index))
+        np.random.default_rng(index).shuffle(paths)
+        return paths
+
+
+def evaluate_model(model, split, batch_size, workers=2, shuffle_frames=False):
+    """Scores ``model`` on every sample of a ``SequenceSplit``.
+
+    Variable-length models see each sample at its own length (batch 1, no padding).
+    A per-frame model's clip prediction is the mean of its frame probabilities.
+
+    Returns:
+        ``reports.classification_metrics`` plus ``split``; ``top5`` only with more than 5 classes.
+    """
+    frames = model.input_shape[1]
+    size = model.input_shape[2]
+    kind = _ShuffledFrames if shuffle_frames else sequences.FrameSequences
+    dataset = kind(split, size, batch_size if frames else 1, frames, shuffle=False, workers=workers)
+    probabilities = model.predict(dataset, verbose=training.progress_verbosity())
+    if probabilities.ndim == 3:
+        probabilities = probabilities.mean(axis=1)
+    metrics = {"split": split.directory.name}
+    metrics.update(reports.classification_metrics(probabilities, dataset.labels, split.class_names))
+    if len(split.class_names) <= 5:
+        del metrics["top5"], metrics["top_k"]
+    return metrics
+
+
+def _load(model_path):
+    if not Path(model_path).is_file():
+        raise FileNotFoundError(f"Model file {model_path} does not exist.")
+    return keras.saving.load_model(model_path)
+
+
+def evaluate(args):
+    """The ``evaluate`` command."""
+    model = _load(args.model)
+    classes_file = Path(args.model).with_name("classes.json")
+    names = json.loads(classes_file.read_text())["class_names"] if classes_file.is_file() else None
+    name = args.split or next((s for s in ("test", "val") if (args.data_dir / s).is_dir()), None)
+    if name is None:
+        raise data.DatasetError(f"{args.data_dir} has neither a test/ nor a val/ split.")
+    split = sequences.list_sequences(args.data_dir / name, names)
+    sequences.check_sequences(split)
+    metrics = evaluate_model(model, split, args.batch_size)
+    metrics["model"] = str(args.model)
+    print(reports.format_report(metrics))
+    if args.json:
+        reports.write_json(args.json, metrics)
+
+
+def predict(args):
+    """The ``predict`` command: top-k classes of frame folders or video files."""
+    from helpers import extract_frames
+
+    model = _load(args.model)
+    frames, size = model.input_shape[1], model.input_shape[2]
+    classes_file = Path(args.model).with_name("classes.json")
+    names = (json.loads(classes_file.read_text())["class_names"] if classes_file.is_file()
+             else [str(i) for i in range(model.output_shape[-1])])
+    for item in map(Path, args.inputs):
+        if item.is_dir():
+            paths = sequences.frame_files(item)
+            if not paths:
+                raise data.DatasetError(f"{item} holds no frames.")
+            data.check_images(paths)
+            clip = sequences.load_frames(paths, size)
+        else:
+            clip = extract_frames.read_video(item, size=size, max_frames=args.max_frames).astype(np.float32)
+        if frames:
+            clip = clip[sequences.sample_indices(len(clip), frames)]
+        scores = model.predict(clip[None], verbose=0)[0]
+        if scores.ndim == 2:
+            scores = scores.mean(axis=0)
+        print(item)
+        for rank, index in enumerate(np.argsort(-scores)[:min(args.top_k, len(names))], 1):
+            print(f"  {rank}. {names[index]}: {scores[index]:.4f}")
+
+
+def _parse_args(argv):
+    parser, train_parser, evaluate_parser, predict_parser = cli.parser_with_commands(
+        "LRCN (Donahue et al. 2015; seeds 002/003): per-frame VGG16 + GRU, trained in two phases."
+    )
+    cli.add_data_arguments(train_parser)
+    length = train_parser.add_argument_group("frames").add_mutually_exclusive_group(required=True)
+    length.add_argument("--frames", type=int, help="fixed length: sample N frames spread evenly over each sequence")
+    length.add_argument("--variable-length", action="store_true",
+                        help="each sequence at its own length: batch size 1 as in the seed, or padded, "
+                        "masked batches bucketed by length when the batch size is above 1")
+    train_parser.add_argument("--workers", type=int, default=2, help="threads reading frames (default: 2)")
+    model = train_parser.add_argument_group("model")
+    cli.add_weights_argument(model, "VGG16")
+    model.add_argument("--image-size", type=int, default=224, help="frame size in pixels, >= 32 (default: 224)")
+    model.add_argument("--dense-units", type=int, default=2048, help="per-frame Dense units (default: 2048)")
+    model.add_argument("--gru-units", type=int, default=1024, help="GRU units (default: 1024)")
+    model.add_argument("--fine-tune-layers", type=int, default=5,
+                       help="VGG16's top layers fine-tuned in phase 2, 0..19 (default: 5)")
+    model.add_argument("--recurrent-dropout", type=float, default=0.5,
+                       help="GRU recurrent dropout; above 0 rules out the fast cuDNN kernel on a GPU (default: 0.5)")
+    model.add_argument("--per-frame", action="store_true", help="a label per frame (default: one per sequence)")
+    cli.add_training_arguments(train_parser, epochs=10, fine_tune_epochs=10, batch_size=8, fine_tune_batch_size=8,
+                               learning_rate=0.01, fine_tune_learning_rate=0.001)
+    cli.add_output_arguments(train_parser)
+
+    evaluate_parser.add_argument("--model", required=True, type=Path, help="a saved .keras model; required")
+    evaluate_parser.add_argument("--data-dir", required=True, type=Path, help="dataset root; required")
+    evaluate_parser.add_argument("--split", choices=("test", "val", "train"), default=None,
+                                 help="split to score (default: test/ if present, else val/)")
+    evaluate_parser.add_argument("--json", type=Path, help="also write the metrics here (default: print only)")
+    evaluate_parser.add_argument("--batch-size", type=int, default=8, help="batch size (default: 8)")
+    evaluate_parser.add_argument("--verbose", action="store_true", help="debug logging (default: off)")
+
+    predict_parser.add_argument("--model", required=True, type=Path, help="a saved .keras model; required")
+    predict_parser.add_argument("--top-k", type=int, default=5, help="classes shown per clip (default: 5)")
+    predict_parser.add_argument("--max-frames", type=int, default=None,
+                                help="frames read from a video at most (default: all)")
+    predict_parser.add_argument("--verbose", action="store_true", help="debug logging (default: off)")
+    predict_parser.add_argument("inputs", nargs="+", help="frame folders or video files (mp4, avi)")
+    return parser.parse_args(cli.with_default_command(argv))
+
+
+def main(argv=None):
+    args = _parse_args(argv)
+    cli.configure_logging(args.verbose)
+    command = {"train": train, "evaluate": evaluate, "predict": predict}[args.command]
+    return cli.run(command, args, (ValueError, FileNotFoundError, WeightsUnavailableError, training.NaNLossError))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
