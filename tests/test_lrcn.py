@@ -1,0 +1,263 @@
+import json
+from pathlib import Path
+
+import cv2
+import keras
+import numpy as np
+import pytest
+
+import lrcn
+from helpers import extract_frames, sequences, training
+from helpers.data import DatasetError
+from helpers.layers import PAD_VALUE
+from tests.conftest import write_jpeg
+
+TINY = dict(image_size=32, dense_units=16, gru_units=8, weights=None)
+TINY_FLAGS = ["--weights", "none", "--image-size", "32", "--dense-units", "16", "--gru-units", "8",
+              "--batch-size", "2", "--fine-tune-batch-size", "2", "--workers", "1"]
+
+
+def make_clips(root, layout="class_folders", lengths=(3, 5, 4, 6), classes=("a", "b")):
+    """Sample folders of real JPEG frames in either layout; frame names sort naturally, not lexically."""
+    seed = 0
+    for c_index, name in enumerate(classes):
+        for s_index, length in enumerate(lengths):
+            folder = (root / name / f"s{s_index}") if layout == "class_folders" else (root / f"{c_index + 1}_s{s_index}")
+            for t in range(length):
+                write_jpeg(folder / f"frame_{t}.jpg", seed, size=12)
+                seed += 1
+    return root
+
+
+@pytest.fixture
+def clips(tmp_path):
+    for split, lengths in (("train", (3, 5, 4, 6)), ("val", (4, 2)), ("test", (5, 3))):
+        make_clips(tmp_path / "data" / split, lengths=lengths)
+    return tmp_path / "data"
+
+
+# ---------------------------------------------------------------- model
+
+def test_seed_shapes_fixed_and_variable():
+    fixed = lrcn.build_lrcn(5, frames=16, weights=None)
+    assert fixed.input_shape == (None, 16, 224, 224, 3) and fixed.output_shape == (None, 5)
+    assert fixed.get_layer("per_frame_cnn").output.shape == (None, 16, 2048)
+    assert fixed.get_layer("gru").output.shape == (None, 1024)
+    variable = lrcn.build_lrcn(3, frames=None, per_frame=True, **TINY)
+    assert variable.input_shape == (None, None, 32, 32, 3) and variable.output_shape == (None, None, 3)
+    for frames in (1, 4):
+        assert variable.predict(np.zeros((2, frames, 32, 32, 3), "float32"), verbose=0).shape == (2, frames, 3)
+
+
+def test_frozen_and_trainable_vgg16_layers():
+    model = lrcn.build_lrcn(3, frames=2, fine_tune_layers=5, **TINY)
+    vgg = training.find_layer(model, "vgg16")
+    assert len(vgg.layers) == lrcn.VGG16_LAYERS
+    training.set_backbone_trainable(model, "vgg16", False)
+    assert len(vgg.trainable_weights) == 0
+    training.set_backbone_trainable(model, "vgg16", True, top_layers=5)
+    trainable = [layer.name for layer in vgg.layers if layer.trainable and layer.weights]
+    assert trainable == ["block5_conv1", "block5_conv2", "block5_conv3"]
+    assert len(vgg.trainable_weights) == 6 and len(vgg.non_trainable_weights) == 20
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(image_size=16), r"image_size must be at least 32.*Received: image_size=16"),
+        (dict(fine_tune_layers=20), r"fine_tune_layers must be in \[0, 19\].*Received: fine_tune_layers=20"),
+        (dict(fine_tune_layers=-1), r"Received: fine_tune_layers=-1"),
+        (dict(num_classes=1), r"num_classes must be at least 2.*Received: num_classes=1"),
+    ],
+)
+def test_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        lrcn.build_lrcn(**{"num_classes": 3, **TINY, **kwargs})
+
+
+def test_vgg16_preprocessing_inside_model():
+    x = np.random.default_rng(0).uniform(0, 255, (2, 8, 8, 3)).astype("float32")
+    expected = keras.applications.vgg16.preprocess_input(x.copy())
+    got = keras.ops.convert_to_numpy(lrcn.VGG16Preprocess()(x))
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_per_frame_features_correct_after_another_length():
+    """Catches the TimeDistributed bug: a new frame count after another was traced."""
+    model = lrcn.build_lrcn(3, frames=None, **TINY)
+    encoder = training.find_layer(model, "frame_encoder")
+    features = keras.Model(model.input, model.get_layer("per_frame_cnn").output)
+    rng = np.random.default_rng(1)
+    features.predict(rng.uniform(0, 255, (1, 7, 32, 32, 3)).astype("float32"), verbose=0)
+    for shape in ((1, 4), (2, 5), (3, 2)):
+        x = rng.uniform(0, 255, shape + (32, 32, 3)).astype("float32")
+        got = features.predict(x, verbose=0)
+        frame_by_frame = np.stack([encoder.predict(x[:, t], verbose=0) for t in range(shape[1])], axis=1)
+        assert got.shape == shape + (16,)
+        np.testing.assert_allclose(got, frame_by_frame, rtol=1e-4, atol=1e-4)
+
+
+def test_padded_sample_predicts_as_alone():
+    model = lrcn.build_lrcn(3, frames=None, **TINY)
+    rng = np.random.default_rng(2)
+    short = rng.uniform(0, 255, (1, 3, 32, 32, 3)).astype("float32")
+    long = rng.uniform(0, 255, (1, 6, 32, 32, 3)).astype("float32")
+    padded = np.full((2, 6, 32, 32, 3), PAD_VALUE, "float32")
+    padded[0, :3], padded[1] = short[0], long[0]
+    together = model.predict(padded, verbose=0)
+    np.testing.assert_allclose(together[0], model.predict(short, verbose=0)[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(together[1], model.predict(long, verbose=0)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_safe_mode_round_trip(tmp_path):
+    model = lrcn.build_lrcn(3, frames=None, **TINY)
+    x = np.random.default_rng(3).uniform(0, 255, (1, 4, 32, 32, 3)).astype("float32")
+    model.save(tmp_path / "lrcn.keras")
+    loaded = keras.saving.load_model(tmp_path / "lrcn.keras", safe_mode=True)
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- data
+
+def test_natural_sort():
+    names = ["frame_10.jpg", "frame_2.jpg", "frame_1.jpg", "Frame_3.jpg"]
+    assert sorted(names, key=sequences.natural_key) == ["frame_1.jpg", "frame_2.jpg", "Frame_3.jpg", "frame_10.jpg"]
+
+
+@pytest.mark.parametrize(
+    "length, frames, expected",
+    [
+        (3, 6, [0, 0, 1, 1, 2, 2]),       # short: each frame held evenly, order kept
+        (5, 5, [0, 1, 2, 3, 4]),          # exact
+        (10, 4, [0, 3, 6, 9]),            # long: spread over the whole sequence, ends included
+        (1, 3, [0, 0, 0]),
+    ],
+)
+def test_sampler(length, frames, expected):
+    assert sequences.sample_indices(length, frames).tolist() == expected
+
+
+def test_both_layouts(tmp_path):
+    folders = sequences.list_sequences(make_clips(tmp_path / "c"))
+    seed = sequences.list_sequences(make_clips(tmp_path / "s", layout="seed"))
+    assert folders.layout == "class_folders" and seed.layout == "seed"
+    assert folders.class_names == ["a", "b"] and seed.class_names == ["1", "2"]
+    assert folders.labels == seed.labels == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert [len(s) for s in folders.samples] == [len(s) for s in seed.samples] == [3, 5, 4, 6] * 2
+    assert [p.name for p in seed.samples[3]] == [f"frame_{t}.jpg" for t in range(6)]
+
+
+def test_batches_fixed_bucketed_and_single(tmp_path):
+    split = sequences.list_sequences(make_clips(tmp_path / "c"))
+    fixed = sequences.FrameSequences(split, 12, batch_size=3, frames=4)
+    x, y = fixed[0]
+    assert x.shape == (3, 4, 12, 12, 3) and y.shape == (3, 2) and 0 <= x.min() and x.max() <= 255
+    bucketed = sequences.FrameSequences(split, 12, batch_size=2, frames=None)
+    lengths = [[len(split.samples[i]) for i in batch] for batch in bucketed.batches]
+    assert lengths == [[3, 3], [4, 4], [5, 5], [6, 6]]  # bucketing: equal lengths share a batch
+    single = sequences.FrameSequences(split, 12, batch_size=1, frames=None)
+    assert [single[i][0].shape[1] for i in range(len(single))] == [3, 5, 4, 6, 3, 5, 4, 6]
+    mixed = sequences.FrameSequences(split, 12, batch_size=8, frames=None)
+    x, _ = mixed[0]
+    assert x.shape[1] == 6 and (x[0, 3:] == PAD_VALUE).all() and (x[0, :3] >= 0).all()
+
+
+def test_bad_sequence_inputs(tmp_path):
+    make_clips(tmp_path / "c")
+    (tmp_path / "c" / "a" / "empty").mkdir()
+    with pytest.raises(DatasetError, match=r"empty: no frames"):
+        sequences.list_sequences(tmp_path / "c")
+    clip = make_clips(tmp_path / "d") / "a" / "s0" / "frame_1.jpg"
+    clip.write_bytes(clip.read_bytes()[:100])
+    with pytest.raises(DatasetError, match=r"frame_1.jpg"):
+        sequences.check_sequences(sequences.list_sequences(tmp_path / "d"))
+
+
+# ---------------------------------------------------------------- videos
+
+def write_video(path, frames=12, size=(40, 32)):
+    """A real MJPG-encoded AVI whose frame t is a bar at column 3t (so order can be checked)."""
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10.0, size)
+    for t in range(frames):
+        frame = np.zeros((size[1], size[0], 3), np.uint8)
+        frame[:, 3 * t:3 * t + 3] = (0, 0, 255)  # red in BGR
+        writer.write(frame)
+    writer.release()
+    return path
+
+
+def test_extract_frames_from_real_video(tmp_path):
+    video = write_video(tmp_path / "clip.avi")
+    frames = extract_frames.read_video(video)
+    assert frames.shape == (12, 32, 40, 3)
+    assert frames[0, :, 0:3, 0].mean() > 150 and frames[0, :, 0:3, 2].mean() < 80  # RGB order: red
+    assert np.argmax(frames[5, 16, :, 0]) in (15, 16, 17)
+    assert extract_frames.read_video(video, fps=5).shape[0] == 6
+    assert extract_frames.read_video(video, max_frames=4, size=16).shape == (4, 16, 16, 3)
+    assert extract_frames.main([str(video), "--output", str(tmp_path / "out"), "--layout", "seed", "--label", "2",
+                                "--max-frames", "5"]) == 0
+    written = sequences.frame_files(tmp_path / "out" / "2_clip")
+    assert [p.name for p in written] == [f"frame_{t:05d}.jpg" for t in range(5)]
+
+
+@pytest.mark.skipif(not Path("/usr/share/doc/opencv-doc/examples/data/vtest.avi").is_file(),
+                    reason="needs Debian's opencv-doc")
+def test_extract_frames_from_shipped_video():
+    frames = extract_frames.read_video("/usr/share/doc/opencv-doc/examples/data/vtest.avi", max_frames=10, size=64)
+    assert frames.shape == (10, 64, 64, 3) and frames.std() > 10
+
+
+def test_missing_and_unreadable_video(tmp_path):
+    with pytest.raises(extract_frames.VideoError, match="nope.mp4 does not exist"):
+        extract_frames.read_video(tmp_path / "nope.mp4")
+    (tmp_path / "junk.mp4").write_bytes(b"not a video at all")
+    with pytest.raises(extract_frames.VideoError, match="junk.mp4"):
+        extract_frames.read_video(tmp_path / "junk.mp4")
+    assert extract_frames.main([str(tmp_path / "nope.mp4"), "--output", str(tmp_path / "o"), "--label", "x"]) == 1
+
+
+# ---------------------------------------------------------------- end to end
+
+PROMISED = ["args.json", "classes.json", "metrics.json", "phase1_best.keras", "phase2_best.keras",
+            "phase1_log.csv", "phase2_log.csv", "phase1_curves.png", "phase2_curves.png", "confusion_matrix.png"]
+
+
+@pytest.mark.parametrize("length_flags", [["--frames", "3"], ["--variable-length"]])
+def test_short_run_writes_every_output(clips, tmp_path, capsys, length_flags):
+    out = tmp_path / "run"
+    args = ["--data-dir", str(clips), "--output-dir", str(out), *length_flags, *TINY_FLAGS,
+            "--epochs", "1", "--fine-tune-epochs", "1"]
+    assert lrcn.main(args) == 0
+    for name in PROMISED:
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["split"] == "test" and metrics["num_images"] == 4
+    assert "top5" not in metrics and set(metrics["per_class_accuracy"]) == {"a", "b"}
+    assert 0 <= metrics["shuffled_frames_top1"] <= 1
+    assert "frames shuffled" in capsys.readouterr().out
+    # phase 2 changed block5 but not block1
+    one, two = (keras.saving.load_model(out / f"phase{i}_best.keras") for i in (1, 2))
+    get = lambda m, n: training.find_layer(m, n).get_weights()[0]  # noqa: E731
+    assert not np.allclose(get(one, "block5_conv3"), get(two, "block5_conv3"))
+    np.testing.assert_array_equal(get(one, "block1_conv1"), get(two, "block1_conv1"))
+
+    capsys.readouterr()
+    video = write_video(tmp_path / "v.avi")
+    assert lrcn.main(["predict", "--model", str(out / "phase2_best.keras"), "--top-k", "1",
+                      str(clips / "test" / "a" / "s0"), str(video)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("  1. ") == 2 and "  2. " not in printed
+
+
+def test_cli_bad_inputs(clips, tmp_path, caplog):
+    base = ["--output-dir", str(tmp_path / "o"), "--frames", "3", *TINY_FLAGS]
+    assert lrcn.main(["--data-dir", str(tmp_path / "none"), *base]) == 1
+    assert "does not exist" in caplog.text
+    (clips / "train" / "a" / "s9").mkdir()
+    assert lrcn.main(["--data-dir", str(clips), *base]) == 1
+    assert "s9: no frames" in caplog.text
+    with pytest.raises(SystemExit):
+        lrcn.main(["--data-dir", str(clips), "--output-dir", str(tmp_path / "o"), "--frames", "3", "--variable-length"])
+    caplog.clear()
+    assert lrcn.main(["predict", "--model", str(tmp_path / "m.keras"), str(tmp_path / "missing.mp4")]) == 1
+    assert "does not exist" in caplog.text
