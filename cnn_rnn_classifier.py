@@ -160,7 +160,20 @@ def _compile(model, optimizer):
 
 
 def train(args):
-    """The ``train`` command: two phases, then evaluation and the report."""
+    """The ``train`` command: two phases, then evaluation and the report.
+
+    Phase 1 freezes Xception (its BatchNormalization in inference mode) and trains the
+    RNN branch and the classifier with RMSprop; its best checkpoint is the lowest
+    validation loss. Phase 2 starts from that checkpoint and fine-tunes every layer
+    with Adam(1e-4), except that Xception's BatchNormalization statistics stay frozen
+    (inference mode) unless ``--train-batchnorm`` is given; its best checkpoint is the
+    highest validation accuracy. The best model of the last phase that ran is
+    evaluated on ``test/`` (else ``val/``, with a warning).
+
+    Raises:
+        ValueError (``DatasetError`` included), FileNotFoundError, WeightsUnavailableError,
+        NaNLossError: reported by ``main`` as one line.
+    """
     cli.check_training_arguments(args)
     splits = data.load_splits(args.data_dir, check=False)
     class_names = splits["train"].class_names
