@@ -36,6 +36,7 @@ Standard library only, so it runs before anything else is installed.
 """
 
 import argparse
+import concurrent.futures
 import dataclasses
 import errno
 import hashlib
@@ -54,6 +55,9 @@ logger = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".tif", ".tiff")
 MARKER = ".restructure_complete.json"
 JOURNAL = ".restructure_journal.json"
+PROGRESS = ".restructure_progress"  # in place: index of the next step after the last folder renamed
+STAGING = "train.restructuring"  # in place: the new train/ while it is being built
+LINK_THREADS = 4  # hard links into different folders proceed in parallel
 PROGRESS_MIN_FILES = 10_000  # trees this large report progress, every 10% of the files
 
 
@@ -141,8 +145,13 @@ def _list_folder(folder):
     return images, stray
 
 
-def _plan(src, wnids, holdout, seed, selected):
+def _plan(src, wnids, holdout, seed, selected, in_place=False):
     """Every transfer as ``(source, destination)`` relative paths, checked, and the counts.
+
+    In output mode every image is one transfer. In place, whole folders are renamed
+    where possible (``train/<wnid>/images`` becomes ``train/<wnid>``, ``test/images``
+    becomes ``test_unlabelled``), so the work grows with the classes, not the images;
+    the ``<wnid>_boxes.txt`` annotation files stay in ``train_annotations/<wnid>/``.
 
     Raises:
         LayoutError: listing every problem found, before anything is changed.
@@ -179,8 +188,11 @@ def _plan(src, wnids, holdout, seed, selected):
             held = set(random.Random(f"{seed}:{wnid}").sample(names, holdout)) if holdout else set()
             for name in names:
                 split = "test" if name in held else "train"
-                moves.append((f"train/{wnid}/images/{name}", f"{split}/{wnid}/{name}"))
+                if split == "test" or not in_place:
+                    moves.append((f"train/{wnid}/images/{name}", f"{split}/{wnid}/{name}"))
                 images[split] += 1
+            if in_place:  # after its held-out images have left it
+                moves.append((f"train/{wnid}/images", f"{STAGING}/{wnid}"))
         for wnid in wnid_set - selected_set:
             folder = train / wnid / "images"
             if folder.is_dir():
@@ -225,8 +237,13 @@ def _plan(src, wnids, holdout, seed, selected):
     if test_images.is_dir():
         names, stray = _list_folder(test_images)
         summary.stray_files += stray
-        moves.extend((f"test/images/{name}", f"test_unlabelled/{name}") for name in names)
+        if in_place:
+            moves.append(("test/images", "test_unlabelled"))
+        else:
+            moves.extend((f"test/images/{name}", f"test_unlabelled/{name}") for name in names)
         images["test_unlabelled"] = len(names)
+    if in_place and train.is_dir():
+        moves += [("train", "train_annotations"), (STAGING, "train")]
 
     if problems:
         shown = "\n  ".join(problems[:50])
@@ -239,32 +256,84 @@ def _plan(src, wnids, holdout, seed, selected):
     return moves, summary
 
 
-class _Transfer:
-    """Hard links when possible, else copies; or moves (``in_place``). All atomic per file."""
+class _Linker:
+    """Hard links, else copies (across filesystems); atomic per file. Thread-safe."""
 
-    def __init__(self, in_place):
-        self.mode = "move" if in_place else "link"
+    def __init__(self):
+        self.mode = "link"
         self._folders = set()
 
     def __call__(self, source, destination):
-        if destination.parent not in self._folders:
-            destination.parent.mkdir(parents=True, exist_ok=True)
-            self._folders.add(destination.parent)
-        if self.mode == "move":
+        folder = os.path.dirname(destination)
+        if folder not in self._folders:
+            os.makedirs(folder, exist_ok=True)
+            self._folders.add(folder)
+        try:
+            if self.mode == "link":
+                try:
+                    os.link(source, destination)
+                    return
+                except OSError as error:
+                    if error.errno not in (errno.EXDEV, errno.EPERM, errno.ENOTSUP, errno.EMLINK):
+                        raise
+                    logger.info("hard links are not possible here (%s); copying instead", error.strerror)
+                    self.mode = "copy"
+            if os.path.exists(destination):
+                raise FileExistsError(destination)
+            partial = destination + ".partial"
+            shutil.copy2(source, partial)
+            os.replace(partial, destination)  # a crash never leaves a half-written image
+        except FileExistsError:  # done by an earlier, interrupted run
+            if os.stat(destination).st_size != os.stat(source).st_size:
+                raise LayoutError(f"{destination} already exists and differs from {source}; nothing overwritten.")
+
+
+def _link_all(src, root, moves):
+    """Output mode: links every ``(source, destination)``, in threads; returns the transfer mode."""
+    linker, total = _Linker(), len(moves)
+    pairs = [(os.path.join(src, a), os.path.join(root, b)) for a, b in moves]
+    chunks = [pairs[i:i + 1000] for i in range(0, total, 1000)]
+    done, step = 0, max(total // 10, 1) if total >= PROGRESS_MIN_FILES else total + 1
+    with concurrent.futures.ThreadPoolExecutor(LINK_THREADS) as pool:
+        for count in pool.map(lambda chunk: [linker(a, b) for a, b in chunk] and len(chunk), chunks):
+            if (done + count) // step > done // step:
+                logger.info("%d/%d files (%.0f%%)", done + count, total, 100 * (done + count) / total)
+            done += count
+    return linker.mode
+
+
+def _move_all(src, moves):
+    """In place: renames every ``(source, destination)`` in order, resumable.
+
+    A step is done when its source is gone and its destination exists. Folder renames
+    can recreate a path an earlier step used (``train``), so the index after the last
+    folder renamed is recorded, and a rerun starts there.
+    """
+    progress = src / PROGRESS
+    first = int(progress.read_text()) if progress.is_file() else 0
+    folders = set()
+    for index in range(first, len(moves)):
+        source, destination = os.path.join(src, moves[index][0]), os.path.join(src, moves[index][1])
+        if os.path.lexists(source):
+            if os.path.lexists(destination):
+                raise LayoutError(f"Both {source} and {destination} exist; remove one and run again.")
+            parent = os.path.dirname(destination)
+            if parent not in folders:
+                os.makedirs(parent, exist_ok=True)
+                folders.add(parent)
+            is_folder = os.path.isdir(source)
             os.replace(source, destination)
-            return
-        if self.mode == "link":
-            try:
-                os.link(source, destination)
-                return
-            except OSError as error:
-                if error.errno not in (errno.EXDEV, errno.EPERM, errno.ENOTSUP, errno.EMLINK):
-                    raise
-                logger.info("hard links are not possible here (%s); copying instead", error.strerror)
-                self.mode = "copy"
-        partial = destination.with_name(destination.name + ".partial")
-        shutil.copy2(source, partial)
-        os.replace(partial, destination)  # a crash never leaves a half-written image
+            if is_folder:
+                _write_text(progress, str(index + 1))
+        elif not os.path.lexists(destination):
+            raise LayoutError(f"{source} is missing and was not moved to {destination}.")
+    progress.unlink(missing_ok=True)
+
+
+def _write_text(path, text):
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text, encoding="utf-8")
+    os.replace(partial, path)
 
 
 def _options_key(wnids, holdout, seed, classes):
@@ -273,9 +342,7 @@ def _options_key(wnids, holdout, seed, classes):
 
 
 def _write_json(path, data):
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(data, indent=1), encoding="utf-8")
-    os.replace(partial, path)
+    _write_text(path, json.dumps(data, indent=1))
 
 
 def restructure(src, output=None, in_place=False, holdout=0, classes=None, seed=0, dry_run=False):
@@ -352,7 +419,7 @@ def restructure(src, output=None, in_place=False, holdout=0, classes=None, seed=
             )
         moves, summary = [tuple(m) for m in state["moves"]], Summary(**state["summary"])
     else:
-        moves, summary = _plan(src, wnids, holdout, seed, selected)
+        moves, summary = _plan(src, wnids, holdout, seed, selected, in_place)
     arguments = {"holdout": holdout, "classes": classes, "seed": seed}
 
     if dry_run:
@@ -367,29 +434,17 @@ def restructure(src, output=None, in_place=False, holdout=0, classes=None, seed=
         _write_json(journal, {"options": key, "arguments": arguments, "moves": moves,
                               "summary": dataclasses.asdict(summary)})
 
-    transfer = _Transfer(in_place)
-    step = max(len(moves) // 10, 1) if len(moves) >= PROGRESS_MIN_FILES else len(moves) + 1
-    for done_count, (source, destination) in enumerate(moves, 1):
-        source, destination = src / source, root / destination
-        if destination.exists():
-            if not in_place and destination.stat().st_size != source.stat().st_size:
-                raise LayoutError(f"{destination} already exists and differs from {source}; nothing overwritten.")
-            if in_place and source.exists():
-                raise LayoutError(f"Both {source} and {destination} exist; remove one and run again.")
-        elif in_place and not source.exists():
-            raise LayoutError(f"{source} is missing and was not moved to {destination}.")
-        else:
-            transfer(source, destination)
-        if done_count % step == 0:
-            logger.info("%d/%d files (%.0f%%)", done_count, len(moves), 100 * done_count / len(moves))
+    if in_place:
+        _move_all(src, moves)
+        summary.transfer = "move"
+    else:
+        summary.transfer = _link_all(src, root, moves)
 
     for name in ("wnids.txt", "words.txt"):
         if (src / name).is_file() and not in_place:
             shutil.copyfile(src / name, root / name)
     if in_place:
-        for folder in [src / "val" / "images", src / "test" / "images", src / "test"] + [
-            src / "train" / wnid / "images" for wnid in selected
-        ]:
+        for folder in (src / "val" / "images", src / "test"):
             try:
                 folder.rmdir()  # only succeeds when empty: stray files are kept
             except FileNotFoundError:
@@ -397,7 +452,6 @@ def restructure(src, output=None, in_place=False, holdout=0, classes=None, seed=
             except OSError:
                 if folder.name == "images":
                     logger.warning("%s kept: it still holds stray or unannotated files", folder)
-    summary.transfer = transfer.mode
     _write_json(marker, {"options": key, "arguments": arguments, "summary": dataclasses.asdict(summary)})
     if in_place:
         journal.unlink()

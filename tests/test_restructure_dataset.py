@@ -104,12 +104,42 @@ def test_completes_after_crash(tiny_imagenet, tmp_path, monkeypatch, in_place):
     assert (root / rd.MARKER).is_file() and not (tiny_imagenet / rd.JOURNAL).exists()
 
 
+@pytest.mark.parametrize("crash_at", range(1, 19))
+def test_in_place_completes_after_crash_at_any_step(tiny_imagenet, monkeypatch, crash_at):
+    real_replace, calls = os.replace, {"n": 0}
+
+    def crashing_replace(source, destination):
+        if "restructure_" not in str(destination):  # journal and progress writes are not steps
+            calls["n"] += 1
+            if calls["n"] == crash_at:
+                raise KeyboardInterrupt("killed")
+        return real_replace(source, destination)
+
+    monkeypatch.setattr(os, "replace", crashing_replace)
+    try:
+        rd.restructure(tiny_imagenet, in_place=True, holdout=2)
+    except KeyboardInterrupt:
+        pass
+    monkeypatch.setattr(os, "replace", real_replace)
+    summary = rd.restructure(tiny_imagenet, in_place=True, holdout=2)
+    assert calls["n"] >= min(crash_at, 18)
+    assert summary.images == {"train": 12, "val": 6, "test": 6, "test_unlabelled": 3}
+    train, test = images(tiny_imagenet, "train"), images(tiny_imagenet, "test")
+    names = sorted(Path(p).name for p in train + test)
+    assert names == sorted(f"{w}_{i}.JPEG" for w in ("n001", "n002", "n003") for i in range(6))
+    assert len(images(tiny_imagenet, "val")) == 6 and len(os.listdir(tiny_imagenet / "test_unlabelled")) == 3
+    assert not (tiny_imagenet / rd.PROGRESS).exists() and not (tiny_imagenet / rd.STAGING).exists()
+
+
 def test_in_place(tiny_imagenet):
     summary = rd.restructure(tiny_imagenet, in_place=True)
     assert summary.transfer == "move"
     assert len(images(tiny_imagenet, "train")) == 18
     assert not (tiny_imagenet / "train" / "n001" / "images").exists()
-    assert (tiny_imagenet / "train" / "n001" / "n001_boxes.txt").is_file()  # stray files are kept
+    # whole class folders were renamed; annotations and stray files are kept apart
+    assert (tiny_imagenet / "train_annotations" / "n001" / "n001_boxes.txt").is_file()
+    assert (tiny_imagenet / "train_annotations" / ".DS_Store").is_file()
+    assert sorted(os.listdir(tiny_imagenet / "train")) == ["n001", "n002", "n003"]
     assert len(images(tiny_imagenet, "val")) == 6
     assert sorted(p.name for p in (tiny_imagenet / "test_unlabelled").iterdir()) == [
         "test_0.JPEG", "test_1.JPEG", "test_2.JPEG"]
@@ -141,7 +171,7 @@ def test_dry_run_changes_nothing(tiny_imagenet, capsys):
     summary = rd.restructure(tiny_imagenet, in_place=True, dry_run=True)
     assert summary.images["train"] == 18
     assert tree(tiny_imagenet) == before
-    assert "train/n001/images/n001_0.JPEG -> train/n001/n001_0.JPEG" in capsys.readouterr().out
+    assert "train/n001/images -> train.restructuring/n001" in capsys.readouterr().out
 
 
 def _append_row(root, row):
