@@ -26,17 +26,15 @@ A saved model loads in safe mode with ``keras.saving.load_model(path)`` once thi
 module (or ``helpers.layers``) has been imported.
 """
 
-import json
 import logging
 import sys
-from pathlib import Path
 
 import keras
 import numpy as np
 import tensorflow as tf
 
 from helpers import cli, data, reports, training
-from helpers.backbones import WeightsUnavailableError, pretrained_backbone
+from helpers.backbones import pretrained_backbone
 from helpers.layers import Grayscale
 
 logger = logging.getLogger(__name__)
@@ -234,29 +232,12 @@ def evaluate_model(model, split, batch_size):
     return metrics
 
 
-def _classes_for(model_path):
-    """The ``classes.json`` written beside a model at training time, or ``None``."""
-    path = Path(model_path).with_name("classes.json")
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def _load(model_path):
-    if not Path(model_path).is_file():
-        raise FileNotFoundError(f"Model file {model_path} does not exist.")
-    return keras.saving.load_model(model_path)
-
-
 def evaluate(args):
     """The ``evaluate`` command."""
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1. Received: {args.batch_size}")
-    model = _load(args.model)
-    classes = _classes_for(args.model) or {}
-    if not args.data_dir.is_dir():
-        raise data.DatasetError(f"Data directory {args.data_dir} does not exist.")
-    name = args.split or next((s for s in ("test", "val") if (args.data_dir / s).is_dir()), None)
-    if name is None:
-        raise data.DatasetError(f"{args.data_dir} has neither a test/ nor a val/ split.")
+    model, classes = training.load_checkpoint(args.model)
+    name = cli.evaluation_split_name(args)
     split = data.list_split(args.data_dir / name, classes.get("class_names"), name)
     if model.output_shape[-1] != len(split.class_names):
         raise ValueError(f"{args.model} predicts {model.output_shape[-1]} classes; "
@@ -273,14 +254,10 @@ def predict(args):
     """The ``predict`` command: prints the top-k classes of each image."""
     if args.top_k < 1 or args.batch_size < 1:
         raise ValueError(f"--top-k and --batch-size must be >= 1. Received: {args.top_k}, {args.batch_size}")
-    model = _load(args.model)
+    model, classes = training.load_checkpoint(args.model)
     paths = data.image_files(args.inputs)
     data.check_images(paths)
-    classes = _classes_for(args.model) or {}
-    names = classes.get("class_names") or [str(i) for i in range(model.output_shape[-1])]
-    descriptions = classes.get("descriptions", {})
     size = model.input_shape[1]
-    k = min(args.top_k, len(names))
     for start in range(0, len(paths), args.batch_size):
         chunk = paths[start:start + args.batch_size]
         images = np.stack([
@@ -289,10 +266,7 @@ def predict(args):
         ])
         scores = model.predict(keras.applications.xception.preprocess_input(images), verbose=0)
         for path, row in zip(chunk, scores):
-            print(path)
-            for rank, index in enumerate(np.argsort(-row)[:k], 1):
-                label = names[index] + (f" ({descriptions[names[index]]})" if names[index] in descriptions else "")
-                print(f"  {rank}. {label}: {row[index]:.4f}")
+            reports.print_top_k(path, row, classes, args.top_k)
 
 
 def _parse_args(argv):
@@ -313,27 +287,15 @@ def _parse_args(argv):
     cli.add_training_arguments(train_parser)
     cli.add_output_arguments(train_parser)
 
-    evaluate_parser.add_argument("--model", required=True, type=Path, help="a saved .keras model; required")
-    evaluate_parser.add_argument("--data-dir", required=True, type=Path, help="dataset root; required")
-    evaluate_parser.add_argument("--split", choices=("test", "val", "train"), default=None,
-                                 help="split to score (default: test/ if present, else val/)")
-    evaluate_parser.add_argument("--json", type=Path, help="also write the metrics here (default: print only)")
-    evaluate_parser.add_argument("--batch-size", type=int, default=32, help="batch size (default: 32)")
-    evaluate_parser.add_argument("--verbose", action="store_true", help="debug logging (default: off)")
+    cli.add_evaluate_arguments(evaluate_parser, batch_size=32)
 
-    predict_parser.add_argument("--model", required=True, type=Path, help="a saved .keras model; required")
-    predict_parser.add_argument("--top-k", type=int, default=5, help="classes shown per image (default: 5)")
     predict_parser.add_argument("--batch-size", type=int, default=32, help="batch size (default: 32)")
-    predict_parser.add_argument("--verbose", action="store_true", help="debug logging (default: off)")
-    predict_parser.add_argument("inputs", nargs="+", help="image files or folders (searched recursively)")
+    cli.add_predict_arguments(predict_parser, "image files or folders (searched recursively)")
     return parser.parse_args(cli.with_default_command(argv))
 
 
 def main(argv=None):
-    args = _parse_args(argv)
-    cli.configure_logging(args.verbose)
-    command = {"train": train, "evaluate": evaluate, "predict": predict}[args.command]
-    return cli.run(command, args, (ValueError, FileNotFoundError, WeightsUnavailableError, training.NaNLossError))
+    return cli.run(_parse_args(argv), {"train": train, "evaluate": evaluate, "predict": predict})
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ Usage::
     python lrcn.py predict --model runs/lrcn/phase2_best.keras [--top-k 5] FRAME_FOLDER_OR_VIDEO...
 """
 
-import json
 import logging
 import sys
 from pathlib import Path
@@ -29,7 +28,7 @@ import keras
 import numpy as np
 
 from helpers import cli, data, reports, sequences, training
-from helpers.backbones import WeightsUnavailableError, pretrained_backbone
+from helpers.backbones import pretrained_backbone
 from helpers.layers import FoldFrames, FrameMask, VGG16Preprocess
 
 logger = logging.getLogger(__name__)
@@ -218,21 +217,12 @@ def evaluate_model(model, split, batch_size, workers=2, shuffle_frames=False):
     return metrics
 
 
-def _load(model_path):
-    if not Path(model_path).is_file():
-        raise FileNotFoundError(f"Model file {model_path} does not exist.")
-    return keras.saving.load_model(model_path)
-
-
 def evaluate(args):
     """The ``evaluate`` command."""
-    model = _load(args.model)
-    classes_file = Path(args.model).with_name("classes.json")
-    names = json.loads(classes_file.read_text())["class_names"] if classes_file.is_file() else None
-    name = args.split or next((s for s in ("test", "val") if (args.data_dir / s).is_dir()), None)
-    if name is None:
-        raise data.DatasetError(f"{args.data_dir} has neither a test/ nor a val/ split.")
-    split = sequences.list_sequences(args.data_dir / name, names)
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1. Received: {args.batch_size}")
+    model, classes = training.load_checkpoint(args.model)
+    split = sequences.list_sequences(args.data_dir / cli.evaluation_split_name(args), classes.get("class_names"))
     sequences.check_sequences(split)
     metrics = evaluate_model(model, split, args.batch_size)
     metrics["model"] = str(args.model)
@@ -245,11 +235,10 @@ def predict(args):
     """The ``predict`` command: top-k classes of frame folders or video files."""
     from helpers import extract_frames
 
-    model = _load(args.model)
+    if args.top_k < 1:
+        raise ValueError(f"--top-k must be >= 1. Received: {args.top_k}")
+    model, classes = training.load_checkpoint(args.model)
     frames, size = model.input_shape[1], model.input_shape[2]
-    classes_file = Path(args.model).with_name("classes.json")
-    names = (json.loads(classes_file.read_text())["class_names"] if classes_file.is_file()
-             else [str(i) for i in range(model.output_shape[-1])])
     for item in map(Path, args.inputs):
         if item.is_dir():
             paths = sequences.frame_files(item)
@@ -262,11 +251,7 @@ def predict(args):
         if frames:
             clip = clip[sequences.sample_indices(len(clip), frames)]
         scores = model.predict(clip[None], verbose=0)[0]
-        if scores.ndim == 2:
-            scores = scores.mean(axis=0)
-        print(item)
-        for rank, index in enumerate(np.argsort(-scores)[:min(args.top_k, len(names))], 1):
-            print(f"  {rank}. {names[index]}: {scores[index]:.4f}")
+        reports.print_top_k(item, scores.mean(axis=0) if scores.ndim == 2 else scores, classes, args.top_k)
 
 
 def _parse_args(argv):
@@ -294,28 +279,16 @@ def _parse_args(argv):
                                learning_rate=0.01, fine_tune_learning_rate=0.001)
     cli.add_output_arguments(train_parser)
 
-    evaluate_parser.add_argument("--model", required=True, type=Path, help="a saved .keras model; required")
-    evaluate_parser.add_argument("--data-dir", required=True, type=Path, help="dataset root; required")
-    evaluate_parser.add_argument("--split", choices=("test", "val", "train"), default=None,
-                                 help="split to score (default: test/ if present, else val/)")
-    evaluate_parser.add_argument("--json", type=Path, help="also write the metrics here (default: print only)")
-    evaluate_parser.add_argument("--batch-size", type=int, default=8, help="batch size (default: 8)")
-    evaluate_parser.add_argument("--verbose", action="store_true", help="debug logging (default: off)")
+    cli.add_evaluate_arguments(evaluate_parser, batch_size=8)
 
-    predict_parser.add_argument("--model", required=True, type=Path, help="a saved .keras model; required")
-    predict_parser.add_argument("--top-k", type=int, default=5, help="classes shown per clip (default: 5)")
     predict_parser.add_argument("--max-frames", type=int, default=None,
                                 help="frames read from a video at most (default: all)")
-    predict_parser.add_argument("--verbose", action="store_true", help="debug logging (default: off)")
-    predict_parser.add_argument("inputs", nargs="+", help="frame folders or video files (mp4, avi)")
+    cli.add_predict_arguments(predict_parser, "frame folders or video files (mp4, avi)")
     return parser.parse_args(cli.with_default_command(argv))
 
 
 def main(argv=None):
-    args = _parse_args(argv)
-    cli.configure_logging(args.verbose)
-    command = {"train": train, "evaluate": evaluate, "predict": predict}[args.command]
-    return cli.run(command, args, (ValueError, FileNotFoundError, WeightsUnavailableError, training.NaNLossError))
+    return cli.run(_parse_args(argv), {"train": train, "evaluate": evaluate, "predict": predict})
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ other string is the path of a local no-top weights file.
 import logging
 from pathlib import Path
 
-import keras
 
 logger = logging.getLogger(__name__)
 

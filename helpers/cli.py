@@ -123,14 +123,56 @@ def save_args(args, output_dir):
     return path
 
 
-def run(command, args, expected_errors):
-    """Runs ``command(args)``; an expected error is logged as one clear line, exit code 1."""
+def run(args, commands):
+    """Configures logging and runs ``commands[args.command](args)``.
+
+    Bad input, a bad flag, unavailable weights and a NaN loss are logged as one clear
+    line with exit code 1 (the traceback with ``--verbose``); anything else is a bug
+    and raises.
+    """
+    from helpers.backbones import WeightsUnavailableError
+    from helpers.training import NaNLossError
+
+    configure_logging(args.verbose)
     try:
-        return command(args) or 0
-    except expected_errors as error:
+        return commands[args.command](args) or 0
+    except (ValueError, FileNotFoundError, WeightsUnavailableError, NaNLossError) as error:
         logger.debug("traceback", exc_info=True)
         logger.error("%s", error)
         return 1
+
+
+def add_evaluate_arguments(parser, batch_size):
+    parser.add_argument("--model", required=True, type=Path, help="a saved .keras model; required")
+    parser.add_argument("--data-dir", required=True, type=Path, help="dataset root; required")
+    parser.add_argument("--split", choices=("test", "val", "train"), default=None,
+                        help="split to score (default: test/ if present, else val/)")
+    parser.add_argument("--json", type=Path, help="also write the metrics here (default: print only)")
+    parser.add_argument("--batch-size", type=int, default=batch_size, help=f"batch size (default: {batch_size})")
+    parser.add_argument("--verbose", action="store_true", help="debug logging (default: off)")
+
+
+def add_predict_arguments(parser, inputs_help):
+    parser.add_argument("--model", required=True, type=Path, help="a saved .keras model; required")
+    parser.add_argument("--top-k", type=int, default=5, help="classes shown per input (default: 5)")
+    parser.add_argument("--verbose", action="store_true", help="debug logging (default: off)")
+    parser.add_argument("inputs", nargs="+", help=inputs_help)
+
+
+def evaluation_split_name(args):
+    """``--split``, else ``test`` when the data has it, else ``val``.
+
+    Raises:
+        DatasetError: the data directory is missing or has neither split.
+    """
+    from helpers.data import DatasetError
+
+    if not args.data_dir.is_dir():
+        raise DatasetError(f"Data directory {args.data_dir} does not exist.")
+    name = args.split or next((s for s in ("test", "val") if (args.data_dir / s).is_dir()), None)
+    if name is None:
+        raise DatasetError(f"{args.data_dir} has neither a test/ nor a val/ split.")
+    return name
 
 
 def parser_with_commands(description):

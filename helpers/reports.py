@@ -148,3 +148,21 @@ def save_evaluation(output_dir, metrics, model_path, display_names):
     names = dict(zip(metrics["per_class_accuracy"], display_names))
     print(format_report(metrics, names))
     print(f"outputs in {output_dir}")
+
+
+def print_top_k(name, scores, classes, top_k):
+    """Prints ``name`` and its ``top_k`` classes with their scores, one per line.
+
+    Args:
+        name: what was classified (a path).
+        scores: ``(num_classes,)`` probabilities.
+        classes: the ``classes.json`` of the model (``class_names``, optional
+            ``descriptions``), or ``{}`` to show class indices.
+        top_k: classes shown (capped at the number of classes).
+    """
+    names = classes.get("class_names") or [str(i) for i in range(len(scores))]
+    descriptions = classes.get("descriptions", {})
+    print(name)
+    for rank, index in enumerate(np.argsort(-np.asarray(scores))[:top_k], 1):
+        label = names[index] + (f" ({descriptions[names[index]]})" if names[index] in descriptions else "")
+        print(f"  {rank}. {label}: {scores[index]:.4f}")

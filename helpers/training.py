@@ -187,6 +187,24 @@ def read_history(csv_path):
     return history
 
 
+def load_checkpoint(path):
+    """``keras.saving.load_model(path)`` (safe mode), with a clear error for a missing file.
+
+    Returns:
+        ``(model, classes)``: ``classes`` is the ``classes.json`` written beside the
+        model at training time (``{"class_names": [...], ...}``), or ``{}``.
+
+    Raises:
+        FileNotFoundError: naming the path.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Model file {path} does not exist.")
+    classes_path = path.with_name("classes.json")
+    classes = json.loads(classes_path.read_text()) if classes_path.is_file() else {}
+    return keras.saving.load_model(path), classes
+
+
 def progress_verbosity():
     """Keras ``verbose``: a progress bar on a terminal, one line per epoch in a log file."""
     return 1 if sys.stdout.isatty() else 2
