@@ -1,0 +1,251 @@
+#!/usr/bin/env python
+"""Training throughput, input-path speed, FLOPs and memory, measured side by side in one run.
+
+Run by hand, never part of pass/fail::
+
+    python benchmarks/throughput_benchmark.py [--steps 4] [--quick] [--markdown benchmarks/results.md]
+
+Every training measurement runs in a fresh subprocess (so its peak resident memory is
+its own), on real JPEG files written to a temporary folder, and times ``--steps`` steps
+of ``model.fit`` after two warm-up steps (tracing excluded). It prints one JSON object
+per measurement and writes a markdown table with the machine it ran on.
+
+Measured:
+
+1. The classifier at the seed configuration (299 px, 23 x 3887, LSTM 2048, batch 16),
+   phase 1 (Xception frozen) and phase 2 (all trainable), images/s: our default path
+   (``cnn_rnn_classifier.CustomImageDataGenerator`` into ``fit``) and the seed-faithful
+   baseline (a plain ``ImageDataGenerator`` subclass whose ``standardize()`` applies
+   Xception preprocessing, ``fit`` with Keras defaults, float32).
+2. The same at the demo's configuration (71 px, 71 x 71, LSTM 256, batch 32 / 16).
+3. LRCN at 16 frames of 224 px, batch 4, clips/s.
+4. The input path alone (decode, resize, preprocess), images/s, with 1 and 2 threads.
+5. FLOPs per image (Xception from TensorFlow's profiler; the LSTMs and Dense layers
+   counted analytically, since the profiler counts a loop body once) and the achieved
+   FLOP/s as a fraction of this machine's float32 and bfloat16 matmul peak, measured here.
+6. Peak resident memory of each training measurement.
+
+``--quick`` skips the seed configuration and LRCN (minutes instead of a quarter hour).
+"""
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def write_images(folder, classes=4, per_class=40, size=64):
+    """Real JPEG files (smooth gradients plus noise), ``folder/<class>/<i>.JPEG``."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    ramp = np.linspace(0, 255, size)
+    for c in range(classes):
+        (folder / f"c{c}").mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            base = np.stack([np.add.outer(ramp, ramp) / 2, np.outer(ramp, ramp[::-1]) / 255, np.tile(ramp, (size, 1))], -1)
+            pixels = np.clip(base * rng.uniform(0.3, 1, 3) + rng.normal(0, 25, base.shape), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(folder / f"c{c}" / f"{i}.JPEG", quality=90)
+
+
+def write_clips(folder, classes=2, per_class=6, frames=16, size=64):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    for c in range(classes):
+        for s in range(per_class):
+            clip = folder / f"c{c}" / f"s{s}"
+            clip.mkdir(parents=True, exist_ok=True)
+            for t in range(frames):
+                Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(clip / f"frame_{t}.jpg")
+
+
+# ---------------------------------------------------------------- child measurements
+
+def _fit_throughput(model, data, steps, batch):
+    model.fit(data, epochs=1, steps_per_epoch=2, verbose=0)  # warm-up: tracing and first steps
+    start = time.perf_counter()
+    model.fit(data, epochs=1, steps_per_epoch=steps, verbose=0)
+    return steps * batch / (time.perf_counter() - start)
+
+
+def child_classifier(config):
+    import keras
+    import tensorflow as tf
+
+    import cnn_rnn_classifier as crc
+    from helpers import training
+
+    size, batch = config["image_size"], config["batch"]
+    if config["path"] == "baseline":
+        class SeedGenerator(tf.keras.preprocessing.image.ImageDataGenerator):
+            def standardize(self, x):
+                return keras.applications.xception.preprocess_input(super().standardize(x))
+
+        generator = SeedGenerator()
+    else:
+        generator = crc.CustomImageDataGenerator()
+    flow = generator.flow_from_directory(config["data"], target_size=(size, size), batch_size=batch, seed=0)
+    model = crc.build_cnn_rnn_classifier(flow.num_classes, size, config["timesteps"], config["units"], weights=None)
+    training.set_backbone_trainable(model, "xception", config["phase"] == 2)
+    optimizer = keras.optimizers.RMSprop() if config["phase"] == 1 else keras.optimizers.Adam(1e-4)
+    model.compile(optimizer=optimizer, loss="categorical_crossentropy", metrics=["accuracy"])
+    return {"images_per_s": _fit_throughput(model, flow, config["steps"], batch)}
+
+
+def child_lrcn(config):
+    import lrcn
+    from helpers import sequences, training
+
+    split = sequences.list_sequences(config["data"])
+    data = sequences.FrameSequences(split, 224, config["batch"], frames=16, shuffle=True, workers=2)
+    model = lrcn.build_lrcn(len(split.class_names), frames=16, weights=None)
+    training.set_backbone_trainable(model, "vgg16", False)
+    model.compile(optimizer=lrcn.sgd(0.01), loss="categorical_crossentropy", metrics=["accuracy"])
+    return {"clips_per_s": _fit_throughput(model, data, config["steps"], config["batch"])}
+
+
+def child_input(config):
+    """Input path alone: decode, resize to 299, Xception preprocessing; batches of 16 in N threads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import cnn_rnn_classifier as crc
+
+    flow = crc.CustomImageDataGenerator().flow_from_directory(config["data"], target_size=(299, 299), batch_size=16)
+    batches = list(range(len(flow))) * 2
+    flow[0]
+    start = time.perf_counter()
+    with ThreadPoolExecutor(config["threads"]) as pool:
+        images = sum(len(x) for x, _ in pool.map(flow.__getitem__, batches))
+    return {"images_per_s": images / (time.perf_counter() - start)}
+
+
+def child_flops(config):
+    """Forward FLOPs per image of the classifier at (image_size, timesteps, units), and matmul peaks."""
+    import keras
+    import tensorflow as tf
+    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+    from tensorflow.python.profiler.model_analyzer import profile
+    from tensorflow.python.profiler.option_builder import ProfileOptionBuilder
+
+    size, steps, units, classes = config["image_size"], config["timesteps"], config["units"], 100
+    backbone = keras.applications.Xception(include_top=False, weights=None, input_shape=(size, size, 3), pooling="avg")
+    concrete = tf.function(lambda x: backbone(x, training=False)).get_concrete_function(
+        tf.TensorSpec((1, size, size, 3), tf.float32))
+    graph = convert_variables_to_constants_v2(concrete).graph
+    backbone_flops = profile(graph, options=ProfileOptionBuilder(ProfileOptionBuilder.float_operation())
+                             .with_empty_output().build()).total_float_ops
+    width = size * size // steps
+    lstm = 2 * 4 * units * (width + units) * steps + 2 * 4 * units * (2 * units) * steps
+    head = lstm + (2 * 2048 * units if units != 2048 else 0) + 2 * units * classes
+
+    def peak(dtype):
+        a = tf.random.uniform((2048, 2048), dtype=tf.float32)
+        a = tf.cast(a, dtype)
+        matmul = tf.function(lambda m: tf.matmul(m, m))
+        matmul(a).numpy()
+        start, repeats = time.perf_counter(), 20
+        for _ in range(repeats):
+            matmul(a).numpy()
+        return 2 * 2048 ** 3 * repeats / (time.perf_counter() - start)
+
+    return {"backbone_forward_flops": backbone_flops, "head_forward_flops": head,
+            "float32_matmul_peak": peak(tf.float32), "bfloat16_matmul_peak": peak(tf.bfloat16)}
+
+
+CHILDREN = {"classifier": child_classifier, "lrcn": child_lrcn, "input": child_input, "flops": child_flops}
+
+
+def run_child(kind, config):
+    """Runs one measurement in a fresh process; returns its result plus its peak RSS in MiB."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    output = subprocess.run([sys.executable, __file__, "--child", kind, json.dumps(config)], env=env,
+                            capture_output=True, text=True, cwd=ROOT)
+    if output.returncode:
+        raise RuntimeError(f"{kind} {config} failed:\n{output.stderr[-3000:]}")
+    return json.loads(output.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------- parent
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Measure throughput, FLOPs and memory side by side.")
+    parser.add_argument("--steps", type=int, default=4, help="timed steps per training measurement (default: 4)")
+    parser.add_argument("--quick", action="store_true", help="skip the seed configuration and LRCN (default: off)")
+    parser.add_argument("--markdown", type=Path, default=None, help="also write the table here (default: print only)")
+    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        result = CHILDREN[args.child[0]](json.loads(args.child[1]))
+        result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(json.dumps(result))
+        return 0
+
+    rows = []
+    with tempfile.TemporaryDirectory() as scratch:
+        scratch = Path(scratch)
+        write_images(scratch / "images")
+        configs = [("demo", 71, 71, 256, {1: 32, 2: 16})]
+        if not args.quick:
+            configs.insert(0, ("seed", 299, 23, 2048, {1: 16, 2: 16}))
+        for name, size, steps, units, batches in configs:
+            flops = run_child("flops", {"image_size": size, "timesteps": steps, "units": units})
+            for phase in (1, 2):
+                for path in ("baseline", "default"):
+                    config = {"data": str(scratch / "images"), "image_size": size, "timesteps": steps, "units": units,
+                              "batch": batches[phase], "phase": phase, "path": path, "steps": args.steps}
+                    result = run_child("classifier", config)
+                    train_flops = (flops["backbone_forward_flops"] + 3 * flops["head_forward_flops"] if phase == 1
+                                   else 3 * (flops["backbone_forward_flops"] + flops["head_forward_flops"]))
+                    achieved = train_flops * result["images_per_s"]
+                    row = {"measurement": f"classifier {name} phase {phase} ({path})", "batch": batches[phase],
+                           "images_per_s": round(result["images_per_s"], 2),
+                           "train_gflop_per_image": round(train_flops / 1e9, 2),
+                           "fraction_of_float32_peak": round(achieved / flops["float32_matmul_peak"], 3),
+                           "fraction_of_bfloat16_peak": round(achieved / flops["bfloat16_matmul_peak"], 3),
+                           "peak_rss_mib": round(result["peak_rss_mib"])}
+                    print(json.dumps(row), flush=True)
+                    rows.append(row)
+        print(json.dumps({"measurement": "matmul peak (2048x2048)",
+                          "float32_gflop_per_s": round(flops["float32_matmul_peak"] / 1e9, 1),
+                          "bfloat16_gflop_per_s": round(flops["bfloat16_matmul_peak"] / 1e9, 1)}), flush=True)
+        for threads in (1, 2):
+            result = run_child("input", {"data": str(scratch / "images"), "threads": threads})
+            row = {"measurement": f"input path, generator, {threads} thread(s)",
+                   "images_per_s": round(result["images_per_s"], 1)}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+        if not args.quick:
+            write_clips(scratch / "clips")
+            result = run_child("lrcn", {"data": str(scratch / "clips"), "batch": 4, "steps": args.steps})
+            row = {"measurement": "LRCN phase 1, 16 frames x 224 px", "batch": 4,
+                   "clips_per_s": round(result["clips_per_s"], 3), "peak_rss_mib": round(result["peak_rss_mib"])}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}"
+    table = [f"Machine: {machine}.", "", "| measurement | throughput | GFLOP/image | of fp32 peak | peak RSS |",
+             "| --- | --- | --- | --- | --- |"]
+    for row in rows:
+        speed = f"{row['images_per_s']} images/s" if "images_per_s" in row else f"{row['clips_per_s']} clips/s"
+        table.append(f"| {row['measurement']} | {speed} | {row.get('train_gflop_per_image', '')} | "
+                     f"{row.get('fraction_of_float32_peak', '')} | {row.get('peak_rss_mib', '')} |")
+    print("\n".join(table))
+    if args.markdown:
+        args.markdown.write_text("\n".join(table) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
