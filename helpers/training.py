@@ -269,7 +269,8 @@ def run_phase(
         done_path.write_text(json.dumps({"epochs": epochs, "epochs_run": 0, "first_epoch": epochs}))
         return best_path
     if past:
-        logger.info("%s: resuming after %d logged epochs (best %s %.4f)", phase, len(past), monitor, best_so_far or math.nan)
+        logger.info("%s: resuming after %d logged epochs (best %s %.4f)", phase, len(past), monitor,
+                    math.nan if best_so_far is None else best_so_far)
     all_callbacks = [
         StopOnNaN(phase),
         keras.callbacks.BackupAndRestore(str(output_dir / "backup" / phase)),
