@@ -288,17 +288,22 @@ class _Linker:
                 raise LayoutError(f"{destination} already exists and differs from {source}; nothing overwritten.")
 
 
+def _log_progress(done, total, count):
+    """Logs every 10% of a large tree's files; ``count`` files were just added to ``done``."""
+    if total >= PROGRESS_MIN_FILES and done * 10 // total > (done - count) * 10 // total:
+        logger.info("%d/%d files (%.0f%%)", done, total, 100 * done / total)
+
+
 def _link_all(src, root, moves):
     """Output mode: links every ``(source, destination)``, in threads; returns the transfer mode."""
     linker, total = _Linker(), len(moves)
     pairs = [(os.path.join(src, a), os.path.join(root, b)) for a, b in moves]
     chunks = [pairs[i:i + 1000] for i in range(0, total, 1000)]
-    done, step = 0, max(total // 10, 1) if total >= PROGRESS_MIN_FILES else total + 1
+    done = 0
     with concurrent.futures.ThreadPoolExecutor(LINK_THREADS) as pool:
         for count in pool.map(lambda chunk: [linker(a, b) for a, b in chunk] and len(chunk), chunks):
-            if (done + count) // step > done // step:
-                logger.info("%d/%d files (%.0f%%)", done + count, total, 100 * (done + count) / total)
             done += count
+            _log_progress(done, total, count)
     return linker.mode
 
 
@@ -327,6 +332,7 @@ def _move_all(src, moves):
                 _write_text(progress, str(index + 1))
         elif not os.path.lexists(destination):
             raise LayoutError(f"{source} is missing and was not moved to {destination}.")
+        _log_progress(index + 1, len(moves), 1)
     progress.unlink(missing_ok=True)
 
 
