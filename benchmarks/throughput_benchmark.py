@@ -6,8 +6,9 @@ Run by hand, never part of pass/fail::
     python benchmarks/throughput_benchmark.py [--steps 4] [--quick] [--markdown benchmarks/results.md]
 
 Every training measurement runs in a fresh subprocess (so its peak resident memory is
-its own), on real JPEG files written to a temporary folder, and times ``--steps`` steps
-of ``model.fit`` after two warm-up steps (tracing excluded). It prints one JSON object
+its own), on real JPEG files written to a temporary folder; throughput comes from the
+median of ``--steps`` step times of ``model.fit`` after two warm-up steps (tracing
+excluded, robust to the odd slow step). It prints one JSON object
 per measurement and writes a markdown table with the machine it ran on.
 
 Measured:
@@ -74,10 +75,18 @@ def write_clips(folder, classes=2, per_class=6, frames=16, size=64):
 # ---------------------------------------------------------------- child measurements
 
 def _fit_throughput(model, data, steps, batch):
-    model.fit(data, epochs=1, steps_per_epoch=2, verbose=0)  # warm-up: tracing and first steps
-    start = time.perf_counter()
-    model.fit(data, epochs=1, steps_per_epoch=steps, verbose=0)
-    return steps * batch / (time.perf_counter() - start)
+    """Samples/s from the median step time of one ``fit`` after two warm-up steps (tracing excluded)."""
+    import keras
+    import numpy as np
+
+    ends = []
+
+    class StepTimes(keras.callbacks.Callback):
+        def on_train_batch_end(self, step, logs=None):
+            ends.append(time.perf_counter())
+
+    model.fit(data, epochs=1, steps_per_epoch=steps + 2, verbose=0, callbacks=[StepTimes()])
+    return batch / float(np.median(np.diff(ends[1:])))
 
 
 def child_classifier(config):
