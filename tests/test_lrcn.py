@@ -261,3 +261,28 @@ def test_cli_bad_inputs(clips, tmp_path, caplog):
     caplog.clear()
     assert lrcn.main(["predict", "--model", str(tmp_path / "m.keras"), str(tmp_path / "missing.mp4")]) == 1
     assert "does not exist" in caplog.text
+
+
+class Killed(BaseException):
+    """Stands for the process being killed: not an Exception, so nothing catches it."""
+
+
+def test_resume_after_interruption(clips, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    args = ["--data-dir", str(clips), "--output-dir", str(out), "--frames", "3", *TINY_FLAGS,
+            "--epochs", "2", "--fine-tune-epochs", "0", "--steps-per-epoch", "2"]
+    batches = {"n": 0}
+
+    def kill_in_second_epoch(self, batch, logs=None):
+        batches["n"] += 1
+        if batches["n"] == 3:
+            raise Killed()
+
+    monkeypatch.setattr(keras.callbacks.CSVLogger, "on_train_batch_end", kill_in_second_epoch, raising=False)
+    with pytest.raises(Killed):
+        lrcn.main(args)
+    monkeypatch.undo()
+    assert lrcn.main(args) == 0
+    done = json.loads((out / "phase1_done.json").read_text())
+    assert done["first_epoch"] == 1 and done["epochs_run"] == 1
+    assert training.read_history(out / "phase1_log.csv")["epoch"] == [0.0, 1.0]
