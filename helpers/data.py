@@ -29,10 +29,10 @@ from pathlib import Path
 
 from PIL import Image
 
+from helpers.restructure_dataset import IMAGE_EXTENSIONS  # the extensions Keras reads
+
 logger = logging.getLogger(__name__)
 
-# The extensions flow_from_directory reads (Keras' white_list_formats), lower case.
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".tif", ".tiff")
 MAX_LISTED = 20  # problems listed in an error message before "... and N more"
 
 

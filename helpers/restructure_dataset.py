@@ -436,20 +436,12 @@ def restructure(src, output=None, in_place=False, holdout=0, classes=None, seed=
             print(f"  ... {len(moves) - 5} more")
         return summary
 
-    if in_place and not journal.is_file():
-        _write_json(journal, {"options": key, "arguments": arguments, "moves": moves,
-                              "summary": dataclasses.asdict(summary)})
-
     if in_place:
+        if not journal.is_file():
+            _write_json(journal, {"options": key, "arguments": arguments, "moves": moves,
+                                  "summary": dataclasses.asdict(summary)})
         _move_all(src, moves)
         summary.transfer = "move"
-    else:
-        summary.transfer = _link_all(src, root, moves)
-
-    for name in ("wnids.txt", "words.txt"):
-        if (src / name).is_file() and not in_place:
-            shutil.copyfile(src / name, root / name)
-    if in_place:
         for folder in (src / "val" / "images", src / "test"):
             try:
                 folder.rmdir()  # only succeeds when empty: stray files are kept
@@ -458,6 +450,11 @@ def restructure(src, output=None, in_place=False, holdout=0, classes=None, seed=
             except OSError:
                 if folder.name == "images":
                     logger.warning("%s kept: it still holds stray or unannotated files", folder)
+    else:
+        summary.transfer = _link_all(src, root, moves)
+        for name in ("wnids.txt", "words.txt"):
+            if (src / name).is_file():
+                shutil.copyfile(src / name, root / name)
     _write_json(marker, {"options": key, "arguments": arguments, "summary": dataclasses.asdict(summary)})
     if in_place:
         journal.unlink()
