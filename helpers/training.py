@@ -21,6 +21,8 @@ from pathlib import Path
 
 import keras
 
+from helpers import reports
+
 logger = logging.getLogger(__name__)
 
 
@@ -146,8 +148,6 @@ def train_phases(output_dir, phases, build_model, compile_model, make_data, step
     Returns:
         The path of the last phase's best checkpoint.
     """
-    from helpers import reports  # matplotlib is only needed here
-
     output_dir, previous = Path(output_dir), None
     for phase in phases:
         if phase.epochs and not phase_complete(output_dir, phase.name):
