@@ -62,6 +62,18 @@ def load_fashion_mnist(directory=DEBIAN_DIR):
         ) from error
 
 
+def new_folder(output):
+    """``Path(output)``, after checking it is absent or empty (nothing is overwritten).
+
+    Raises:
+        FileExistsError: ``output`` exists and is not empty.
+    """
+    output = Path(output)
+    if output.exists() and any(output.iterdir()):
+        raise FileExistsError(f"{output} exists and is not empty; choose a new folder or delete it.")
+    return output
+
+
 def _pick(labels, per_class, rng):
     """Indices of ``per_class`` random images of each class, in class order."""
     return [np.sort(rng.choice(np.flatnonzero(labels == c), per_class, replace=False)) for c in range(len(WNIDS))]
@@ -73,9 +85,7 @@ def write_dataset(output, train_per_class=300, val_per_class=50, test_images=200
     Raises:
         FileExistsError: ``output`` exists and is not empty.
     """
-    output = Path(output)
-    if output.exists() and any(output.iterdir()):
-        raise FileExistsError(f"{output} exists and is not empty; choose a new folder or delete it.")
+    output = new_folder(output)
     (x_train, y_train), (x_test, y_test) = load_fashion_mnist(source)
     rng = np.random.default_rng(seed)
     output.mkdir(parents=True, exist_ok=True)

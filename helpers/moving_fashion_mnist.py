@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from helpers.fashion_mnist_tiny_imagenet import load_fashion_mnist
+from helpers.fashion_mnist_tiny_imagenet import load_fashion_mnist, new_folder
 
 logger = logging.getLogger(__name__)
 
@@ -46,9 +46,7 @@ def write_clips(output, per_class=(100, 25, 25), frames=8, size=64, seed=0, sour
     Raises:
         FileExistsError: ``output`` exists and is not empty.
     """
-    output = Path(output)
-    if output.exists() and any(output.iterdir()):
-        raise FileExistsError(f"{output} exists and is not empty; choose a new folder or delete it.")
+    output = new_folder(output)
     (x_train, _), (x_test, _) = load_fashion_mnist(*([source] if source else []))
     rng = np.random.default_rng(seed)
     counts = {}

@@ -66,6 +66,24 @@ def make_class_folders(root, classes=("cat", "dog", "fox"), per_class=(6, 3, 3),
     return root
 
 
+class Killed(BaseException):
+    """Stands for the process being killed: not an Exception, so nothing catches it."""
+
+
+def kill_at_batch(monkeypatch, batch_number):
+    """Makes training raise ``Killed`` at the end of its ``batch_number``-th batch (1-based, over all epochs)."""
+    import keras
+
+    batches = {"n": 0}
+
+    def on_train_batch_end(self, batch, logs=None):
+        batches["n"] += 1
+        if batches["n"] == batch_number:
+            raise Killed()
+
+    monkeypatch.setattr(keras.callbacks.CSVLogger, "on_train_batch_end", on_train_batch_end, raising=False)
+
+
 @pytest.fixture
 def tiny_imagenet(tmp_path):
     return make_tiny_imagenet(tmp_path / "raw")

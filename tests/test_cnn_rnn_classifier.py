@@ -10,7 +10,7 @@ from PIL import Image
 
 import cnn_rnn_classifier as crc
 from helpers import backbones, training
-from tests.conftest import SHARED, write_jpeg
+from tests.conftest import SHARED, Killed, kill_at_batch, write_jpeg
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(image_size=71, rnn_timesteps=71, rnn_units=8, weights=None)
@@ -214,21 +214,10 @@ def test_fine_tune_only_and_cnn_only(class_folders, tmp_path):
     assert keras.saving.load_model(out / "phase2_best.keras").name == "cnn_classifier"
 
 
-class Killed(BaseException):
-    """Stands for the process being killed: not an Exception, so nothing catches it."""
-
-
 def test_resume_after_interruption(class_folders, tmp_path, monkeypatch):
     out = tmp_path / "run"
     args = train_args(class_folders, out, "--epochs", "3", "--fine-tune-epochs", "0", "--steps-per-epoch", "2")
-    batches = {"n": 0}
-
-    def kill_in_second_epoch(self, batch, logs=None):
-        batches["n"] += 1
-        if batches["n"] == 3:  # first batch of epoch 2, after epoch 1 was backed up
-            raise Killed()
-
-    monkeypatch.setattr(keras.callbacks.CSVLogger, "on_train_batch_end", kill_in_second_epoch, raising=False)
+    kill_at_batch(monkeypatch, 3)  # first batch of epoch 2 (2 steps per epoch), after epoch 1 was backed up
     with pytest.raises(Killed):
         crc.main(args)
     assert training.read_history(out / "phase1_log.csv")["epoch"] == [0.0]

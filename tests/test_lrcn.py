@@ -10,7 +10,7 @@ import lrcn
 from helpers import extract_frames, sequences, training
 from helpers.data import DatasetError
 from helpers.layers import PAD_VALUE
-from tests.conftest import write_jpeg
+from tests.conftest import Killed, kill_at_batch, write_jpeg
 
 TINY = dict(image_size=32, dense_units=16, gru_units=8, weights=None)
 TINY_FLAGS = ["--weights", "none", "--image-size", "32", "--dense-units", "16", "--gru-units", "8",
@@ -263,22 +263,11 @@ def test_cli_bad_inputs(clips, tmp_path, caplog):
     assert "does not exist" in caplog.text
 
 
-class Killed(BaseException):
-    """Stands for the process being killed: not an Exception, so nothing catches it."""
-
-
 def test_resume_after_interruption(clips, tmp_path, monkeypatch):
     out = tmp_path / "run"
     args = ["--data-dir", str(clips), "--output-dir", str(out), "--frames", "3", *TINY_FLAGS,
             "--epochs", "2", "--fine-tune-epochs", "0", "--steps-per-epoch", "2"]
-    batches = {"n": 0}
-
-    def kill_in_second_epoch(self, batch, logs=None):
-        batches["n"] += 1
-        if batches["n"] == 3:
-            raise Killed()
-
-    monkeypatch.setattr(keras.callbacks.CSVLogger, "on_train_batch_end", kill_in_second_epoch, raising=False)
+    kill_at_batch(monkeypatch, 3)  # first batch of epoch 2 (2 steps per epoch)
     with pytest.raises(Killed):
         lrcn.main(args)
     monkeypatch.undo()
