@@ -36,6 +36,7 @@ import tensorflow as tf
 from helpers import cli, data, reports, training
 from helpers.backbones import pretrained_backbone
 from helpers.layers import Grayscale
+from helpers.recurrent import FusedLSTM
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +113,9 @@ def build_cnn_rnn_classifier(
         A functional ``keras.Model``. Input ``(batch, image_size, image_size, 3)``
         float32, Xception-preprocessed to [-1, 1]; output ``(batch, num_classes)``
         float32 softmax probabilities. The backbone is the nested layer ``"xception"``;
-        the RNN layers are ``"rnn_lstm_1"`` and ``"rnn_lstm_2"``.
+        the RNN layers are ``"rnn_lstm_1"`` and ``"rnn_lstm_2"``, ``helpers.recurrent.FusedLSTM``:
+        ``keras.layers.LSTM`` with the same weights and results, 3x faster to train on a
+        CPU (cuDNN on a GPU).
 
     Raises:
         ValueError: an argument is out of range (the message echoes it).
@@ -129,8 +132,8 @@ def build_cnn_rnn_classifier(
     if not cnn_only:
         gray = Grayscale(name="grayscale")(inputs)  # (batch, size, size, 1)
         steps = keras.layers.Reshape((rnn_timesteps, image_size * image_size // rnn_timesteps), name="timesteps")(gray)
-        sequence = keras.layers.LSTM(rnn_units, return_sequences=True, name="rnn_lstm_1")(steps)
-        rnn_features = keras.layers.LSTM(rnn_units, name="rnn_lstm_2")(sequence)  # (batch, rnn_units)
+        sequence = FusedLSTM(rnn_units, return_sequences=True, name="rnn_lstm_1")(steps)
+        rnn_features = FusedLSTM(rnn_units, name="rnn_lstm_2")(sequence)  # (batch, rnn_units)
         if rnn_units != XCEPTION_FEATURES:
             features = keras.layers.Dense(rnn_units, name="cnn_projection")(features)
         features = keras.layers.Multiply(name="merge")([features, rnn_features])

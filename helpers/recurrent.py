@@ -1,0 +1,122 @@
+"""An LSTM with a faster training path where cuDNN is not available (CPUs).
+
+``keras.layers.LSTM`` without cuDNN multiplies every timestep's input by the input
+kernel inside the time loop, and its automatic gradient accumulates both kernels'
+gradients one timestep at a time: at the classifier's seed configuration (batch 16,
+23 timesteps of 3887 values, 2048 units) that is 2 x 23 read-modify-writes of a
+64-127 MB gradient per layer per step. ``FusedLSTM`` computes the same function with:
+
+* the input projection of all timesteps as one matmul, ``(batch * timesteps, input)
+  @ (input, 4 * units)``, before the loop;
+* only ``h @ recurrent_kernel`` and the gates inside the loop;
+* a hand-written backward pass (``tf.custom_gradient``) that runs the loop backwards
+  for the gate gradients only, then forms the recurrent kernel's gradient as one
+  matmul ``h_prev^T @ d_gates`` over all timesteps (the input kernel's and the
+  bias's gradients follow from the hoisted projection by ordinary autodiff).
+
+Same weights, same configuration, same results as ``keras.layers.LSTM`` (tested to
+float32 rounding); it is a subclass, so a ``FusedLSTM`` checkpoint loads its weights
+into an ``LSTM`` and back. Where the fused path does not apply it defers to
+``keras.layers.LSTM`` unchanged: on a GPU (cuDNN is faster still), with a mask,
+with dropout or recurrent dropout while training, with activations other than
+tanh/sigmoid, ``go_backwards``, ``stateful`` or ``unroll``.
+Benchmark: ``benchmarks/throughput_benchmark.py``; the layer alone is measured in the
+README's performance section.
+"""
+
+import keras
+import tensorflow as tf
+
+from helpers.layers import PACKAGE
+
+
+def _lstm_recurrence(projected, h0, c0, recurrent_kernel):
+    """The LSTM time loop on inputs already multiplied by the input kernel (plus bias).
+
+    Args:
+        projected: ``(timesteps, batch, 4 * units)`` float, time-major,
+            ``x_t @ kernel + bias`` in Keras's gate order (input, forget, cell, output).
+        h0, c0: ``(batch, units)`` initial hidden and carry states.
+        recurrent_kernel: ``(units, 4 * units)``.
+
+    Returns:
+        ``(hidden, carry)``: ``(timesteps, batch, units)`` hidden states of every step
+        and the last carry ``(batch, units)``.
+    """
+
+    @tf.custom_gradient
+    def recurrence(projected, h0, c0, recurrent_kernel):
+        def step(state, z):
+            h, c, _ = state
+            i, f, g, o = tf.split(z + tf.matmul(h, recurrent_kernel), 4, axis=-1)
+            i, f, g, o = tf.sigmoid(i), tf.sigmoid(f), tf.tanh(g), tf.sigmoid(o)
+            c = f * c + i * g
+            return o * tf.tanh(c), c, (i, f, g, o)
+
+        no_gates = (tf.zeros_like(h0),) * 4
+        # tf.scan (a while loop): the graph, and its tracing time, stay small for long
+        # sequences. A Python-unrolled loop measured no faster at 23 timesteps.
+        hidden, carries, gates = tf.scan(step, projected, initializer=(h0, c0, no_gates))
+        carries_prev = tf.concat([c0[tf.newaxis], carries[:-1]], axis=0)
+
+        def backward(d_hidden, d_carry):
+            def step_back(state, inputs):
+                d_h, d_c, _ = state
+                d_h_out, (i, f, g, o), c, c_prev = inputs
+                tanh_c = tf.tanh(c)
+                d_h = d_h + d_h_out
+                d_c = d_c + d_h * o * (1.0 - tanh_c * tanh_c)
+                d_z = tf.concat([d_c * g * i * (1.0 - i), d_c * c_prev * f * (1.0 - f),
+                                 d_c * i * (1.0 - g * g), d_h * tanh_c * o * (1.0 - o)], axis=-1)
+                # d_z @ recurrent_kernel^T, computed as (recurrent_kernel @ d_z^T)^T: with a
+                # batch-sized d_z, oneDNN's transpose_b matmul measured 4x slower here (31 vs
+                # 7.6 ms at 16 x 8192 x 2048), and grappler folds an explicit transpose back.
+                d_h = tf.transpose(tf.matmul(recurrent_kernel, d_z, transpose_b=True))
+                return d_h, d_c * f, d_z
+
+            d_h, d_c, d_gates = tf.scan(step_back, (d_hidden, gates, carries, carries_prev), reverse=True,
+                                        initializer=(tf.zeros_like(h0), d_carry, tf.zeros_like(projected[0])))
+            h_prev = tf.concat([h0[tf.newaxis], hidden[:-1]], axis=0)
+            units = recurrent_kernel.shape[0]
+            d_recurrent = tf.matmul(tf.reshape(h_prev, (-1, units)), tf.reshape(d_gates, (-1, 4 * units)),
+                                    transpose_a=True)
+            return d_gates, d_h[0], d_c[0], d_recurrent
+
+        return (hidden, carries[-1]), backward
+
+    return recurrence(projected, h0, c0, recurrent_kernel)
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class FusedLSTM(keras.layers.LSTM):
+    """``keras.layers.LSTM`` with the input projection out of the time loop on CPUs.
+
+    Constructor arguments, weights, shapes and results are those of
+    ``keras.layers.LSTM`` (input ``(batch, timesteps, features)`` float; output
+    ``(batch, units)`` or ``(batch, timesteps, units)`` with ``return_sequences``).
+    See the module docstring for when the fused path is taken; elsewhere this is
+    exactly ``keras.layers.LSTM``.
+    """
+
+    def fused_path_applies(self, sequences, mask, training):
+        """True when this call can take the fused CPU path (see the module docstring)."""
+        cell = self.cell
+        return (keras.backend.backend() == "tensorflow"
+                and not (self.use_cudnn in ("auto", True) and tf.config.list_logical_devices("GPU"))
+                and mask is None
+                and not (training and (cell.dropout or cell.recurrent_dropout))
+                and cell.activation is keras.activations.tanh
+                and cell.recurrent_activation is keras.activations.sigmoid
+                and not (self.go_backwards or self.stateful or self.unroll))
+
+    def inner_loop(self, sequences, initial_state, mask, training=False):
+        if not self.fused_path_applies(sequences, mask, training):
+            return super().inner_loop(sequences, initial_state, mask=mask, training=training)
+        cell = self.cell
+        projected = keras.ops.matmul(sequences, cell.kernel)  # (batch, timesteps, 4 * units), one matmul
+        if cell.use_bias:
+            projected = projected + cell.bias
+        hidden, carry = _lstm_recurrence(tf.transpose(projected, (1, 0, 2)), initial_state[0], initial_state[1],
+                                         tf.cast(tf.convert_to_tensor(cell.recurrent_kernel), sequences.dtype))
+        outputs = tf.transpose(hidden, (1, 0, 2))
+        return hidden[-1], outputs, [hidden[-1], carry]
