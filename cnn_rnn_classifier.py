@@ -28,12 +28,13 @@ module (or ``helpers.layers``) has been imported.
 
 import logging
 import sys
+from pathlib import Path
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from helpers import cli, data, reports, training
+from helpers import cli, data, precision, reports, training
 from helpers.backbones import pretrained_backbone
 from helpers.layers import Grayscale
 from helpers.recurrent import FusedLSTM
@@ -43,7 +44,7 @@ logger = logging.getLogger(__name__)
 BACKBONE = "xception"
 XCEPTION_MIN_SIZE = 71
 XCEPTION_FEATURES = 2048
-MODEL_ARGUMENTS = ("image_size", "rnn_timesteps", "rnn_units", "cnn_only")
+MODEL_ARGUMENTS = ("image_size", "rnn_timesteps", "rnn_units", "cnn_only", "mixed_precision")
 
 
 class CustomImageDataGenerator(tf.keras.preprocessing.image.ImageDataGenerator):
@@ -86,7 +87,8 @@ def check_model_arguments(num_classes, image_size, rnn_timesteps, rnn_units):
 
 
 def build_cnn_rnn_classifier(
-    num_classes=100, image_size=299, rnn_timesteps=23, rnn_units=2048, weights="imagenet", cnn_only=False
+    num_classes=100, image_size=299, rnn_timesteps=23, rnn_units=2048, weights="imagenet", cnn_only=False,
+    mixed_precision="off", fused_lstm=True,
 ):
     """Builds the two-branch CNN + RNN classifier of the seed.
 
@@ -108,6 +110,11 @@ def build_cnn_rnn_classifier(
             ``"none"`` (random), or the path of a no-top Xception weights file.
         cnn_only: ablation: drop the RNN branch; the same softmax classifier reads
             the 2048 CNN features directly.
+        mixed_precision: ``"off"`` (float32), ``"bfloat16"``, ``"float16"`` or
+            ``"auto"`` (``helpers.precision.resolve``): the compute dtype of the
+            Xception backbone only; the LSTMs and the classifier stay float32.
+        fused_lstm: ``False`` builds plain ``keras.layers.LSTM`` layers (same weights and
+            results, slower on a CPU): the seed-faithful baseline of the benchmarks.
 
     Returns:
         A functional ``keras.Model``. Input ``(batch, image_size, image_size, 3)``
@@ -126,14 +133,16 @@ def build_cnn_rnn_classifier(
     check_model_arguments(num_classes, image_size, rnn_timesteps, rnn_units)
     inputs = keras.Input((image_size, image_size, 3), name="image")
     backbone = pretrained_backbone(
-        keras.applications.Xception, weights, input_shape=(image_size, image_size, 3), pooling="avg"
+        keras.applications.Xception, weights, precision.resolve(mixed_precision),
+        input_shape=(image_size, image_size, 3), pooling="avg",
     )
     features = backbone(inputs)  # (batch, 2048)
     if not cnn_only:
         gray = Grayscale(name="grayscale")(inputs)  # (batch, size, size, 1)
         steps = keras.layers.Reshape((rnn_timesteps, image_size * image_size // rnn_timesteps), name="timesteps")(gray)
-        sequence = FusedLSTM(rnn_units, return_sequences=True, name="rnn_lstm_1")(steps)
-        rnn_features = FusedLSTM(rnn_units, name="rnn_lstm_2")(sequence)  # (batch, rnn_units)
+        lstm = FusedLSTM if fused_lstm else keras.layers.LSTM
+        sequence = lstm(rnn_units, return_sequences=True, name="rnn_lstm_1")(steps)
+        rnn_features = lstm(rnn_units, name="rnn_lstm_2")(sequence)  # (batch, rnn_units)
         if rnn_units != XCEPTION_FEATURES:
             features = keras.layers.Dense(rnn_units, name="cnn_projection")(features)
         features = keras.layers.Multiply(name="merge")([features, rnn_features])
@@ -141,20 +150,78 @@ def build_cnn_rnn_classifier(
     return keras.Model(inputs, outputs, name="cnn_classifier" if cnn_only else "cnn_rnn_classifier")
 
 
-def _flow(split, image_size, batch_size, shuffle, seed=None):
-    """``CustomImageDataGenerator().flow_from_directory`` over a checked ``data.Split``."""
+def _flow(split, image_size, batch_size, shuffle, seed=None, workers=1):
+    """``CustomImageDataGenerator().flow_from_directory`` over a checked ``data.Split``.
+
+    ``workers`` threads build batches (``keras.utils.PyDataset.workers``)."""
     iterator = CustomImageDataGenerator().flow_from_directory(
         str(split.directory), target_size=(image_size, image_size), classes=split.class_names,
         class_mode="categorical", batch_size=batch_size, shuffle=shuffle, seed=seed, interpolation="bilinear",
     )
     if len(iterator.filepaths) != len(split):  # our listing mirrors Keras'; never expected
         raise data.DatasetError(f"{split.directory}: Keras found {len(iterator.filepaths)} images, we listed {len(split)}.")
+    iterator.workers = workers
     return iterator
 
 
-def _compile(model, optimizer):
+TF_DATA_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")  # what tf.io.decode_image reads of IMAGE_EXTENSIONS
+
+
+def image_dataset(split, image_size, batch_size, shuffle, seed=None, workers=tf.data.AUTOTUNE):
+    """The ``tf.data`` input path: parallel decoding, batching and prefetch.
+
+    The same images, labels and preprocessing as the generator path:
+    ``tf.io.decode_image`` (grayscale and CMYK JPEGs become RGB), bilinear resize with
+    antialiasing (as PIL's bilinear, which the generator path uses) to
+    ``image_size``, then Xception preprocessing. The file order is reshuffled every
+    epoch when ``shuffle``. Resized pixels differ from PIL's by rounding only.
+
+    Args:
+        split: a ``data.Split``.
+        image_size: output height and width in pixels.
+        batch_size: images per batch; the last batch may be smaller.
+        shuffle: reshuffle the files every epoch.
+        seed: shuffling seed.
+        workers: parallel decode calls (``num_parallel_calls``); default ``AUTOTUNE``.
+
+    Returns:
+        A ``tf.data.Dataset`` of ``(images, one_hot_labels)``: ``(batch, image_size,
+        image_size, 3)`` float32 in [-1, 1] and ``(batch, num_classes)`` float32.
+
+    Raises:
+        data.DatasetError: a file format ``tf.io.decode_image`` does not read (PPM,
+            TIFF), naming the first such files; ``--input generator`` reads them.
+    """
+    unreadable = [p for p in split.paths if Path(p).suffix.lower() not in TF_DATA_EXTENSIONS]
+    if unreadable:
+        raise data.DatasetError(f"{len(unreadable)} images in {split.directory} are in a format the tf.data "
+                                f"input path cannot decode (it reads {', '.join(TF_DATA_EXTENSIONS)}), e.g. "
+                                f"{', '.join(map(str, unreadable[:3]))}; use --input generator.")
+    num_classes = len(split.class_names)
+
+    def load(path, label):
+        image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+        image = tf.image.resize(image, (image_size, image_size), method="bilinear", antialias=True)
+        return keras.applications.xception.preprocess_input(image), tf.one_hot(label, num_classes)
+
+    dataset = tf.data.Dataset.from_tensor_slices(([str(p) for p in split.paths], list(split.labels)))
+    if shuffle:
+        dataset = dataset.shuffle(len(split), seed=seed, reshuffle_each_iteration=True)
+    dataset = dataset.map(load, num_parallel_calls=workers, deterministic=True)
+    return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def _input(split, args, batch_size, shuffle, seed=None):
+    """The input path ``--input`` chooses, with ``--workers``."""
+    if args.input == "tf.data":
+        return image_dataset(split, args.image_size, batch_size, shuffle, seed, args.workers)
+    return _flow(split, args.image_size, batch_size, shuffle, seed, args.workers)
+
+
+def _compile(model, optimizer, jit_compile=False):
     model.compile(
-        optimizer=optimizer,
+        optimizer=precision.loss_scaled(model, optimizer),
+        jit_compile=jit_compile,
         loss="categorical_crossentropy",
         metrics=["accuracy", keras.metrics.TopKCategoricalAccuracy(k=5, name="top5_accuracy")],
     )
@@ -192,11 +259,11 @@ def train(args):
 
     def build():
         return build_cnn_rnn_classifier(len(class_names), args.image_size, args.rnn_timesteps,
-                                        args.rnn_units, args.weights, args.cnn_only)
+                                        args.rnn_units, args.weights, args.cnn_only, args.mixed_precision)
 
     def make_data(batch_size):
-        return (_flow(splits["train"], args.image_size, batch_size, True, args.seed),
-                _flow(splits["val"], args.image_size, batch_size, False))
+        return (_input(splits["train"], args, batch_size, True, args.seed),
+                _input(splits["val"], args, batch_size, False))
 
     phases = [
         # Phase 1: Xception frozen (BatchNormalization in inference mode), RMSprop; best by val loss.
@@ -209,7 +276,8 @@ def train(args):
                        lambda model: training.set_backbone_trainable(model, BACKBONE, True, args.train_batchnorm),
                        "val_accuracy"),
     ]
-    best = training.train_phases(out, phases, build, _compile, make_data, args.steps_per_epoch)
+    best = training.train_phases(out, phases, build, lambda model, optimizer: _compile(model, optimizer, args.jit_compile),
+                                 make_data, args.steps_per_epoch)
 
     split = "test" if "test" in splits else "val"
     if split == "val":
@@ -217,19 +285,21 @@ def train(args):
                        "checkpoint, so the figure is optimistic (the seed's 96.14%% was measured "
                        "this way). helpers/restructure_dataset.py --holdout N makes a test/ split.",
                        args.data_dir)
-    metrics = evaluate_model(keras.saving.load_model(best), splits[split], args.batch_size)
+    metrics = evaluate_model(keras.saving.load_model(best), splits[split], args.batch_size, args.input, args.workers)
     reports.save_evaluation(out, metrics, best, [words.get(c, c) for c in class_names])
 
 
-def evaluate_model(model, split, batch_size):
-    """Scores ``model`` on every image of a ``data.Split`` (one pass, no shuffling).
+def evaluate_model(model, split, batch_size, input_path="generator", workers=2):
+    """Scores ``model`` on every image of a ``data.Split`` (one pass, no shuffling),
+    read by ``input_path`` (``"generator"`` or ``"tf.data"``) with ``workers`` threads.
 
     Returns:
         ``reports.classification_metrics`` plus ``split``: top-1, top-5, per-class
         accuracy and the confusion matrix.
     """
     size = model.input_shape[1]
-    probabilities = model.predict(_flow(split, size, batch_size, shuffle=False))
+    read = image_dataset if input_path == "tf.data" else _flow
+    probabilities = model.predict(read(split, size, batch_size, shuffle=False, workers=workers))
     metrics = {"split": split.name}
     metrics.update(reports.classification_metrics(probabilities, split.labels, split.class_names))
     return metrics
@@ -285,9 +355,13 @@ def _parse_args(argv):
     model.add_argument("--rnn-units", type=int, default=2048,
                        help="units of both LSTMs; other than 2048 adds a projection of the CNN features "
                        "(default: 2048)")
+    train_parser.add_argument("--input", choices=("generator", "tf.data"), default="generator",
+                              help="input path: the seed's CustomImageDataGenerator, or tf.data with parallel "
+                              "decoding and prefetch, for a GPU (default: generator)")
     model.add_argument("--cnn-only", action="store_true",
                        help="ablation: train the CNN branch alone, same classifier, no RNN branch (default: off)")
     cli.add_training_arguments(train_parser)
+    cli.add_performance_arguments(train_parser)
     cli.add_output_arguments(train_parser)
 
     cli.add_evaluate_arguments(evaluate_parser, batch_size=32)

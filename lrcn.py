@@ -26,8 +26,9 @@ from pathlib import Path
 
 import keras
 import numpy as np
+import tensorflow as tf
 
-from helpers import cli, data, reports, sequences, training
+from helpers import cli, data, precision, reports, sequences, training
 from helpers.backbones import pretrained_backbone
 from helpers.layers import FoldFrames, FrameMask, VGG16Preprocess
 
@@ -37,7 +38,7 @@ BACKBONE = "vgg16"
 VGG16_MIN_SIZE = 32
 VGG16_LAYERS = 19  # keras.applications.VGG16(include_top=False): input, 13 conv, 5 pooling
 MODEL_ARGUMENTS = ("image_size", "frames", "dense_units", "gru_units", "fine_tune_layers", "per_frame",
-                   "recurrent_dropout")
+                   "recurrent_dropout", "mixed_precision")
 
 
 def check_model_arguments(num_classes, frames, image_size, dense_units, gru_units, fine_tune_layers, recurrent_dropout):
@@ -58,7 +59,7 @@ def check_model_arguments(num_classes, frames, image_size, dense_units, gru_unit
 
 
 def build_lrcn(num_classes, frames=None, image_size=224, dense_units=2048, gru_units=1024, fine_tune_layers=5,
-               per_frame=False, weights="imagenet", recurrent_dropout=0.5):
+               per_frame=False, weights="imagenet", recurrent_dropout=0.5, mixed_precision="off"):
     """Builds the seed's LRCN.
 
     Args:
@@ -74,7 +75,11 @@ def build_lrcn(num_classes, frames=None, image_size=224, dense_units=2048, gru_u
         weights: VGG16 weights: ``"imagenet"``, ``None``/``"none"``, or a no-top weights file path.
         recurrent_dropout: the GRU's recurrent dropout (the seed's 0.5). Any value
             above 0 rules out the fused cuDNN GRU kernel on a GPU, which is several
-            times faster; 0 keeps the seed's input dropout and allows cuDNN.
+            times faster; 0 keeps the seed's input dropout and allows cuDNN (a warning
+            says so when a GPU is visible).
+        mixed_precision: ``"off"``, ``"bfloat16"``, ``"float16"`` or ``"auto"``
+            (``helpers.precision.resolve``): the compute dtype of VGG16 only; the
+            per-frame Dense, the GRU and the classifier stay float32.
 
     Returns:
         A functional ``keras.Model``. Input ``(batch, frames, image_size, image_size, 3)``
@@ -89,7 +94,8 @@ def build_lrcn(num_classes, frames=None, image_size=224, dense_units=2048, gru_u
     """
     check_model_arguments(num_classes, frames, image_size, dense_units, gru_units, fine_tune_layers, recurrent_dropout)
     frame = keras.Input((image_size, image_size, 3), name="frame")
-    backbone = pretrained_backbone(keras.applications.VGG16, weights, input_shape=(image_size, image_size, 3))
+    backbone = pretrained_backbone(keras.applications.VGG16, weights, precision.resolve(mixed_precision),
+                                   input_shape=(image_size, image_size, 3))
     x = backbone(VGG16Preprocess(name="vgg16_preprocess")(frame))
     x = keras.layers.Flatten(name="flatten")(x)
     x = keras.layers.Dense(dense_units, name="frame_dense")(x)
@@ -99,6 +105,9 @@ def build_lrcn(num_classes, frames=None, image_size=224, dense_units=2048, gru_u
     inputs = keras.Input((frames, image_size, image_size, 3), name="frames")
     mask = FrameMask(name="frame_mask")(inputs)  # (batch, frames): False on padding
     features = FoldFrames(frame_encoder, name="per_frame_cnn")(inputs)  # (batch, frames, dense_units)
+    if recurrent_dropout and tf.config.list_physical_devices("GPU"):
+        logger.warning("recurrent_dropout=%g rules out the fused cuDNN GRU kernel on this GPU (several "
+                       "times slower); --recurrent-dropout 0 allows it", recurrent_dropout)
     sequence = keras.layers.GRU(
         gru_units, kernel_initializer="orthogonal", bias_initializer="ones", dropout=0.5,
         recurrent_dropout=recurrent_dropout, return_sequences=per_frame, name="gru",
@@ -134,8 +143,6 @@ def _data(split, args, batch_size, shuffle):
 def train(args):
     """The ``train`` command: two phases, then evaluation (and on shuffled frames) and the report."""
     cli.check_training_arguments(args)
-    if args.workers < 1:
-        raise ValueError(f"--workers must be >= 1. Received: {args.workers}")
     splits = {"train": sequences.list_sequences(args.data_dir / "train")}
     names = splits["train"].class_names
     for name in ("val", "test"):
@@ -157,7 +164,8 @@ def train(args):
                           args.fine_tune_layers, args.per_frame, args.weights, args.recurrent_dropout)
 
     def compile_model(model, optimizer):
-        model.compile(optimizer=optimizer, loss="categorical_crossentropy", metrics=_metrics(len(names)))
+        model.compile(optimizer=precision.loss_scaled(model, optimizer), loss="categorical_crossentropy",
+                      metrics=_metrics(len(names)), jit_compile=args.jit_compile)
 
     phases = [
         training.Phase("phase1", "phase 1: VGG16 frozen", args.epochs, args.batch_size,
@@ -264,7 +272,6 @@ def _parse_args(argv):
     length.add_argument("--variable-length", action="store_true",
                         help="each sequence at its own length: batch size 1 as in the seed, or padded, "
                         "masked batches bucketed by length when the batch size is above 1")
-    train_parser.add_argument("--workers", type=int, default=2, help="threads reading frames (default: 2)")
     model = train_parser.add_argument_group("model")
     cli.add_weights_argument(model, "VGG16")
     model.add_argument("--image-size", type=int, default=224, help="frame size in pixels, >= 32 (default: 224)")
@@ -277,6 +284,7 @@ def _parse_args(argv):
     model.add_argument("--per-frame", action="store_true", help="a label per frame (default: one per sequence)")
     cli.add_training_arguments(train_parser, epochs=10, fine_tune_epochs=10, batch_size=8, fine_tune_batch_size=8,
                                learning_rate=0.01, fine_tune_learning_rate=0.001)
+    cli.add_performance_arguments(train_parser)
     cli.add_output_arguments(train_parser)
 
     cli.add_evaluate_arguments(evaluate_parser, batch_size=8)

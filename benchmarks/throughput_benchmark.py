@@ -15,16 +15,20 @@ Measured:
 
 1. The classifier at the seed configuration (299 px, 23 x 3887, LSTM 2048, batch 16),
    phase 1 (Xception frozen) and phase 2 (all trainable), images/s: our default path
-   (``cnn_rnn_classifier.CustomImageDataGenerator`` into ``fit``) and the seed-faithful
+   (what ``cnn_rnn_classifier.py`` does with default flags: ``CustomImageDataGenerator``
+   with 2 workers, ``FusedLSTM``, ``--mixed-precision auto``) and the seed-faithful
    baseline (a plain ``ImageDataGenerator`` subclass whose ``standardize()`` applies
-   Xception preprocessing, ``fit`` with Keras defaults, float32).
+   Xception preprocessing, ``keras.layers.LSTM``, ``fit`` with Keras defaults, float32).
 2. The same at the demo's configuration (71 px, 71 x 71, LSTM 256, batch 32 / 16).
-3. LRCN at 16 frames of 224 px, batch 4, clips/s.
-4. The input path alone (decode, resize, preprocess), images/s, with 1 and 2 threads.
+3. LRCN at 16 frames of 224 px, batch 4, clips/s (baseline: float32; default: ``--mixed-precision auto``).
+4. The input path alone (decode, resize, preprocess), images/s: the generator against
+   the tf.data path (``--input tf.data``), with 1 and 2 workers.
 5. FLOPs per image (Xception from TensorFlow's profiler; the LSTMs and Dense layers
    counted analytically, since the profiler counts a loop body once) and the achieved
    FLOP/s as a fraction of this machine's float32 and bfloat16 matmul peak, measured here.
 6. Peak resident memory of each training measurement.
+7. Where a seed-configuration step's time goes, per component (``child_components``);
+   ``benchmarks/profile_step.py`` gives the op-level view from TensorFlow's profiler.
 
 ``--quick`` skips the seed configuration and LRCN (minutes instead of a quarter hour).
 """
@@ -94,49 +98,113 @@ def child_classifier(config):
     import tensorflow as tf
 
     import cnn_rnn_classifier as crc
-    from helpers import training
+    from helpers import data, training
 
     size, batch = config["image_size"], config["batch"]
+    optimizer = keras.optimizers.RMSprop() if config["phase"] == 1 else keras.optimizers.Adam(1e-4)
     if config["path"] == "baseline":
         class SeedGenerator(tf.keras.preprocessing.image.ImageDataGenerator):
             def standardize(self, x):
                 return keras.applications.xception.preprocess_input(super().standardize(x))
 
-        generator = SeedGenerator()
-    else:
-        generator = crc.CustomImageDataGenerator()
-    flow = generator.flow_from_directory(config["data"], target_size=(size, size), batch_size=batch, seed=0)
-    model = crc.build_cnn_rnn_classifier(flow.num_classes, size, config["timesteps"], config["units"], weights=None)
-    training.set_backbone_trainable(model, "xception", config["phase"] == 2)
-    optimizer = keras.optimizers.RMSprop() if config["phase"] == 1 else keras.optimizers.Adam(1e-4)
-    model.compile(optimizer=optimizer, loss="categorical_crossentropy", metrics=["accuracy"])
+        flow = SeedGenerator().flow_from_directory(config["data"], target_size=(size, size), batch_size=batch, seed=0)
+        model = crc.build_cnn_rnn_classifier(flow.num_classes, size, config["timesteps"], config["units"],
+                                             weights=None, fused_lstm=False)
+        training.set_backbone_trainable(model, "xception", config["phase"] == 2)
+        model.compile(optimizer=optimizer, loss="categorical_crossentropy", metrics=["accuracy"])
+    else:  # what `python cnn_rnn_classifier.py` does with its default flags
+        split = data.list_split(Path(config["data"]), None, "train")
+        flow = crc._flow(split, size, batch, shuffle=True, seed=0, workers=2)
+        model = crc.build_cnn_rnn_classifier(flow.num_classes, size, config["timesteps"], config["units"],
+                                             weights=None, mixed_precision="auto")
+        training.set_backbone_trainable(model, "xception", config["phase"] == 2)
+        crc._compile(model, optimizer)
     return {"images_per_s": _fit_throughput(model, flow, config["steps"], batch)}
 
 
 def child_lrcn(config):
+    import keras
+
     import lrcn
-    from helpers import sequences, training
+    from helpers import precision, sequences, training
 
     split = sequences.list_sequences(config["data"])
     data = sequences.FrameSequences(split, 224, config["batch"], frames=16, shuffle=True, workers=2)
-    model = lrcn.build_lrcn(len(split.class_names), frames=16, weights=None)
+    mixed = "off" if config["path"] == "baseline" else "auto"
+    model = lrcn.build_lrcn(len(split.class_names), frames=16, weights=None, mixed_precision=mixed)
     training.set_backbone_trainable(model, "vgg16", False)
-    model.compile(optimizer=lrcn.sgd(0.01), loss="categorical_crossentropy", metrics=["accuracy"])
+    model.compile(optimizer=precision.loss_scaled(model, lrcn.sgd(0.01)), loss="categorical_crossentropy",
+                  metrics=["accuracy"])
     return {"clips_per_s": _fit_throughput(model, data, config["steps"], config["batch"])}
 
 
+def child_components(config):
+    """Where a seed-configuration step spends its time: seconds per batch of 16 for the
+    Xception backbone (forward; forward + backward) in float32 and mixed_bfloat16, and
+    the RNN branch (2 x LSTM(2048) on 23 x 3887, forward + backward) with
+    ``keras.layers.LSTM`` and ``FusedLSTM``. Median of 5 after 2 warm-up calls."""
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from helpers import precision
+    from helpers.recurrent import FusedLSTM
+
+    def seconds(function, x, repeats=5):
+        for _ in range(2):
+            tf.nest.map_structure(lambda t: t.numpy(), function(x))
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            tf.nest.map_structure(lambda t: t.numpy(), function(x))
+            times.append(time.perf_counter() - start)
+        return float(np.median(times))
+
+    def forward_backward(model):
+        @tf.function
+        def step(x):
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_sum(tf.cast(model(x, training=False), "float32") ** 2)
+            return tape.gradient(loss, model.trainable_weights)
+        return step
+
+    result = {}
+    images = tf.random.uniform((16, 299, 299, 3), -1, 1)
+    for policy in ("float32", "mixed_bfloat16"):
+        with precision.policy_scope(policy):
+            backbone = keras.applications.Xception(include_top=False, weights=None, input_shape=(299, 299, 3),
+                                                   pooling="avg")
+        result[f"backbone forward, {policy}"] = seconds(tf.function(lambda x: backbone(x, training=False)), images)
+        result[f"backbone forward+backward, {policy}"] = seconds(forward_backward(backbone), images, repeats=3)
+    steps = tf.random.uniform((16, 23, 3887), -1, 1)
+    for name, layer in (("keras.layers.LSTM", keras.layers.LSTM), ("FusedLSTM", FusedLSTM)):
+        inputs = keras.Input((23, 3887))
+        branch = keras.Model(inputs, layer(2048)(layer(2048, return_sequences=True)(inputs)))
+        result[f"RNN branch forward+backward, {name}"] = seconds(forward_backward(branch), steps)
+    return result
+
+
 def child_input(config):
-    """Input path alone: decode, resize to 299, Xception preprocessing; batches of 16 in N threads."""
+    """Input path alone: decode, resize to 299, Xception preprocessing; batches of 16,
+    two epochs, with N workers: the generator's batches in N threads (what
+    ``PyDataset(workers=N)`` does), or the tf.data path with ``num_parallel_calls=N``."""
     from concurrent.futures import ThreadPoolExecutor
 
     import cnn_rnn_classifier as crc
+    from helpers import data
 
-    flow = crc.CustomImageDataGenerator().flow_from_directory(config["data"], target_size=(299, 299), batch_size=16)
-    batches = list(range(len(flow))) * 2
-    flow[0]
-    start = time.perf_counter()
-    with ThreadPoolExecutor(config["threads"]) as pool:
-        images = sum(len(x) for x, _ in pool.map(flow.__getitem__, batches))
+    split = data.list_split(Path(config["data"]), None, "train")
+    if config["path"] == "generator":
+        flow = crc._flow(split, 299, 16, shuffle=True, seed=0)
+        flow[0]
+        start = time.perf_counter()
+        with ThreadPoolExecutor(config["threads"]) as pool:
+            images = sum(len(x) for x, _ in pool.map(flow.__getitem__, list(range(len(flow))) * 2))
+    else:
+        dataset = crc.image_dataset(split, 299, 16, shuffle=True, seed=0, workers=config["threads"])
+        next(iter(dataset))
+        start = time.perf_counter()
+        images = sum(len(x) for x, _ in dataset.repeat(2))
     return {"images_per_s": images / (time.perf_counter() - start)}
 
 
@@ -182,7 +250,7 @@ def child_peak(config):
 
 
 CHILDREN = {"classifier": child_classifier, "lrcn": child_lrcn, "input": child_input, "flops": child_flops,
-            "peak": child_peak}
+            "peak": child_peak, "components": child_components}
 
 
 def run_child(kind, config):
@@ -239,26 +307,35 @@ def main(argv=None):
         print(json.dumps({"measurement": "matmul peak (2048x2048)",
                           "float32_gflop_per_s": round(peaks["float32_matmul_peak"] / 1e9, 1),
                           "bfloat16_gflop_per_s": round(peaks["bfloat16_matmul_peak"] / 1e9, 1)}), flush=True)
-        for threads in (1, 2):
-            result = run_child("input", {"data": str(scratch / "images"), "threads": threads})
-            row = {"measurement": f"input path, generator, {threads} thread(s)",
-                   "images_per_s": round(result["images_per_s"], 1)}
-            print(json.dumps(row), flush=True)
-            rows.append(row)
+        for path in ("generator", "tf.data"):
+            for threads in (1, 2):
+                result = run_child("input", {"data": str(scratch / "images"), "threads": threads, "path": path})
+                row = {"measurement": f"input path, {path}, {threads} worker(s)",
+                       "images_per_s": round(result["images_per_s"], 1)}
+                print(json.dumps(row), flush=True)
+                rows.append(row)
         if not args.quick:
             write_clips(scratch / "clips")
-            result = run_child("lrcn", {"data": str(scratch / "clips"), "batch": 4, "steps": args.steps})
-            row = {"measurement": "LRCN phase 1, 16 frames x 224 px", "batch": 4,
-                   "clips_per_s": round(result["clips_per_s"], 3), "peak_rss_mib": round(result["peak_rss_mib"])}
-            print(json.dumps(row), flush=True)
-            rows.append(row)
+            for path in ("baseline", "default"):
+                result = run_child("lrcn", {"data": str(scratch / "clips"), "batch": 4, "steps": args.steps,
+                                            "path": path})
+                row = {"measurement": f"LRCN phase 1, 16 frames x 224 px ({path})", "batch": 4,
+                       "clips_per_s": round(result["clips_per_s"], 3), "peak_rss_mib": round(result["peak_rss_mib"])}
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+            for name, value in run_child("components", {}).items():
+                if name != "peak_rss_mib":
+                    row = {"measurement": f"seed step, {name}", "seconds_per_batch_of_16": round(value, 3)}
+                    print(json.dumps(row), flush=True)
+                    rows.append(row)
 
     machine = f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}"
     table = [f"Machine: {machine}. Matmul peak (2048x2048, best of 5): float32 "
              f"{peaks['float32_matmul_peak'] / 1e9:.0f} GFLOP/s, bfloat16 {peaks['bfloat16_matmul_peak'] / 1e9:.0f} GFLOP/s.", "", "| measurement | throughput | GFLOP/image | of fp32 peak | peak RSS |",
              "| --- | --- | --- | --- | --- |"]
     for row in rows:
-        speed = f"{row['images_per_s']} images/s" if "images_per_s" in row else f"{row['clips_per_s']} clips/s"
+        speed = (f"{row['images_per_s']} images/s" if "images_per_s" in row else f"{row['clips_per_s']} clips/s"
+                 if "clips_per_s" in row else f"{row['seconds_per_batch_of_16']} s per batch of 16")
         table.append(f"| {row['measurement']} | {speed} | {row.get('train_gflop_per_image', '')} | "
                      f"{row.get('fraction_of_float32_peak', '')} | {row.get('peak_rss_mib', '')} |")
     print("\n".join(table))

@@ -9,6 +9,8 @@ other string is the path of a local no-top weights file.
 import logging
 from pathlib import Path
 
+from helpers import precision
+
 
 logger = logging.getLogger(__name__)
 
@@ -36,12 +38,15 @@ def resolve_weights(weights):
     return str(path)
 
 
-def pretrained_backbone(application, weights, **kwargs):
+def pretrained_backbone(application, weights, dtype_policy="float32", **kwargs):
     """Builds ``application(include_top=False, weights=..., **kwargs)`` with clear errors.
 
     Args:
         application: a ``keras.applications`` constructor, e.g. ``keras.applications.Xception``.
         weights: ``"imagenet"``, ``None``/``"none"``, or a path to a no-top weights file.
+        dtype_policy: the Keras dtype policy of every backbone layer (``"float32"``,
+            ``"mixed_bfloat16"``, ``"mixed_float16"``; see ``helpers.precision``). The
+            weights stay float32 either way; a mixed backbone outputs its compute dtype.
         **kwargs: passed on (``input_shape``, ``pooling``, ...).
 
     Returns:
@@ -56,7 +61,8 @@ def pretrained_backbone(application, weights, **kwargs):
     weights = resolve_weights(weights)
     name = application.__name__
     try:
-        return application(include_top=False, weights=weights, **kwargs)
+        with precision.policy_scope(dtype_policy):
+            return application(include_top=False, weights=weights, **kwargs)
     except Exception as error:  # Keras raises a bare Exception for a failed download
         if weights is None:
             raise

@@ -328,3 +328,37 @@ def test_flag_errors(class_folders, tmp_path, caplog):
     assert "both 0" in _error_of(train_args(class_folders, tmp_path / "o", "--epochs", "0", "--fine-tune-epochs", "0"), caplog)
     assert "--batch-size must be >= 1. Received: 0" in _error_of(train_args(class_folders, tmp_path / "o", "--batch-size", "0"), caplog)
     assert "does not exist" in _error_of(["evaluate", "--model", str(tmp_path / "m.keras"), "--data-dir", str(class_folders)], caplog)
+
+
+# ---------------------------------------------------------------- tf.data input path
+
+def test_tf_data_path_matches_generator(class_folders):
+    from helpers import data
+
+    split = data.list_split(class_folders / "train", None, "train")
+    generated = crc._flow(split, 71, 18, shuffle=False)[0]
+    images, labels = next(iter(crc.image_dataset(split, 71, 18, shuffle=False, workers=2)))
+    assert images.shape == (18, 71, 71, 3) and images.dtype == "float32"
+    np.testing.assert_array_equal(labels, generated[1])
+    # Decoder and resize rounding only: at most 5/255 on one pixel, 1/255 on average.
+    np.testing.assert_allclose(images, generated[0], atol=0.04)
+    assert float(np.mean(np.abs(images - generated[0]))) < 0.008
+    shuffled = [np.argmax(y, 1) for _, y in crc.image_dataset(split, 71, 18, shuffle=True, seed=0)]
+    assert sorted(shuffled[0]) == sorted(split.labels) and list(shuffled[0]) != list(split.labels)
+
+
+def test_tf_data_path_names_formats_it_cannot_read(class_folders):
+    from helpers import data
+
+    Image.new("RGB", (16, 16)).save(class_folders / "train" / "cat" / "extra.ppm")
+    split = data.list_split(class_folders / "train", None, "train")
+    with pytest.raises(data.DatasetError, match=r"extra\.ppm.*--input generator"):
+        crc.image_dataset(split, 71, 4, shuffle=False)
+
+
+def test_train_with_tf_data_input(class_folders, tmp_path):
+    out = tmp_path / "run"
+    assert crc.main(train_args(class_folders, out, "--epochs", "1", "--fine-tune-epochs", "0", "--input", "tf.data",
+                               "--workers", "1", "--mixed-precision", "off")) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["split"] == "test" and metrics["num_images"] == 9
