@@ -243,6 +243,7 @@ def train(args):
         NaNLossError: reported by ``main`` as one line.
     """
     cli.check_training_arguments(args)
+    strategy = cli.training_strategy(args)
     splits = data.load_splits(args.data_dir, check=False)
     class_names = splits["train"].class_names
     check_model_arguments(len(class_names), args.image_size, args.rnn_timesteps, args.rnn_units)
@@ -277,7 +278,7 @@ def train(args):
                        "val_accuracy"),
     ]
     best = training.train_phases(out, phases, build, lambda model, optimizer: _compile(model, optimizer, args.jit_compile),
-                                 make_data, args.steps_per_epoch)
+                                 make_data, args.steps_per_epoch, strategy)
 
     split = "test" if "test" in splits else "val"
     if split == "val":

@@ -143,6 +143,7 @@ def _data(split, args, batch_size, shuffle):
 def train(args):
     """The ``train`` command: two phases, then evaluation (and on shuffled frames) and the report."""
     cli.check_training_arguments(args)
+    strategy = cli.training_strategy(args)
     splits = {"train": sequences.list_sequences(args.data_dir / "train")}
     names = splits["train"].class_names
     for name in ("val", "test"):
@@ -179,7 +180,7 @@ def train(args):
     best = training.train_phases(
         out, phases, build, compile_model,
         lambda batch_size: (_data(splits["train"], args, batch_size, True), _data(splits["val"], args, batch_size, False)),
-        args.steps_per_epoch,
+        args.steps_per_epoch, strategy,
     )
     split = splits.get("test", splits["val"])
     if "test" not in splits:

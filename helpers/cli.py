@@ -10,7 +10,7 @@ import logging
 import sys
 from pathlib import Path
 
-from helpers import precision
+from helpers import distribute, precision
 
 logger = logging.getLogger(__name__)
 
@@ -75,8 +75,13 @@ def add_performance_arguments(parser):
                        "capability >= 8, float16 on 7.x, else off (default: auto)")
     group.add_argument("--workers", type=int, default=2,
                        help="threads decoding input (tf.data: parallel calls) (default: 2)")
+    group.add_argument("--distribute", choices=distribute.CHOICES, default="none",
+                       help="mirrored: tf.distribute.MirroredStrategy over all local GPUs (or --devices); "
+                       "the batch sizes are then global batches (default: none)")
+    group.add_argument("--devices", nargs="+", default=None,
+                       help="devices for --distribute mirrored, e.g. /gpu:0 /gpu:1 (default: all GPUs)")
     group.add_argument("--jit-compile", action="store_true",
-                       help="compile the train step with XLA; measured 5x slower on a 2-core CPU, try it "
+                       help="compile the train step with XLA; reported 5x slower on a 2-core CPU, try it "
                        "on a GPU (default: off)")
     return group
 
@@ -101,6 +106,18 @@ def check_training_arguments(args):
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1. Received: {value}")
     if args.epochs == 0 and args.fine_tune_epochs == 0:
         raise ValueError("--epochs and --fine-tune-epochs are both 0: there is nothing to train.")
+
+
+def training_strategy(args):
+    """The ``tf.distribute`` strategy of ``--distribute``/``--devices`` (``None`` for none),
+    after checking that both global batch sizes split evenly over its replicas.
+
+    Raises:
+        ValueError: a bad flag combination or a batch size not divisible by the replicas.
+    """
+    strategy = distribute.make_strategy(args.distribute, args.devices)
+    distribute.check_global_batch(strategy, batch_size=args.batch_size, fine_tune_batch_size=args.fine_tune_batch_size)
+    return strategy
 
 
 def check_resumable(args, model_arguments):

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import keras
 
-from helpers import reports
+from helpers import distribute, reports
 
 logger = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ class Phase:
     monitor: str
 
 
-def train_phases(output_dir, phases, build_model, compile_model, make_data, steps_per_epoch=None):
+def train_phases(output_dir, phases, build_model, compile_model, make_data, steps_per_epoch=None, strategy=None):
     """Runs the phases in order, each from the previous phase's best checkpoint.
 
     The first phase that runs starts from ``build_model()``. Each writes the files of
@@ -144,6 +144,8 @@ def train_phases(output_dir, phases, build_model, compile_model, make_data, step
         compile_model: ``compile_model(model, optimizer)``.
         make_data: ``make_data(batch_size) -> (train_data, val_data)``.
         steps_per_epoch: batches per epoch (default: all).
+        strategy: a ``tf.distribute`` strategy (``helpers.distribute``): the model is
+            built or loaded, compiled and fitted inside its scope. Default: none.
 
     Returns:
         The path of the last phase's best checkpoint.
@@ -151,14 +153,15 @@ def train_phases(output_dir, phases, build_model, compile_model, make_data, step
     output_dir, previous = Path(output_dir), None
     for phase in phases:
         if phase.epochs and not phase_complete(output_dir, phase.name):
-            model = keras.saving.load_model(previous) if previous else build_model()
-            phase.configure(model)
-            compile_model(model, phase.optimizer())
-            if previous is None:
-                model.summary(print_fn=logger.info, line_length=110)
-            train_data, val_data = make_data(phase.batch_size)
-            run_phase(model, phase.name, train_data, val_data, phase.epochs, output_dir,
-                      monitor=phase.monitor, steps_per_epoch=steps_per_epoch)
+            with distribute.scope(strategy):
+                model = keras.saving.load_model(previous) if previous else build_model()
+                phase.configure(model)
+                compile_model(model, phase.optimizer())
+                if previous is None:
+                    model.summary(print_fn=logger.info, line_length=110)
+                train_data, val_data = make_data(phase.batch_size)
+                run_phase(model, phase.name, train_data, val_data, phase.epochs, output_dir,
+                          monitor=phase.monitor, steps_per_epoch=steps_per_epoch)
         if phase.epochs:
             previous = output_dir / f"{phase.name}_best.keras"
         history = read_history(output_dir / f"{phase.name}_log.csv")

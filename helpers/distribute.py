@@ -1,0 +1,81 @@
+"""Data-parallel training through ``tf.distribute``.
+
+``--distribute mirrored`` trains with ``tf.distribute.MirroredStrategy`` over all
+local GPUs (or the devices given with ``--devices``): one process, one model replica
+per device, gradients all-reduced every step, through ``model.fit`` (checkpoints,
+logs, progress bar and ``BackupAndRestore`` as without it). ``--batch-size`` and
+``--fine-tune-batch-size`` are global batches, split evenly over the replicas; they
+must be divisible by the number of replicas.
+
+Scaling the learning rate: with N replicas and the global batch N times the
+single-device batch, the usual starting point is N times the learning rate (the
+linear scaling rule, Goyal et al. 2017), with a few epochs of warm-up when N is
+large; keeping the global batch and the learning rate unchanged gives the
+single-device result (tested).
+"""
+
+import contextlib
+import logging
+
+import tensorflow as tf
+
+logger = logging.getLogger(__name__)
+
+CHOICES = ("none", "mirrored")
+
+
+def make_strategy(choice, devices=None):
+    """The ``tf.distribute`` strategy for ``--distribute``, or ``None`` for ``none``.
+
+    Args:
+        choice: one of ``CHOICES``.
+        devices: device names for ``mirrored`` (e.g. ``["/gpu:0", "/gpu:1"]``);
+            default: all local GPUs, else the CPU.
+
+    Raises:
+        ValueError: an unknown choice, ``devices`` without ``mirrored``, or a device
+            that does not exist (the visible devices are listed).
+    """
+    if choice not in CHOICES:
+        raise ValueError(f"--distribute must be one of {', '.join(CHOICES)}. Received: {choice!r}")
+    if devices and choice != "mirrored":
+        raise ValueError("--devices needs --distribute mirrored.")
+    if choice == "none":
+        return None
+    if devices:
+        visible = [device.name for device in tf.config.list_logical_devices()]
+        wanted = [_canonical(name) for name in devices]
+        unknown = [name for name, canonical in zip(devices, wanted) if canonical not in visible]
+        if unknown:
+            raise ValueError(f"--devices {' '.join(unknown)}: no such device; visible: {' '.join(visible)}")
+        devices = wanted
+    strategy = tf.distribute.MirroredStrategy(devices or None)
+    logger.info("MirroredStrategy over %d replica(s): %s", strategy.num_replicas_in_sync,
+                ", ".join(strategy.extended.worker_devices))
+    return strategy
+
+
+def _canonical(name):
+    """``"gpu:1"``, ``"/GPU:1"`` or ``"/device:GPU:1"`` -> ``"/device:GPU:1"``; ``ValueError`` if unparsable."""
+    try:
+        spec = tf.DeviceSpec.from_string(name if name.startswith("/") else f"/{name}")
+    except ValueError as error:
+        raise ValueError(f"--devices {name}: not a device name like /gpu:0 ({error})") from None
+    return f"/device:{(spec.device_type or '').upper()}:{spec.device_index or 0}"
+
+
+def check_global_batch(strategy, **batch_sizes):
+    """Raises ``ValueError`` naming a global batch flag not divisible by the replicas.
+
+    ``batch_sizes`` maps flag names (``batch_size=32``) to their values.
+    """
+    replicas = strategy.num_replicas_in_sync if strategy else 1
+    for flag, value in batch_sizes.items():
+        if value % replicas:
+            raise ValueError(f"--{flag.replace('_', '-')} {value} is the global batch and must be divisible by "
+                             f"the {replicas} replicas (e.g. {value - value % replicas or replicas}).")
+
+
+def scope(strategy):
+    """``strategy.scope()``, or a no-op context without a strategy."""
+    return strategy.scope() if strategy else contextlib.nullcontext()
