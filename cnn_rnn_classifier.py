@@ -167,7 +167,7 @@ def _flow(split, image_size, batch_size, shuffle, seed=None, workers=1):
 TF_DATA_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")  # what tf.io.decode_image reads of IMAGE_EXTENSIONS
 
 
-def image_dataset(split, image_size, batch_size, shuffle, seed=None, workers=tf.data.AUTOTUNE):
+def image_dataset(split, image_size, batch_size, shuffle, seed=None, workers=tf.data.AUTOTUNE, drop_remainder=False):
     """The ``tf.data`` input path: parallel decoding, batching and prefetch.
 
     The same images, labels and preprocessing as the generator path:
@@ -183,6 +183,7 @@ def image_dataset(split, image_size, batch_size, shuffle, seed=None, workers=tf.
         shuffle: reshuffle the files every epoch.
         seed: shuffling seed.
         workers: parallel decode calls (``num_parallel_calls``); default ``AUTOTUNE``.
+        drop_remainder: leave out the last, partial batch (for several replicas).
 
     Returns:
         A ``tf.data.Dataset`` of ``(images, one_hot_labels)``: ``(batch, image_size,
@@ -208,13 +209,16 @@ def image_dataset(split, image_size, batch_size, shuffle, seed=None, workers=tf.
     if shuffle:
         dataset = dataset.shuffle(len(split), seed=seed, reshuffle_each_iteration=True)
     dataset = dataset.map(load, num_parallel_calls=workers, deterministic=True)
-    return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    return dataset.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)
 
 
-def _input(split, args, batch_size, shuffle, seed=None):
-    """The input path ``--input`` chooses, with ``--workers``."""
+def _input(split, args, batch_size, shuffle, seed=None, replicas=1):
+    """The input path ``--input`` chooses, with ``--workers``; with several replicas the
+    tf.data path drops a partial last batch (``training.replica_safe_steps`` does it for
+    the generator)."""
     if args.input == "tf.data":
-        return image_dataset(split, args.image_size, batch_size, shuffle, seed, args.workers)
+        return image_dataset(split, args.image_size, batch_size, shuffle, seed, args.workers,
+                             drop_remainder=replicas > 1)
     return _flow(split, args.image_size, batch_size, shuffle, seed, args.workers)
 
 
@@ -263,8 +267,9 @@ def train(args):
                                         args.rnn_units, args.weights, args.cnn_only, args.mixed_precision)
 
     def make_data(batch_size):
-        return (_input(splits["train"], args, batch_size, True, args.seed),
-                _input(splits["val"], args, batch_size, False))
+        replicas = strategy.num_replicas_in_sync if strategy else 1
+        return (_input(splits["train"], args, batch_size, True, args.seed, replicas),
+                _input(splits["val"], args, batch_size, False, replicas=replicas))
 
     phases = [
         # Phase 1: Xception frozen (BatchNormalization in inference mode), RMSprop; best by val loss.

@@ -26,7 +26,6 @@ from pathlib import Path
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 from helpers import cli, data, precision, reports, sequences, training
 from helpers.backbones import pretrained_backbone
@@ -105,7 +104,7 @@ def build_lrcn(num_classes, frames=None, image_size=224, dense_units=2048, gru_u
     inputs = keras.Input((frames, image_size, image_size, 3), name="frames")
     mask = FrameMask(name="frame_mask")(inputs)  # (batch, frames): False on padding
     features = FoldFrames(frame_encoder, name="per_frame_cnn")(inputs)  # (batch, frames, dense_units)
-    if recurrent_dropout and tf.config.list_physical_devices("GPU"):
+    if recurrent_dropout and precision.gpu_compute_capability() is not None:
         logger.warning("recurrent_dropout=%g rules out the fused cuDNN GRU kernel on this GPU (several "
                        "times slower); --recurrent-dropout 0 allows it", recurrent_dropout)
     sequence = keras.layers.GRU(

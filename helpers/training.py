@@ -160,14 +160,45 @@ def train_phases(output_dir, phases, build_model, compile_model, make_data, step
                 if previous is None:
                     model.summary(print_fn=logger.info, line_length=110)
                 train_data, val_data = make_data(phase.batch_size)
+                replicas = strategy.num_replicas_in_sync if strategy else 1
+                train_steps = replica_safe_steps(train_data, replicas, "training")
+                if train_steps is not None and steps_per_epoch is not None:
+                    train_steps = min(train_steps, steps_per_epoch)
                 run_phase(model, phase.name, train_data, val_data, phase.epochs, output_dir,
-                          monitor=phase.monitor, steps_per_epoch=steps_per_epoch)
+                          monitor=phase.monitor, steps_per_epoch=train_steps or steps_per_epoch,
+                          validation_steps=replica_safe_steps(val_data, replicas, "validation"))
         if phase.epochs:
             previous = output_dir / f"{phase.name}_best.keras"
         history = read_history(output_dir / f"{phase.name}_log.csv")
         if history:
             reports.plot_history(history, output_dir / f"{phase.name}_curves.png", phase.title)
     return previous
+
+
+def replica_safe_steps(data, replicas, what):
+    """Batches of a ``PyDataset`` to use so that no replica receives an empty batch.
+
+    A last, partial batch smaller than the number of replicas would leave a replica
+    without examples (TensorFlow 2.21's oneDNN convolution then fails on the empty
+    batch); such a batch is left out of each epoch (reshuffled data rotates it).
+
+    Returns:
+        ``None`` (use every batch: one replica, not a ``PyDataset``, or the last batch
+        is big enough), else the number of batches to use.
+
+    Raises:
+        ValueError: the data is smaller than one global batch.
+    """
+    if replicas <= 1 or not (hasattr(data, "__len__") and hasattr(data, "__getitem__")):
+        return None
+    batches = len(data)
+    last = len(keras.tree.flatten(data[batches - 1])[0])
+    if last >= replicas:
+        return None
+    if batches == 1:
+        raise ValueError(f"the {what} data holds {last} examples, fewer than the {replicas} replicas; "
+                         "add data or use fewer devices")
+    return batches - 1
 
 
 def read_history(csv_path):
@@ -228,6 +259,7 @@ def run_phase(
     monitor="val_loss",
     steps_per_epoch=None,
     callbacks=(),
+    validation_steps=None,
 ):
     """Fits one training phase with checkpoints, logs and resume.
 
@@ -245,6 +277,7 @@ def run_phase(
         monitor: ``"val_loss"`` (lower is better) or a ``val_`` accuracy (higher).
         steps_per_epoch: batches per epoch (default: the whole training set).
         callbacks: extra Keras callbacks.
+        validation_steps: validation batches per epoch (default: all).
 
     Returns:
         The path of the best checkpoint, or ``None`` when the phase did not run
@@ -290,6 +323,7 @@ def run_phase(
         validation_data=val_data,
         epochs=epochs,
         steps_per_epoch=steps_per_epoch,
+        validation_steps=validation_steps,
         callbacks=all_callbacks,
         verbose=progress_verbosity(),
     )

@@ -6,6 +6,7 @@ import textwrap
 import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from helpers import distribute
@@ -25,6 +26,17 @@ def test_flag_errors():
     distribute.check_global_batch(two, batch_size=32, fine_tune_batch_size=16)
     with pytest.raises(ValueError, match=r"--fine-tune-batch-size 5 is the global batch .* 2 replicas \(e.g. 4\)"):
         distribute.check_global_batch(two, batch_size=32, fine_tune_batch_size=5)
+
+
+def test_partial_last_batch_never_leaves_a_replica_empty():
+    from helpers.training import replica_safe_steps
+
+    batches = lambda *sizes: [(np.zeros((n, 2)), np.zeros(n)) for n in sizes]  # noqa: E731
+    assert replica_safe_steps(batches(4, 4, 1), 1, "training") is None  # one replica: all batches
+    assert replica_safe_steps(batches(4, 4, 2), 2, "training") is None  # 1 example per replica
+    assert replica_safe_steps(batches(4, 4, 1), 2, "training") == 2  # the last would leave one empty
+    with pytest.raises(ValueError, match="validation data holds 1 examples, fewer than the 2 replicas"):
+        replica_safe_steps(batches(1), 2, "validation")
 
 
 def run_with_two_cpus(code, timeout=600):
@@ -85,7 +97,7 @@ def test_mirrored_training_from_the_command_line(tmp_path):
     data = make_class_folders(tmp_path / "data")
     out = tmp_path / "run"
     flags = ["--data-dir", str(data), "--output-dir", str(out), "--weights", "none", "--image-size", "71",
-             "--rnn-timesteps", "71", "--rnn-units", "8", "--epochs", "1", "--fine-tune-epochs", "1",
+             "--rnn-timesteps", "71", "--rnn-units", "8", "--epochs", "1", "--fine-tune-epochs", "0",
              "--distribute", "mirrored", "--devices", "/cpu:0", "/cpu:1", "--mixed-precision", "off"]
     code = f"""
         import cnn_rnn_classifier as crc
@@ -95,4 +107,5 @@ def test_mirrored_training_from_the_command_line(tmp_path):
     """
     assert run_with_two_cpus(code) == "0"
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["num_images"] == 9 and (out / "phase2_best.keras").is_file()
+    assert metrics["num_images"] == 9 and (out / "phase1_best.keras").is_file()
+    assert (out / "phase1_done.json").is_file() and len((out / "phase1_log.csv").read_text().splitlines()) == 2

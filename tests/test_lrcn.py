@@ -275,3 +275,14 @@ def test_resume_after_interruption(clips, tmp_path, monkeypatch):
     done = json.loads((out / "phase1_done.json").read_text())
     assert done["first_epoch"] == 1 and done["epochs_run"] == 1
     assert training.read_history(out / "phase1_log.csv")["epoch"] == [0.0, 1.0]
+
+
+def test_warns_when_recurrent_dropout_rules_out_cudnn(monkeypatch, caplog):
+    from helpers import precision
+
+    monkeypatch.setattr(precision, "gpu_compute_capability", lambda: (8, 0))
+    lrcn.build_lrcn(3, 2, 32, 8, 4, weights=None, recurrent_dropout=0.5)
+    assert "--recurrent-dropout 0 allows it" in caplog.text
+    caplog.clear()
+    lrcn.build_lrcn(3, 2, 32, 8, 4, weights=None, recurrent_dropout=0.0)
+    assert "cuDNN" not in caplog.text

@@ -82,3 +82,13 @@ def test_weights_interchange_with_keras_lstm_and_safe_mode_load(tmp_path):
     x = RNG.normal(0, 1, (2, 5, 7)).astype("float32")
     for want, have in zip(reference(x), fused(x)):
         np.testing.assert_allclose(have, want, rtol=1e-5, atol=1e-6)
+
+
+def test_defers_to_cudnn_when_a_gpu_is_visible(monkeypatch):
+    layer = FusedLSTM(4)
+    x = tf.zeros((2, 3, 5))
+    assert layer.fused_path_applies(x, None, training=True)
+    monkeypatch.setattr(tf.config, "list_logical_devices",
+                        lambda kind=None: [tf.config.LogicalDevice("/device:GPU:0", "GPU")] if kind == "GPU" else [])
+    assert not layer.fused_path_applies(x, None, training=True)  # keras.layers.LSTM's own path: cuDNN
+    assert FusedLSTM(4, use_cudnn=False).fused_path_applies(x, None, training=True)
