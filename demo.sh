@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The main job end to end on real photos, on a CPU, in about 10 minutes on 2 cores:
+# The main job end to end on real photos, on a CPU, in about 7 minutes on 2 cores:
 # Fashion-MNIST written in Tiny ImageNet's raw layout -> helpers/restructure_dataset.py
 # (with a labelled 50-per-class holdout) -> both training phases -> evaluation on the holdout.
 #

@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 import keras
+import tensorflow as tf
 
 from helpers import distribute, reports
 
@@ -320,6 +321,7 @@ def run_phase(
     ]
     history = model.fit(
         train_data,
+        shuffle=not isinstance(train_data, tf.data.Dataset),  # a tf.data pipeline shuffles itself
         validation_data=val_data,
         epochs=epochs,
         steps_per_epoch=steps_per_epoch,
