@@ -77,6 +77,7 @@ def test_weights_interchange_with_keras_lstm_and_safe_mode_load(tmp_path):
     fused.save(path)
     loaded = keras.saving.load_model(path, safe_mode=True)
     assert isinstance(loaded.layers[1], FusedLSTM)
+    assert loaded.layers[1].fused_path_applies(tf.zeros((2, 5, 7)), None, training=True)
     reference = two_layer(keras.layers.LSTM)
     reference.set_weights(loaded.get_weights())
     x = RNG.normal(0, 1, (2, 5, 7)).astype("float32")
