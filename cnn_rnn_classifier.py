@@ -34,7 +34,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from helpers import cli, data, precision, reports, training
+from helpers import cli, data, multiworker, precision, reports, training
 from helpers.backbones import pretrained_backbone
 from helpers.layers import Grayscale
 from helpers.recurrent import FusedLSTM
@@ -167,7 +167,8 @@ def _flow(split, image_size, batch_size, shuffle, seed=None, workers=1):
 TF_DATA_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")  # what tf.io.decode_image reads of IMAGE_EXTENSIONS
 
 
-def image_dataset(split, image_size, batch_size, shuffle, seed=None, workers=tf.data.AUTOTUNE, drop_remainder=False):
+def image_dataset(split, image_size, batch_size, shuffle, seed=None, workers=tf.data.AUTOTUNE, drop_remainder=False,
+                  shard=None):
     """The ``tf.data`` input path: parallel decoding, batching and prefetch.
 
     The same images, labels and preprocessing as the generator path:
@@ -184,6 +185,8 @@ def image_dataset(split, image_size, batch_size, shuffle, seed=None, workers=tf.
         seed: shuffling seed.
         workers: parallel decode calls (``num_parallel_calls``); default ``AUTOTUNE``.
         drop_remainder: leave out the last, partial batch (for several replicas).
+        shard: ``(count, index)``: only every ``count``-th file from ``index`` (one
+            worker's share, before decoding).
 
     Returns:
         A ``tf.data.Dataset`` of ``(images, one_hot_labels)``: ``(batch, image_size,
@@ -206,10 +209,30 @@ def image_dataset(split, image_size, batch_size, shuffle, seed=None, workers=tf.
         return keras.applications.xception.preprocess_input(image), tf.one_hot(label, num_classes)
 
     dataset = tf.data.Dataset.from_tensor_slices(([str(p) for p in split.paths], list(split.labels)))
+    if shard:
+        dataset = dataset.shard(*shard)
     if shuffle:
         dataset = dataset.shuffle(len(split), seed=seed, reshuffle_each_iteration=True)
     dataset = dataset.map(load, num_parallel_calls=workers, deterministic=True)
     return dataset.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)
+
+
+def _sharded_input(splits, args, batch_size):
+    """``multiworker.ShardedInput`` for ``--distribute multi-worker`` (tf.data path only)."""
+    steps = {name: len(splits[name]) // batch_size for name in ("train", "val")}
+    for name, count in steps.items():
+        if not count:
+            raise ValueError(f"{name}/ holds {len(splits[name])} images, fewer than the global batch {batch_size}; "
+                             "multi-worker training uses whole global batches only")
+
+    def dataset_fn(training, context):
+        dataset = image_dataset(splits["train" if training else "val"], args.image_size,
+                                context.get_per_replica_batch_size(batch_size), shuffle=training, seed=args.seed,
+                                workers=args.workers, drop_remainder=True,
+                                shard=(context.num_input_pipelines, context.input_pipeline_id))
+        return dataset.repeat() if training else dataset
+
+    return multiworker.ShardedInput(dataset_fn, batch_size, steps["train"], steps["val"])
 
 
 def _input(split, args, batch_size, shuffle, seed=None, replicas=1):
@@ -247,7 +270,12 @@ def train(args):
         NaNLossError: reported by ``main`` as one line.
     """
     cli.check_training_arguments(args)
+    if args.distribute == "multi-worker" and args.input != "tf.data":
+        raise ValueError("--distribute multi-worker needs --input tf.data: the generator cannot be sharded "
+                         "across workers.")
     strategy = cli.training_strategy(args)
+    multi_worker = multiworker.is_multi_worker(strategy)
+    chief = not multi_worker or multiworker.is_chief(multiworker.read_tf_config())
     splits = data.load_splits(args.data_dir, check=False)
     class_names = splits["train"].class_names
     check_model_arguments(len(class_names), args.image_size, args.rnn_timesteps, args.rnn_units)
@@ -256,10 +284,11 @@ def train(args):
         logger.info("checking that all %d images decode", sum(map(len, splits.values())))
         data.check_images([p for split in splits.values() for p in split.paths])
     out = args.output_dir
-    cli.save_args(args, out)
     words = data.read_words(args.data_dir / "words.txt")
-    reports.write_json(out / "classes.json", {"class_names": class_names,
-                                              "descriptions": {c: words[c] for c in class_names if c in words}})
+    if chief:
+        cli.save_args(args, out)
+        reports.write_json(out / "classes.json", {"class_names": class_names,
+                                                  "descriptions": {c: words[c] for c in class_names if c in words}})
     keras.utils.set_random_seed(args.seed)
 
     def build():
@@ -267,6 +296,8 @@ def train(args):
                                         args.rnn_units, args.weights, args.cnn_only, args.mixed_precision)
 
     def make_data(batch_size):
+        if multi_worker:
+            return _sharded_input(splits, args, batch_size), None
         replicas = strategy.num_replicas_in_sync if strategy else 1
         return (_input(splits["train"], args, batch_size, True, args.seed, replicas),
                 _input(splits["val"], args, batch_size, False, replicas=replicas))
@@ -284,6 +315,9 @@ def train(args):
     ]
     best = training.train_phases(out, phases, build, lambda model, optimizer: _compile(model, optimizer, args.jit_compile),
                                  make_data, args.steps_per_epoch, strategy)
+    if not chief:  # the chief evaluates and reports
+        multiworker.cleanup(out)
+        return 0
 
     split = "test" if "test" in splits else "val"
     if split == "val":

@@ -142,6 +142,9 @@ def _data(split, args, batch_size, shuffle):
 def train(args):
     """The ``train`` command: two phases, then evaluation (and on shuffled frames) and the report."""
     cli.check_training_arguments(args)
+    if args.distribute == "multi-worker":
+        raise ValueError("lrcn.py does not train with --distribute multi-worker yet (its frame loader is not a "
+                         "tf.data pipeline that can be sharded); use --distribute mirrored on one machine.")
     strategy = cli.training_strategy(args)
     splits = {"train": sequences.list_sequences(args.data_dir / "train")}
     names = splits["train"].class_names

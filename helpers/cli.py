@@ -77,7 +77,8 @@ def add_performance_arguments(parser):
                        help="threads decoding input (tf.data: parallel calls) (default: 2)")
     group.add_argument("--distribute", choices=distribute.CHOICES, default="none",
                        help="mirrored: tf.distribute.MirroredStrategy over all local GPUs (or --devices); "
-                       "the batch sizes are then global batches (default: none)")
+                       "multi-worker: MultiWorkerMirroredStrategy over the cluster in TF_CONFIG (classifier, "
+                       "with --input tf.data); the batch sizes are then global batches (default: none)")
     group.add_argument("--devices", nargs="+", default=None,
                        help="devices for --distribute mirrored, e.g. /gpu:0 /gpu:1 (default: all GPUs)")
     group.add_argument("--jit-compile", action="store_true",
@@ -166,12 +167,21 @@ def run(args, commands):
     from helpers.backbones import WeightsUnavailableError
     from helpers.training import NaNLossError
 
+    import tensorflow as tf
+
     configure_logging(args.verbose)
     try:
         return commands[args.command](args) or 0
     except (ValueError, FileNotFoundError, WeightsUnavailableError, NaNLossError) as error:
         logger.debug("traceback", exc_info=True)
         logger.error("%s", error)
+        return 1
+    except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.errors.AbortedError,
+            tf.errors.CancelledError) as error:  # a peer of --distribute multi-worker died
+        logger.debug("traceback", exc_info=True)
+        logger.error("another worker of the cluster failed or cannot be reached (%s: %s). Start every worker "
+                     "again with the same command: training resumes from the last completed epoch.",
+                     type(error).__name__, str(error).splitlines()[0][:300])
         return 1
 
 

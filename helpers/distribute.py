@@ -21,11 +21,12 @@ import tensorflow as tf
 
 logger = logging.getLogger(__name__)
 
-CHOICES = ("none", "mirrored")
+CHOICES = ("none", "mirrored", "multi-worker")
 
 
 def make_strategy(choice, devices=None):
-    """The ``tf.distribute`` strategy for ``--distribute``, or ``None`` for ``none``.
+    """The ``tf.distribute`` strategy for ``--distribute``, or ``None`` for ``none``;
+    ``multi-worker`` is ``MultiWorkerMirroredStrategy`` (``helpers.multiworker``).
 
     Args:
         choice: one of ``CHOICES``.
@@ -33,8 +34,9 @@ def make_strategy(choice, devices=None):
             default: all local GPUs, else the CPU.
 
     Raises:
-        ValueError: an unknown choice, ``devices`` without ``mirrored``, or a device
-            that does not exist (the visible devices are listed).
+        ValueError: an unknown choice, ``devices`` without ``mirrored``, a device
+            that does not exist (the visible devices are listed), or a bad ``TF_CONFIG``
+            for ``multi-worker`` (``helpers.multiworker.read_tf_config``).
     """
     if choice not in CHOICES:
         raise ValueError(f"--distribute must be one of {', '.join(CHOICES)}. Received: {choice!r}")
@@ -42,6 +44,10 @@ def make_strategy(choice, devices=None):
         raise ValueError("--devices needs --distribute mirrored.")
     if choice == "none":
         return None
+    if choice == "multi-worker":
+        from helpers import multiworker
+
+        return multiworker.make_strategy()
     if devices:
         visible = [device.name for device in tf.config.list_logical_devices()]
         wanted = [_canonical(name) for name in devices]

@@ -22,7 +22,7 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
-from helpers import distribute, reports
+from helpers import distribute, multiworker, reports
 
 logger = logging.getLogger(__name__)
 
@@ -151,7 +151,9 @@ def train_phases(output_dir, phases, build_model, compile_model, make_data, step
     Returns:
         The path of the last phase's best checkpoint.
     """
-    output_dir, previous = Path(output_dir), None
+    multi_worker = multiworker.is_multi_worker(strategy)
+    output_dir = multiworker.worker_dir(output_dir) if multi_worker else Path(output_dir)
+    previous = None
     for phase in phases:
         if phase.epochs and not phase_complete(output_dir, phase.name):
             with distribute.scope(strategy):
@@ -161,13 +163,17 @@ def train_phases(output_dir, phases, build_model, compile_model, make_data, step
                 if previous is None:
                     model.summary(print_fn=logger.info, line_length=110)
                 train_data, val_data = make_data(phase.batch_size)
-                replicas = strategy.num_replicas_in_sync if strategy else 1
-                train_steps = replica_safe_steps(train_data, replicas, "training")
-                if train_steps is not None and steps_per_epoch is not None:
-                    train_steps = min(train_steps, steps_per_epoch)
-                run_phase(model, phase.name, train_data, val_data, phase.epochs, output_dir,
-                          monitor=phase.monitor, steps_per_epoch=train_steps or steps_per_epoch,
-                          validation_steps=replica_safe_steps(val_data, replicas, "validation"))
+                if multi_worker:  # model.fit fails there: the custom loop
+                    multiworker.run_phase(model, phase.name, train_data, phase.epochs, output_dir, strategy,
+                                          phase.monitor)
+                else:
+                    replicas = strategy.num_replicas_in_sync if strategy else 1
+                    train_steps = replica_safe_steps(train_data, replicas, "training")
+                    if train_steps is not None and steps_per_epoch is not None:
+                        train_steps = min(train_steps, steps_per_epoch)
+                    run_phase(model, phase.name, train_data, val_data, phase.epochs, output_dir,
+                              monitor=phase.monitor, steps_per_epoch=train_steps or steps_per_epoch,
+                              validation_steps=replica_safe_steps(val_data, replicas, "validation"))
         if phase.epochs:
             previous = output_dir / f"{phase.name}_best.keras"
         history = read_history(output_dir / f"{phase.name}_log.csv")

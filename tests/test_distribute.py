@@ -1,4 +1,5 @@
 import json
+import re
 import os
 import subprocess
 import sys
@@ -109,3 +110,103 @@ def test_mirrored_training_from_the_command_line(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["num_images"] == 9 and (out / "phase1_best.keras").is_file()
     assert (out / "phase1_done.json").is_file() and len((out / "phase1_log.csv").read_text().splitlines()) == 2
+
+
+# ---------------------------------------------------------------- multi-worker
+
+def test_tf_config_errors(monkeypatch):
+    from helpers import multiworker
+
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    with pytest.raises(ValueError, match="needs the TF_CONFIG environment variable.*Example"):
+        multiworker.read_tf_config()
+    with pytest.raises(ValueError, match="not valid JSON"):
+        multiworker.read_tf_config("{cluster: ")
+    with pytest.raises(ValueError, match="'worker' list"):
+        multiworker.read_tf_config('{"cluster": {}, "task": {"type": "worker", "index": 0}}')
+    with pytest.raises(ValueError, match="host:port"):
+        multiworker.read_tf_config('{"cluster": {"worker": ["localhost"]}, "task": {"type": "worker", "index": 0}}')
+    with pytest.raises(ValueError, match="task must name this process"):
+        multiworker.read_tf_config('{"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": 2}}')
+    config = multiworker.read_tf_config('{"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": 1}}')
+    assert not multiworker.is_chief(config)
+    assert multiworker.is_chief({"cluster": {"worker": ["a:1"]}, "task": {"type": "worker", "index": 0}})
+    assert not multiworker.is_chief({"cluster": {"chief": ["c:1"], "worker": ["a:1"]},
+                                     "task": {"type": "worker", "index": 0}})
+
+
+def free_ports(count):
+    import socket
+
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def start_workers(data, outputs, extra=(), ports=None):
+    """Starts one classifier process per output folder, a 127.0.0.1 cluster in TF_CONFIG."""
+    ports = ports or free_ports(len(outputs))
+    cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
+    processes = []
+    for index, out in enumerate(outputs):
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2",
+                   TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}))
+        command = [sys.executable, "cnn_rnn_classifier.py", "--data-dir", str(data), "--output-dir", str(out),
+                   "--weights", "none", "--image-size", "71", "--rnn-timesteps", "71", "--rnn-units", "8",
+                   "--mixed-precision", "off", "--distribute", "multi-worker", "--input", "tf.data",
+                   "--workers", "1", "--skip-image-check", *extra]
+        processes.append(subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                          stderr=subprocess.STDOUT, text=True))
+    return processes, ports
+
+
+def test_two_loopback_workers_train_identically_and_only_the_chief_writes(tmp_path):
+    from tests.conftest import make_class_folders
+
+    data = make_class_folders(tmp_path / "data")
+    outputs = [tmp_path / "chief_out", tmp_path / "worker_out"]
+    processes, _ = start_workers(data, outputs, ["--epochs", "2", "--fine-tune-epochs", "0", "--batch-size", "4"])
+    logs = [p.communicate(timeout=420)[0] for p in processes]
+    assert [p.returncode for p in processes] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    fingerprints = [re.findall(r"phase1: weights fingerprint (\S+)", log) for log in logs]
+    assert fingerprints[0] and fingerprints[0] == fingerprints[1]
+    chief = outputs[0]
+    assert (chief / "phase1_best.keras").is_file() and (chief / "metrics.json").is_file()
+    rows = (chief / "phase1_log.csv").read_text().splitlines()
+    assert rows[0].startswith("epoch,accuracy,loss") and len(rows) == 3
+    assert not outputs[1].exists()  # the other worker wrote only to its own temporary folder, now removed
+
+
+def test_killed_worker_stops_the_other_and_a_rerun_resumes(tmp_path):
+    from tests.conftest import make_class_folders
+
+    data = make_class_folders(tmp_path / "data")
+    outputs = [tmp_path / "chief_out", tmp_path / "worker_out"]
+    flags = ["--epochs", "12", "--fine-tune-epochs", "0", "--batch-size", "4"]
+    (chief, worker), ports = start_workers(data, outputs, flags)
+    seen = []
+    for line in chief.stdout:  # until epoch 2 has begun, so epoch 1 is backed up
+        seen.append(line)
+        if "phase1: epoch 3/12" in line:
+            break
+    worker.kill()
+    worker.wait()
+    try:
+        rest = chief.communicate(timeout=300)[0]
+    except subprocess.TimeoutExpired:
+        chief.kill()
+        pytest.fail("the chief hung after the other worker was killed")
+    assert chief.returncode == 1, "".join(seen)[-2000:] + rest[-3000:]
+    assert "another worker of the cluster failed" in rest
+    assert not (outputs[0] / "phase1_done.json").exists()
+
+    processes, _ = start_workers(data, outputs, flags, ports)  # the same command on every worker
+    logs = [p.communicate(timeout=420)[0] for p in processes]
+    assert [p.returncode for p in processes] == [0, 0], logs[0][-3000:]
+    assert re.search(r"phase1: resuming after [1-9]\d* completed epochs", logs[0])
+    epochs = [int(row.split(",")[0]) for row in (outputs[0] / "phase1_log.csv").read_text().splitlines()[1:]]
+    assert sorted(set(epochs)) == list(range(12))
