@@ -20,14 +20,16 @@ Usage::
     python lrcn.py predict --model runs/lrcn/phase2_best.keras [--top-k 5] FRAME_FOLDER_OR_VIDEO...
 """
 
+import dataclasses
 import logging
 import sys
 from pathlib import Path
 
 import keras
 import numpy as np
+import tensorflow as tf
 
-from helpers import cli, data, precision, reports, sequences, training
+from helpers import cli, data, multiworker, precision, reports, sequences, training
 from helpers.backbones import pretrained_backbone
 from helpers.layers import FoldFrames, FrameMask, VGG16Preprocess
 
@@ -134,6 +136,40 @@ def _metrics(num_classes):
     return metrics
 
 
+def _sharded_input(splits, args, batch_size):
+    """``multiworker.ShardedInput`` for ``--distribute multi-worker``: each input pipeline
+    reads every n-th sample with a ``FrameSequences``, wrapped in ``tf.data``."""
+    steps = {name: len(splits[name].samples) // batch_size for name in ("train", "val")}
+    for name, count in steps.items():
+        if not count:
+            raise ValueError(f"{name}/ holds {len(splits[name].samples)} sequences, fewer than the global batch "
+                             f"{batch_size}; multi-worker training uses whole global batches only")
+
+    def dataset_fn(training, context):
+        split = splits["train" if training else "val"]
+        every, first = context.num_input_pipelines, context.input_pipeline_id
+        shard = dataclasses.replace(split, samples=split.samples[first::every], labels=split.labels[first::every])
+        per_replica = context.get_per_replica_batch_size(batch_size)
+        reader = sequences.FrameSequences(shard, args.image_size, per_replica, args.frames, shuffle=training,
+                                          seed=args.seed + first, workers=args.workers)
+
+        def batches():
+            while True:
+                for index in range(len(reader)):
+                    x, y = reader[index]
+                    if len(x) == per_replica:  # whole batches only
+                        yield x, y
+                reader.on_epoch_end()
+                if not training:
+                    return
+
+        signature = (tf.TensorSpec((per_replica, args.frames, args.image_size, args.image_size, 3), tf.float32),
+                     tf.TensorSpec((per_replica, len(split.class_names)), tf.float32))
+        return tf.data.Dataset.from_generator(batches, output_signature=signature).prefetch(2)
+
+    return multiworker.ShardedInput(dataset_fn, batch_size, steps["train"], steps["val"])
+
+
 def _data(split, args, batch_size, shuffle):
     return sequences.FrameSequences(split, args.image_size, batch_size, args.frames, shuffle=shuffle,
                                     seed=args.seed, per_frame=args.per_frame, workers=args.workers)
@@ -142,10 +178,12 @@ def _data(split, args, batch_size, shuffle):
 def train(args):
     """The ``train`` command: two phases, then evaluation (and on shuffled frames) and the report."""
     cli.check_training_arguments(args)
-    if args.distribute == "multi-worker":
-        raise ValueError("lrcn.py does not train with --distribute multi-worker yet (its frame loader is not a "
-                         "tf.data pipeline that can be sharded); use --distribute mirrored on one machine.")
+    if args.distribute == "multi-worker" and (not args.frames or args.per_frame):
+        raise ValueError("--distribute multi-worker needs --frames N and one label per sequence (not "
+                         "--variable-length or --per-frame): every worker must run the same number of equal steps.")
     strategy = cli.training_strategy(args)
+    multi_worker = multiworker.is_multi_worker(strategy)
+    chief = not multi_worker or multiworker.is_chief(multiworker.read_tf_config())
     splits = {"train": sequences.list_sequences(args.data_dir / "train")}
     names = splits["train"].class_names
     for name in ("val", "test"):
@@ -158,8 +196,9 @@ def train(args):
         for split in splits.values():
             sequences.check_sequences(split)
     out = args.output_dir
-    cli.save_args(args, out)
-    reports.write_json(out / "classes.json", {"class_names": names, "layout": splits["train"].layout})
+    if chief:
+        cli.save_args(args, out)
+        reports.write_json(out / "classes.json", {"class_names": names, "layout": splits["train"].layout})
     keras.utils.set_random_seed(args.seed)
 
     def build():
@@ -179,11 +218,15 @@ def train(args):
                        lambda model: training.set_backbone_trainable(
                            model, BACKBONE, True, top_layers=args.fine_tune_layers), "val_accuracy"),
     ]
-    best = training.train_phases(
-        out, phases, build, compile_model,
-        lambda batch_size: (_data(splits["train"], args, batch_size, True), _data(splits["val"], args, batch_size, False)),
-        args.steps_per_epoch, strategy,
-    )
+    def make_data(batch_size):
+        if multi_worker:
+            return _sharded_input(splits, args, batch_size), None
+        return _data(splits["train"], args, batch_size, True), _data(splits["val"], args, batch_size, False)
+
+    best = training.train_phases(out, phases, build, compile_model, make_data, args.steps_per_epoch, strategy)
+    if not chief:  # the chief evaluates and reports
+        multiworker.cleanup(out)
+        return 0
     split = splits.get("test", splits["val"])
     if "test" not in splits:
         logger.warning("no test/ split: evaluating on val/, which also chose the checkpoint (optimistic)")

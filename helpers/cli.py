@@ -77,8 +77,9 @@ def add_performance_arguments(parser):
                        help="threads decoding input (tf.data: parallel calls) (default: 2)")
     group.add_argument("--distribute", choices=distribute.CHOICES, default="none",
                        help="mirrored: tf.distribute.MirroredStrategy over all local GPUs (or --devices); "
-                       "multi-worker: MultiWorkerMirroredStrategy over the cluster in TF_CONFIG (classifier, "
-                       "with --input tf.data); the batch sizes are then global batches (default: none)")
+                       "multi-worker: MultiWorkerMirroredStrategy over the cluster in TF_CONFIG (classifier: "
+                       "with --input tf.data; LRCN: with --frames); the batch sizes are then global batches "
+                       "(default: none)")
     group.add_argument("--devices", nargs="+", default=None,
                        help="devices for --distribute mirrored, e.g. /gpu:0 /gpu:1 (default: all GPUs)")
     group.add_argument("--jit-compile", action="store_true",

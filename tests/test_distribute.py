@@ -210,3 +210,48 @@ def test_killed_worker_stops_the_other_and_a_rerun_resumes(tmp_path):
     assert re.search(r"phase1: resuming after [1-9]\d* completed epochs", logs[0])
     epochs = [int(row.split(",")[0]) for row in (outputs[0] / "phase1_log.csv").read_text().splitlines()[1:]]
     assert sorted(set(epochs)) == list(range(12))
+
+
+def test_lrcn_on_two_loopback_workers(tmp_path):
+    from tests.test_lrcn import make_clips
+
+    data = tmp_path / "data"
+    for split, lengths in (("train", (3, 5, 4, 6)), ("val", (4, 2)), ("test", (5, 3))):
+        make_clips(data / split, lengths=lengths)
+    ports = free_ports(2)
+    cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
+    outputs = [tmp_path / "chief_out", tmp_path / "worker_out"]
+    processes = []
+    for index, out in enumerate(outputs):
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2",
+                   TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}))
+        processes.append(subprocess.Popen(
+            [sys.executable, "lrcn.py", "--data-dir", str(data), "--output-dir", str(out), "--frames", "3",
+             "--weights", "none", "--image-size", "32", "--dense-units", "8", "--gru-units", "4",
+             "--epochs", "1", "--fine-tune-epochs", "1", "--batch-size", "2", "--fine-tune-batch-size", "2",
+             "--mixed-precision", "off", "--distribute", "multi-worker", "--skip-image-check"],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    logs = [p.communicate(timeout=420)[0] for p in processes]
+    assert [p.returncode for p in processes] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    for phase in ("phase1", "phase2"):
+        fingerprints = [re.findall(rf"{phase}: weights fingerprint (\S+)", log) for log in logs]
+        assert fingerprints[0] and fingerprints[0] == fingerprints[1]
+    assert (outputs[0] / "metrics.json").is_file() and not outputs[1].exists()
+
+
+def test_multi_worker_flag_errors(tmp_path, monkeypatch, caplog):
+    import cnn_rnn_classifier as crc
+    import lrcn
+    from tests.conftest import make_class_folders
+
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    data = make_class_folders(tmp_path / "data")
+    flags = ["--data-dir", str(data), "--output-dir", str(tmp_path / "run"), "--weights", "none",
+             "--distribute", "multi-worker"]
+    assert crc.main(flags) == 1
+    assert "needs --input tf.data: the generator cannot be sharded" in caplog.text
+    assert crc.main(flags + ["--input", "tf.data"]) == 1
+    assert "needs the TF_CONFIG environment variable" in caplog.text
+    assert lrcn.main(flags + ["--variable-length"]) == 1
+    assert "needs --frames N and one label per sequence" in caplog.text
+    assert not (tmp_path / "run").exists()
