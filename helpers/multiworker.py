@@ -129,7 +129,7 @@ def cleanup(output_dir):
         shutil.rmtree(worker_dir(output_dir), ignore_errors=True)
 
 
-def run_phase(model, phase, data, epochs, output_dir, strategy, monitor="val_loss", top_k=5):
+def run_phase(model, phase, data, epochs, output_dir, strategy, monitor="val_loss", top_k=5, steps_per_epoch=None):
     """One training phase under ``MultiWorkerMirroredStrategy`` (see the module docstring).
 
     Args:
@@ -140,7 +140,8 @@ def run_phase(model, phase, data, epochs, output_dir, strategy, monitor="val_los
         output_dir: this worker's ``worker_dir``.
         strategy: the ``MultiWorkerMirroredStrategy``.
         monitor: ``"val_loss"`` (lower is better) or ``"val_accuracy"``.
-        top_k: also log ``top5_accuracy`` (``top_k`` = 5) when the model has more classes.
+        top_k: ``top5_accuracy`` is top-``top_k`` (top-all with fewer classes).
+        steps_per_epoch: at most this many global batches per epoch (default: all).
 
     Returns:
         The path of the best checkpoint.
@@ -174,6 +175,7 @@ def run_phase(model, phase, data, epochs, output_dir, strategy, monitor="val_los
     k = top_k if classes > top_k else classes
 
     global_batch, train_steps, val_steps = data.global_batch, data.train_steps, data.val_steps
+    train_steps = min(train_steps, steps_per_epoch or train_steps)
     train_data = iter(strategy.distribute_datasets_from_function(lambda context: data.dataset_fn(True, context)))
     val_data = strategy.distribute_datasets_from_function(lambda context: data.dataset_fn(False, context))
 
@@ -191,7 +193,8 @@ def run_phase(model, phase, data, epochs, output_dir, strategy, monitor="val_los
         def step(images, labels):
             with tf.GradientTape() as tape:
                 losses, totals = sums(images, labels, True)
-                loss = tf.nn.compute_average_loss(losses, global_batch_size=global_batch)
+                # scale_loss: a LossScaleOptimizer's loss scaling (float16); a no-op otherwise
+                loss = model.optimizer.scale_loss(tf.nn.compute_average_loss(losses, global_batch_size=global_batch))
             variables = model.trainable_variables
             model.optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
             return totals
@@ -227,7 +230,8 @@ def run_phase(model, phase, data, epochs, output_dir, strategy, monitor="val_los
                 "top5_accuracy": totals[2] / totals[3], "val_accuracy": val_totals[1] / val_totals[3],
                 "val_loss": val_totals[0] / val_totals[3], "val_top5_accuracy": val_totals[2] / val_totals[3]}
         logs = {key: float(value) for key, value in logs.items()}
-        logger.info("%s: epoch %d: %s", phase, current + 1, " - ".join(f"{k}: {v:.4f}" for k, v in logs.items()))
+        logger.info("%s: epoch %d: %s", phase, current + 1,
+                    " - ".join(f"{key}: {value:.4f}" for key, value in logs.items()))
         value = logs[monitor]
         if best is None or (value < best if "loss" in monitor else value > best):
             best = value

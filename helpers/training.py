@@ -165,15 +165,13 @@ def train_phases(output_dir, phases, build_model, compile_model, make_data, step
                 train_data, val_data = make_data(phase.batch_size)
                 if multi_worker:  # model.fit fails there: the custom loop
                     multiworker.run_phase(model, phase.name, train_data, phase.epochs, output_dir, strategy,
-                                          phase.monitor)
+                                          phase.monitor, steps_per_epoch=steps_per_epoch)
                 else:
                     replicas = strategy.num_replicas_in_sync if strategy else 1
-                    train_steps = replica_safe_steps(train_data, replicas, "training")
-                    if train_steps is not None and steps_per_epoch is not None:
-                        train_steps = min(train_steps, steps_per_epoch)
+                    train_data = replica_safe(train_data, replicas, "training")
+                    val_data = replica_safe(val_data, replicas, "validation")
                     run_phase(model, phase.name, train_data, val_data, phase.epochs, output_dir,
-                              monitor=phase.monitor, steps_per_epoch=train_steps or steps_per_epoch,
-                              validation_steps=replica_safe_steps(val_data, replicas, "validation"))
+                              monitor=phase.monitor, steps_per_epoch=steps_per_epoch)
         if phase.epochs:
             previous = output_dir / f"{phase.name}_best.keras"
         history = read_history(output_dir / f"{phase.name}_log.csv")
@@ -182,30 +180,45 @@ def train_phases(output_dir, phases, build_model, compile_model, make_data, step
     return previous
 
 
-def replica_safe_steps(data, replicas, what):
-    """Batches of a ``PyDataset`` to use so that no replica receives an empty batch.
+class LeadingBatches(keras.utils.PyDataset):
+    """The first ``count`` batches of a ``PyDataset`` (which may reshuffle every epoch)."""
+
+    def __init__(self, data, count):
+        super().__init__(workers=data.workers, use_multiprocessing=False)
+        self.data, self.count = data, count
+
+    def __len__(self):
+        return self.count
+
+    def __getitem__(self, index):
+        return self.data[index]
+
+    def on_epoch_end(self):
+        self.data.on_epoch_end()
+
+
+def replica_safe(data, replicas, what):
+    """``data`` without a last batch too small to give every replica an example.
 
     A last, partial batch smaller than the number of replicas would leave a replica
     without examples (TensorFlow 2.21's oneDNN convolution then fails on the empty
-    batch); such a batch is left out of each epoch (reshuffled data rotates it).
-
-    Returns:
-        ``None`` (use every batch: one replica, not a ``PyDataset``, or the last batch
-        is big enough), else the number of batches to use.
+    batch). For a ``PyDataset`` such a batch is left out of each epoch (a reshuffling
+    dataset rotates it); other data is returned as it is (the tf.data path drops the
+    remainder itself).
 
     Raises:
         ValueError: the data is smaller than one global batch.
     """
-    if replicas <= 1 or not (hasattr(data, "__len__") and hasattr(data, "__getitem__")):
-        return None
+    if replicas <= 1 or not isinstance(data, keras.utils.PyDataset):
+        return data
     batches = len(data)
     last = len(keras.tree.flatten(data[batches - 1])[0])
     if last >= replicas:
-        return None
+        return data
     if batches == 1:
         raise ValueError(f"the {what} data holds {last} examples, fewer than the {replicas} replicas; "
                          "add data or use fewer devices")
-    return batches - 1
+    return LeadingBatches(data, batches - 1)
 
 
 def read_history(csv_path):

@@ -30,14 +30,33 @@ def test_flag_errors():
 
 
 def test_partial_last_batch_never_leaves_a_replica_empty():
-    from helpers.training import replica_safe_steps
+    import keras
 
-    batches = lambda *sizes: [(np.zeros((n, 2)), np.zeros(n)) for n in sizes]  # noqa: E731
-    assert replica_safe_steps(batches(4, 4, 1), 1, "training") is None  # one replica: all batches
-    assert replica_safe_steps(batches(4, 4, 2), 2, "training") is None  # 1 example per replica
-    assert replica_safe_steps(batches(4, 4, 1), 2, "training") == 2  # the last would leave one empty
+    from helpers.training import replica_safe
+
+    class Batches(keras.utils.PyDataset):
+        def __init__(self, *sizes):
+            super().__init__()
+            self.sizes, self.epochs = sizes, 0
+
+        def __len__(self):
+            return len(self.sizes)
+
+        def __getitem__(self, index):
+            return np.zeros((self.sizes[index], 2)), np.zeros(self.sizes[index])
+
+        def on_epoch_end(self):
+            self.epochs += 1
+
+    data = Batches(4, 4, 1)
+    assert replica_safe(data, 1, "training") is data  # one replica: all batches
+    assert replica_safe(Batches(4, 4, 2), 2, "training").sizes == (4, 4, 2)  # one example per replica
+    safe = replica_safe(data, 2, "training")  # the last would leave a replica empty
+    assert len(safe) == 2 and [len(safe[i][0]) for i in range(2)] == [4, 4]
+    safe.on_epoch_end()
+    assert data.epochs == 1  # the wrapped data still reshuffles
     with pytest.raises(ValueError, match="validation data holds 1 examples, fewer than the 2 replicas"):
-        replica_safe_steps(batches(1), 2, "validation")
+        replica_safe(Batches(1), 2, "validation")
 
 
 def run_with_two_cpus(code, timeout=600):
@@ -92,24 +111,37 @@ def test_mirrored_matches_single_device():
     assert result["mirrored_loss"] == pytest.approx(result["single_loss"], rel=1e-5)
 
 
-def test_mirrored_training_from_the_command_line(tmp_path):
+def test_mirrored_training_from_the_command_line_resumes(tmp_path):
+    """The CLI under 2 logical CPUs: a batch size not divisible by 2 is refused; a run killed in
+    epoch 2 resumes from BackupAndRestore's epoch under MirroredStrategy."""
     from tests.conftest import make_class_folders
 
     data = make_class_folders(tmp_path / "data")
     out = tmp_path / "run"
     flags = ["--data-dir", str(data), "--output-dir", str(out), "--weights", "none", "--image-size", "71",
-             "--rnn-timesteps", "71", "--rnn-units", "8", "--epochs", "1", "--fine-tune-epochs", "0",
-             "--distribute", "mirrored", "--devices", "/cpu:0", "/cpu:1", "--mixed-precision", "off"]
+             "--rnn-timesteps", "71", "--rnn-units", "8", "--epochs", "3", "--fine-tune-epochs", "0",
+             "--steps-per-epoch", "2", "--distribute", "mirrored", "--devices", "/cpu:0", "/cpu:1",
+             "--mixed-precision", "off", "--batch-size", "4"]
     code = f"""
+        import json, pytest
         import cnn_rnn_classifier as crc
+        from tests.conftest import Killed, kill_at_batch
         flags = {flags!r}
-        assert crc.main(flags + ["--batch-size", "3", "--fine-tune-batch-size", "4"]) == 1  # 3 not divisible
-        print(crc.main(flags + ["--batch-size", "4", "--fine-tune-batch-size", "4"]))
+        assert crc.main(flags + ["--fine-tune-batch-size", "3"]) == 1  # 3 is not divisible by 2 replicas
+        patch = pytest.MonkeyPatch()
+        kill_at_batch(patch, 3)  # first batch of epoch 2, after epoch 1 was backed up
+        try:
+            crc.main(flags)
+        except Killed:
+            pass
+        patch.undo()
+        assert crc.main(flags) == 0
+        print(json.dumps(json.loads(open({str(out / "phase1_done.json")!r}).read())))
     """
-    assert run_with_two_cpus(code) == "0"
+    done = json.loads(run_with_two_cpus(code))
+    assert done["first_epoch"] == 1 and done["epochs_run"] == 2  # resumed, not restarted
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["num_images"] == 9 and (out / "phase1_best.keras").is_file()
-    assert (out / "phase1_done.json").is_file() and len((out / "phase1_log.csv").read_text().splitlines()) == 2
+    assert metrics["num_images"] == 9 and len((out / "phase1_log.csv").read_text().splitlines()) >= 4
 
 
 # ---------------------------------------------------------------- multi-worker
