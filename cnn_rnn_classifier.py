@@ -121,7 +121,7 @@ def build_cnn_rnn_classifier(
         float32, Xception-preprocessed to [-1, 1]; output ``(batch, num_classes)``
         float32 softmax probabilities. The backbone is the nested layer ``"xception"``;
         the RNN layers are ``"rnn_lstm_1"`` and ``"rnn_lstm_2"``, ``helpers.recurrent.FusedLSTM``:
-        ``keras.layers.LSTM`` with the same weights and results, 3x faster to train on a
+        ``keras.layers.LSTM`` with the same weights and results, 2.7x faster to train on a
         CPU (cuDNN on a GPU).
 
     Raises:
@@ -237,7 +237,7 @@ def _sharded_input(splits, args, batch_size):
 
 def _input(split, args, batch_size, shuffle, seed=None, replicas=1):
     """The input path ``--input`` chooses, with ``--workers``; with several replicas the
-    tf.data path drops a partial last batch (``training.replica_safe_steps`` does it for
+    tf.data path drops a partial last batch (``training.replica_safe`` does it for
     the generator)."""
     if args.input == "tf.data":
         return image_dataset(split, args.image_size, batch_size, shuffle, seed, args.workers,

@@ -179,6 +179,8 @@ def run(args, commands):
         return 1
     except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.errors.AbortedError,
             tf.errors.CancelledError) as error:  # a peer of --distribute multi-worker died
+        if getattr(args, "distribute", None) != "multi-worker":
+            raise
         logger.debug("traceback", exc_info=True)
         logger.error("another worker of the cluster failed or cannot be reached (%s: %s). Start every worker "
                      "again with the same command: training resumes from the last completed epoch.",
