@@ -219,11 +219,6 @@ def image_dataset(split, image_size, batch_size, shuffle, seed=None, workers=tf.
 
 def _sharded_input(splits, args, batch_size):
     """``multiworker.ShardedInput`` for ``--distribute multi-worker`` (tf.data path only)."""
-    steps = {name: len(splits[name]) // batch_size for name in ("train", "val")}
-    for name, count in steps.items():
-        if not count:
-            raise ValueError(f"{name}/ holds {len(splits[name])} images, fewer than the global batch {batch_size}; "
-                             "multi-worker training uses whole global batches only")
 
     def dataset_fn(training, context):
         dataset = image_dataset(splits["train" if training else "val"], args.image_size,
@@ -232,7 +227,8 @@ def _sharded_input(splits, args, batch_size):
                                 shard=(context.num_input_pipelines, context.input_pipeline_id))
         return dataset.repeat() if training else dataset
 
-    return multiworker.ShardedInput(dataset_fn, batch_size, steps["train"], steps["val"])
+    return multiworker.ShardedInput.whole_batches(dataset_fn, batch_size, len(splits["train"]), len(splits["val"]),
+                                                  "images")
 
 
 def _input(split, args, batch_size, shuffle, seed=None, replicas=1):
@@ -275,7 +271,7 @@ def train(args):
                          "across workers.")
     strategy = cli.training_strategy(args)
     multi_worker = multiworker.is_multi_worker(strategy)
-    chief = not multi_worker or multiworker.is_chief(multiworker.read_tf_config())
+    chief = multiworker.is_chief_process(strategy)
     splits = data.load_splits(args.data_dir, check=False)
     class_names = splits["train"].class_names
     check_model_arguments(len(class_names), args.image_size, args.rnn_timesteps, args.rnn_units)

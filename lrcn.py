@@ -139,12 +139,6 @@ def _metrics(num_classes):
 def _sharded_input(splits, args, batch_size):
     """``multiworker.ShardedInput`` for ``--distribute multi-worker``: each input pipeline
     reads every n-th sample with a ``FrameSequences``, wrapped in ``tf.data``."""
-    steps = {name: len(splits[name].samples) // batch_size for name in ("train", "val")}
-    for name, count in steps.items():
-        if not count:
-            raise ValueError(f"{name}/ holds {len(splits[name].samples)} sequences, fewer than the global batch "
-                             f"{batch_size}; multi-worker training uses whole global batches only")
-
     def dataset_fn(training, context):
         split = splits["train" if training else "val"]
         every, first = context.num_input_pipelines, context.input_pipeline_id
@@ -167,7 +161,8 @@ def _sharded_input(splits, args, batch_size):
                      tf.TensorSpec((per_replica, len(split.class_names)), tf.float32))
         return tf.data.Dataset.from_generator(batches, output_signature=signature).prefetch(2)
 
-    return multiworker.ShardedInput(dataset_fn, batch_size, steps["train"], steps["val"])
+    return multiworker.ShardedInput.whole_batches(dataset_fn, batch_size, len(splits["train"].samples),
+                                                  len(splits["val"].samples), "sequences")
 
 
 def _data(split, args, batch_size, shuffle):
@@ -183,7 +178,7 @@ def train(args):
                          "--variable-length or --per-frame): every worker must run the same number of equal steps.")
     strategy = cli.training_strategy(args)
     multi_worker = multiworker.is_multi_worker(strategy)
-    chief = not multi_worker or multiworker.is_chief(multiworker.read_tf_config())
+    chief = multiworker.is_chief_process(strategy)
     splits = {"train": sequences.list_sequences(args.data_dir / "train")}
     names = splits["train"].class_names
     for name in ("val", "test"):

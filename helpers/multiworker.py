@@ -93,6 +93,11 @@ def is_multi_worker(strategy):
     return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
 
 
+def is_chief_process(strategy):
+    """True unless ``strategy`` is multi-worker and this process is not its chief."""
+    return not is_multi_worker(strategy) or is_chief(read_tf_config())
+
+
 @dataclasses.dataclass
 class ShardedInput:
     """What a script gives ``run_phase`` instead of datasets.
@@ -109,6 +114,16 @@ class ShardedInput:
     global_batch: int
     train_steps: int
     val_steps: int
+
+    @classmethod
+    def whole_batches(cls, dataset_fn, global_batch, train_size, val_size, unit):
+        """Steps of whole global batches for ``train_size``/``val_size`` examples (``unit``:
+        ``"images"``, ``"sequences"``); ``ValueError`` naming a split smaller than one batch."""
+        for name, size in (("train", train_size), ("val", val_size)):
+            if size < global_batch:
+                raise ValueError(f"{name}/ holds {size} {unit}, fewer than the global batch {global_batch}; "
+                                 "multi-worker training uses whole global batches only")
+        return cls(dataset_fn, global_batch, train_size // global_batch, val_size // global_batch)
 
 
 def worker_dir(output_dir):

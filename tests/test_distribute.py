@@ -165,6 +165,10 @@ def test_tf_config_errors(monkeypatch):
     assert multiworker.is_chief({"cluster": {"worker": ["a:1"]}, "task": {"type": "worker", "index": 0}})
     assert not multiworker.is_chief({"cluster": {"chief": ["c:1"], "worker": ["a:1"]},
                                      "task": {"type": "worker", "index": 0}})
+    sharded = multiworker.ShardedInput.whole_batches(None, 4, 18, 9, "images")
+    assert (sharded.train_steps, sharded.val_steps) == (4, 2)
+    with pytest.raises(ValueError, match="val/ holds 3 images, fewer than the global batch 4"):
+        multiworker.ShardedInput.whole_batches(None, 4, 18, 3, "images")
 
 
 def free_ports(count):
