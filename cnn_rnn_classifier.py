@@ -34,8 +34,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from helpers import cli, data, multiworker, precision, reports, training
+from helpers import cli, data, multiworker, precision, reports, rundir, training
 from helpers.backbones import pretrained_backbone
+from helpers.errors import UsageError
 from helpers.layers import Grayscale
 from helpers.recurrent import FusedLSTM
 
@@ -44,6 +45,8 @@ logger = logging.getLogger(__name__)
 BACKBONE = "xception"
 XCEPTION_MIN_SIZE = 71
 XCEPTION_FEATURES = 2048
+# The builder's keyword arguments that come from flags of the same name: passed from here
+# (``cli.model_arguments``), and compared by the resume check.
 MODEL_ARGUMENTS = ("image_size", "rnn_timesteps", "rnn_units", "cnn_only", "mixed_precision")
 
 
@@ -69,21 +72,21 @@ class CustomImageDataGenerator(tf.keras.preprocessing.image.ImageDataGenerator):
 
 
 def check_model_arguments(num_classes, image_size, rnn_timesteps, rnn_units):
-    """Raises ``ValueError`` echoing the first argument the model cannot be built with."""
+    """Raises ``UsageError`` (a ``ValueError``) echoing the first argument the model cannot be built with."""
     if num_classes < 2:
-        raise ValueError(f"num_classes must be at least 2. Received: num_classes={num_classes}")
+        raise UsageError(f"num_classes must be at least 2. Received: num_classes={num_classes}")
     if image_size < XCEPTION_MIN_SIZE:
-        raise ValueError(
+        raise UsageError(
             f"image_size must be at least {XCEPTION_MIN_SIZE} (Xception's minimum). "
             f"Received: image_size={image_size}"
         )
     if rnn_timesteps < 1 or (image_size * image_size) % rnn_timesteps:
-        raise ValueError(
+        raise UsageError(
             f"rnn_timesteps must divide image_size**2 = {image_size * image_size}. "
             f"Received: rnn_timesteps={rnn_timesteps}"
         )
     if rnn_units < 1:
-        raise ValueError(f"rnn_units must be at least 1. Received: rnn_units={rnn_units}")
+        raise UsageError(f"rnn_units must be at least 1. Received: rnn_units={rnn_units}")
 
 
 def build_cnn_rnn_classifier(
@@ -121,12 +124,13 @@ def build_cnn_rnn_classifier(
         float32, Xception-preprocessed to [-1, 1]; output ``(batch, num_classes)``
         float32 softmax probabilities. The backbone is the nested layer ``"xception"``;
         the RNN layers are ``"rnn_lstm_1"`` and ``"rnn_lstm_2"``, ``helpers.recurrent.FusedLSTM``:
-        ``keras.layers.LSTM`` with the same weights and results, 2.7x faster to train on a
-        CPU (cuDNN on a GPU).
+        ``keras.layers.LSTM`` with the same weights and results, faster to train on a CPU
+        (cuDNN on a GPU; the README has the measurements).
 
     Raises:
-        ValueError: an argument is out of range (the message echoes it).
-        FileNotFoundError: ``weights`` is a path that does not exist.
+        helpers.errors.UsageError: an argument is out of range (a ``ValueError``; the
+            message echoes it).
+        helpers.errors.MissingFileError: ``weights`` is a path that does not exist.
         helpers.backbones.WeightsUnavailableError: the ImageNet download failed;
             the message names the offline options.
     """
@@ -150,10 +154,15 @@ def build_cnn_rnn_classifier(
     return keras.Model(inputs, outputs, name="cnn_classifier" if cnn_only else "cnn_rnn_classifier")
 
 
-def _flow(split, image_size, batch_size, shuffle, seed=None, workers=1):
+def flow_from_split(split, image_size, batch_size, shuffle, seed=None, workers=1):
     """``CustomImageDataGenerator().flow_from_directory`` over a checked ``data.Split``.
 
-    ``workers`` threads build batches (``keras.utils.PyDataset.workers``)."""
+    ``workers`` threads build batches (``keras.utils.PyDataset.workers``).
+
+    Returns:
+        A ``keras.utils.PyDataset`` of ``(images, one_hot_labels)``: ``(batch, image_size,
+        image_size, 3)`` float32 in [-1, 1] and ``(batch, num_classes)`` float32.
+    """
     iterator = CustomImageDataGenerator().flow_from_directory(
         str(split.directory), target_size=(image_size, image_size), classes=split.class_names,
         class_mode="categorical", batch_size=batch_size, shuffle=shuffle, seed=seed, interpolation="bilinear",
@@ -218,7 +227,7 @@ def image_dataset(split, image_size, batch_size, shuffle, seed=None, workers=tf.
 
 
 def _sharded_input(splits, args, batch_size):
-    """``multiworker.ShardedInput`` for ``--distribute multi-worker`` (tf.data path only)."""
+    """``(train, val)`` ``multiworker.ShardedInput``s for ``--distribute multi-worker`` (tf.data path only)."""
 
     def dataset_fn(training, context):
         dataset = image_dataset(splits["train" if training else "val"], args.image_size,
@@ -227,21 +236,33 @@ def _sharded_input(splits, args, batch_size):
                                 shard=(context.num_input_pipelines, context.input_pipeline_id))
         return dataset.repeat() if training else dataset
 
-    return multiworker.ShardedInput.whole_batches(dataset_fn, batch_size, len(splits["train"]), len(splits["val"]),
+    return multiworker.ShardedInput.train_and_val(dataset_fn, batch_size, len(splits["train"]), len(splits["val"]),
                                                   "images")
 
 
-def _input(split, args, batch_size, shuffle, seed=None, replicas=1):
-    """The input path ``--input`` chooses, with ``--workers``; with several replicas the
-    tf.data path drops a partial last batch (``training.replica_safe`` does it for
-    the generator)."""
-    if args.input == "tf.data":
-        return image_dataset(split, args.image_size, batch_size, shuffle, seed, args.workers,
-                             drop_remainder=replicas > 1)
-    return _flow(split, args.image_size, batch_size, shuffle, seed, args.workers)
+def training_data(splits, args, batch_size, strategy=None):
+    """``(train, val)`` for a phase's ``batch_size``: the input path ``--input`` chooses,
+    with ``--workers``; under ``--distribute multi-worker``, each worker's shards.
+
+    With several replicas the tf.data path drops a partial last batch
+    (``distribute.replica_safe`` does it for the generator)."""
+    if multiworker.is_multi_worker(strategy):
+        return _sharded_input(splits, args, batch_size)
+    replicas = strategy.num_replicas_in_sync if strategy else 1
+
+    def read(split, shuffle):
+        if args.input == "tf.data":
+            return image_dataset(split, args.image_size, batch_size, shuffle, args.seed, args.workers,
+                                 drop_remainder=replicas > 1)
+        return flow_from_split(split, args.image_size, batch_size, shuffle, args.seed, args.workers)
+
+    return read(splits["train"], True), read(splits["val"], False)
 
 
-def _compile(model, optimizer, jit_compile=False):
+def compile_classifier(model, optimizer, jit_compile=False):
+    """Compiles for one-hot labels: categorical cross-entropy, accuracy and top-5 accuracy
+    (``top5_accuracy``), with ``optimizer`` wrapped for float16 loss scaling when the
+    backbone computes in float16 (``precision.loss_scaled``)."""
     model.compile(
         optimizer=precision.loss_scaled(model, optimizer),
         jit_compile=jit_compile,
@@ -262,67 +283,61 @@ def train(args):
     evaluated on ``test/`` (else ``val/``, with a warning).
 
     Raises:
-        ValueError (``DatasetError`` included), FileNotFoundError, WeightsUnavailableError,
-        NaNLossError: reported by ``main`` as one line.
+        helpers.errors.ProjectError: bad input or flags, unavailable weights, a NaN
+            loss; reported by ``main`` as one line.
     """
     cli.check_training_arguments(args)
     if args.distribute == "multi-worker" and args.input != "tf.data":
-        raise ValueError("--distribute multi-worker needs --input tf.data: the generator cannot be sharded "
+        raise UsageError("--distribute multi-worker needs --input tf.data: the generator cannot be sharded "
                          "across workers.")
     strategy = cli.training_strategy(args)
-    multi_worker = multiworker.is_multi_worker(strategy)
-    chief = multiworker.is_chief_process(strategy)
-    splits = data.load_splits(args.data_dir, check=False)
+    splits = data.load_splits(args.data_dir)
     class_names = splits["train"].class_names
     check_model_arguments(len(class_names), args.image_size, args.rnn_timesteps, args.rnn_units)
     cli.check_resumable(args, MODEL_ARGUMENTS)
     if not args.skip_image_check:
         logger.info("checking that all %d images decode", sum(map(len, splits.values())))
         data.check_images([p for split in splits.values() for p in split.paths])
-    out = args.output_dir
     words = data.read_words(args.data_dir / "words.txt")
+    chief = multiworker.is_chief_process(strategy)
     if chief:
-        cli.save_args(args, out)
-        reports.write_json(out / "classes.json", {"class_names": class_names,
-                                                  "descriptions": {c: words[c] for c in class_names if c in words}})
+        cli.save_args(args, args.output_dir)
+        reports.write_json(rundir.RunDir(args.output_dir).classes, {
+            "class_names": class_names, "descriptions": {c: words[c] for c in class_names if c in words}})
     keras.utils.set_random_seed(args.seed)
+    trainer = training.Trainer(args.output_dir, strategy, steps_per_epoch=args.steps_per_epoch)
 
-    def build():
-        return build_cnn_rnn_classifier(len(class_names), args.image_size, args.rnn_timesteps,
-                                        args.rnn_units, args.weights, args.cnn_only, args.mixed_precision)
+    with trainer.scope():
+        model = build_cnn_rnn_classifier(num_classes=len(class_names), weights=args.weights,
+                                         **cli.model_arguments(args, MODEL_ARGUMENTS))
+        model.summary(print_fn=logger.info, line_length=110)
 
-    def make_data(batch_size):
-        if multi_worker:
-            return _sharded_input(splits, args, batch_size), None
-        replicas = strategy.num_replicas_in_sync if strategy else 1
-        return (_input(splits["train"], args, batch_size, True, args.seed, replicas),
-                _input(splits["val"], args, batch_size, False, replicas=replicas))
-
-    phases = [
         # Phase 1: Xception frozen (BatchNormalization in inference mode), RMSprop; best by val loss.
-        training.Phase("phase1", "phase 1: Xception frozen", args.epochs, args.batch_size,
-                       lambda: keras.optimizers.RMSprop(learning_rate=args.learning_rate),
-                       lambda model: training.set_backbone_trainable(model, BACKBONE, False), "val_loss"),
-        # Phase 2: everything but BatchNormalization statistics trains, Adam(1e-4); best by val accuracy.
-        training.Phase("phase2", "phase 2: fine-tuning", args.fine_tune_epochs, args.fine_tune_batch_size,
-                       lambda: keras.optimizers.Adam(learning_rate=args.fine_tune_learning_rate),
-                       lambda model: training.set_backbone_trainable(model, BACKBONE, True, args.train_batchnorm),
-                       "val_accuracy"),
-    ]
-    best = training.train_phases(out, phases, build, lambda model, optimizer: _compile(model, optimizer, args.jit_compile),
-                                 make_data, args.steps_per_epoch, strategy)
-    if not chief:  # the chief evaluates and reports
-        multiworker.cleanup(out)
-        return 0
+        training.set_backbone_trainable(model, BACKBONE, False)
+        compile_classifier(model, keras.optimizers.RMSprop(learning_rate=args.learning_rate), args.jit_compile)
+        best = trainer.fit(model, "phase1", *training_data(splits, args, args.batch_size, strategy),
+                           epochs=args.epochs, monitor="val_loss", title="phase 1: Xception frozen")
 
+        # Phase 2: from phase 1's best, everything but BatchNormalization statistics trains,
+        # Adam(1e-4); best by val accuracy.
+        model = training.best_model(best, model)
+        training.set_backbone_trainable(model, BACKBONE, True, train_batchnorm=args.train_batchnorm)
+        compile_classifier(model, keras.optimizers.Adam(learning_rate=args.fine_tune_learning_rate),
+                           args.jit_compile)
+        best = trainer.fit(model, "phase2", *training_data(splits, args, args.fine_tune_batch_size, strategy),
+                           epochs=args.fine_tune_epochs, monitor="val_accuracy", title="phase 2: fine-tuning") or best
+
+    if not chief:  # the chief evaluates and reports
+        multiworker.cleanup(args.output_dir)
+        return 0
     split = "test" if "test" in splits else "val"
     if split == "val":
         logger.warning("no labelled test/ split in %s: evaluating on val/, which also chose the "
                        "checkpoint, so the figure is optimistic (the seed's 96.14%% was measured "
-                       "this way). helpers/restructure_dataset.py --holdout N makes a test/ split.",
+                       "this way). python -m helpers.restructure_dataset --holdout N makes a test/ split.",
                        args.data_dir)
     metrics = evaluate_model(keras.saving.load_model(best), splits[split], args.batch_size, args.input, args.workers)
-    reports.save_evaluation(out, metrics, best, [words.get(c, c) for c in class_names])
+    reports.save_evaluation(args.output_dir, metrics, best, [words.get(c, c) for c in class_names])
 
 
 def evaluate_model(model, split, batch_size, input_path="generator", workers=2):
@@ -334,7 +349,7 @@ def evaluate_model(model, split, batch_size, input_path="generator", workers=2):
         accuracy and the confusion matrix.
     """
     size = model.input_shape[1]
-    read = image_dataset if input_path == "tf.data" else _flow
+    read = image_dataset if input_path == "tf.data" else flow_from_split
     probabilities = model.predict(read(split, size, batch_size, shuffle=False, workers=workers))
     metrics = {"split": split.name}
     metrics.update(reports.classification_metrics(probabilities, split.labels, split.class_names))
@@ -344,12 +359,12 @@ def evaluate_model(model, split, batch_size, input_path="generator", workers=2):
 def evaluate(args):
     """The ``evaluate`` command."""
     if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1. Received: {args.batch_size}")
+        raise UsageError(f"--batch-size must be >= 1. Received: {args.batch_size}")
     model, classes = training.load_checkpoint(args.model)
     name = cli.evaluation_split_name(args)
     split = data.list_split(args.data_dir / name, classes.get("class_names"), name)
     if model.output_shape[-1] != len(split.class_names):
-        raise ValueError(f"{args.model} predicts {model.output_shape[-1]} classes; "
+        raise UsageError(f"{args.model} predicts {model.output_shape[-1]} classes; "
                          f"{split.directory} has {len(split.class_names)}.")
     data.check_images(split.paths)
     metrics = evaluate_model(model, split, args.batch_size)
@@ -362,7 +377,7 @@ def evaluate(args):
 def predict(args):
     """The ``predict`` command: prints the top-k classes of each image."""
     if args.top_k < 1 or args.batch_size < 1:
-        raise ValueError(f"--top-k and --batch-size must be >= 1. Received: {args.top_k}, {args.batch_size}")
+        raise UsageError(f"--top-k and --batch-size must be >= 1. Received: {args.top_k}, {args.batch_size}")
     model, classes = training.load_checkpoint(args.model)
     paths = data.image_files(args.inputs)
     data.check_images(paths)
@@ -378,7 +393,7 @@ def predict(args):
             reports.print_top_k(path, row, classes, args.top_k)
 
 
-def _parse_args(argv):
+def parse_args(argv=None):
     parser, train_parser, evaluate_parser, predict_parser = cli.parser_with_commands(
         "Xception + LSTM image classifier (seed 000/001), trained in two phases."
     )
@@ -408,7 +423,7 @@ def _parse_args(argv):
 
 
 def main(argv=None):
-    return cli.run(_parse_args(argv), {"train": train, "evaluate": evaluate, "predict": predict})
+    return cli.run(parse_args(argv), {"train": train, "evaluate": evaluate, "predict": predict})
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job end to end on real photos, on a CPU, in about 7 minutes on 2 cores:
-# Fashion-MNIST written in Tiny ImageNet's raw layout -> helpers/restructure_dataset.py
+# Fashion-MNIST written in Tiny ImageNet's raw layout -> python -m helpers.restructure_dataset
 # (with a labelled 50-per-class holdout) -> both training phases -> evaluation on the holdout.
 #
 #   bash demo.sh [extra cnn_rnn_classifier.py train flags, e.g. --weights none or --cnn-only]
@@ -16,9 +16,9 @@ if [ -z "${WEIGHTS:-}" ]; then
 fi
 
 if [ ! -f "$DEMO_DIR/raw/wnids.txt" ]; then
-  python helpers/fashion_mnist_tiny_imagenet.py "$DEMO_DIR/raw" --train-per-class 300 --val-per-class 50
+  python -m helpers.fashion_mnist_tiny_imagenet "$DEMO_DIR/raw" --train-per-class 300 --val-per-class 50
 fi
-python helpers/restructure_dataset.py "$DEMO_DIR/raw" --output "$DEMO_DIR/data" --holdout 50
+python -m helpers.restructure_dataset "$DEMO_DIR/raw" --output "$DEMO_DIR/data" --holdout 50
 python cnn_rnn_classifier.py train --data-dir "$DEMO_DIR/data" --output-dir "$DEMO_DIR/run" \
   --weights "$WEIGHTS" --image-size 71 --rnn-timesteps 71 --rnn-units 256 \
   --epochs 3 --fine-tune-epochs 3 --batch-size 32 --fine-tune-batch-size 16 "$@"

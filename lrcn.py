@@ -29,8 +29,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from helpers import cli, data, multiworker, precision, reports, sequences, training
+from helpers import cli, data, multiworker, precision, reports, rundir, sequences, training
 from helpers.backbones import pretrained_backbone
+from helpers.errors import UsageError
 from helpers.layers import FoldFrames, FrameMask, VGG16Preprocess
 
 logger = logging.getLogger(__name__)
@@ -38,25 +39,27 @@ logger = logging.getLogger(__name__)
 BACKBONE = "vgg16"
 VGG16_MIN_SIZE = 32
 VGG16_LAYERS = 19  # keras.applications.VGG16(include_top=False): input, 13 conv, 5 pooling
+# The builder's keyword arguments that come from flags of the same name: passed from here
+# (``cli.model_arguments``), and compared by the resume check.
 MODEL_ARGUMENTS = ("image_size", "frames", "dense_units", "gru_units", "fine_tune_layers", "per_frame",
                    "recurrent_dropout", "mixed_precision")
 
 
 def check_model_arguments(num_classes, frames, image_size, dense_units, gru_units, fine_tune_layers, recurrent_dropout):
-    """Raises ``ValueError`` echoing the first argument the model cannot be built with."""
+    """Raises ``UsageError`` (a ``ValueError``) echoing the first argument the model cannot be built with."""
     if num_classes < 2:
-        raise ValueError(f"num_classes must be at least 2. Received: num_classes={num_classes}")
+        raise UsageError(f"num_classes must be at least 2. Received: num_classes={num_classes}")
     if image_size < VGG16_MIN_SIZE:
-        raise ValueError(f"image_size must be at least {VGG16_MIN_SIZE} (VGG16's minimum). Received: image_size={image_size}")
+        raise UsageError(f"image_size must be at least {VGG16_MIN_SIZE} (VGG16's minimum). Received: image_size={image_size}")
     if not 0 <= fine_tune_layers <= VGG16_LAYERS:
-        raise ValueError(f"fine_tune_layers must be in [0, {VGG16_LAYERS}] (VGG16 without top has "
+        raise UsageError(f"fine_tune_layers must be in [0, {VGG16_LAYERS}] (VGG16 without top has "
                          f"{VGG16_LAYERS} layers). Received: fine_tune_layers={fine_tune_layers}")
     if frames is not None and frames < 1:
-        raise ValueError(f"frames must be None (variable) or at least 1. Received: frames={frames}")
+        raise UsageError(f"frames must be None (variable) or at least 1. Received: frames={frames}")
     if dense_units < 1 or gru_units < 1:
-        raise ValueError(f"dense_units and gru_units must be at least 1. Received: {dense_units}, {gru_units}")
+        raise UsageError(f"dense_units and gru_units must be at least 1. Received: {dense_units}, {gru_units}")
     if not 0 <= recurrent_dropout < 1:
-        raise ValueError(f"recurrent_dropout must be in [0, 1). Received: recurrent_dropout={recurrent_dropout}")
+        raise UsageError(f"recurrent_dropout must be in [0, 1). Received: recurrent_dropout={recurrent_dropout}")
 
 
 def build_lrcn(num_classes, frames=None, image_size=224, dense_units=2048, gru_units=1024, fine_tune_layers=5,
@@ -90,8 +93,9 @@ def build_lrcn(num_classes, frames=None, image_size=224, dense_units=2048, gru_u
         Layers: ``vgg16`` (inside ``frame_encoder``, inside ``per_frame_cnn``), ``gru``, ``predictions``.
 
     Raises:
-        ValueError: an argument is out of range (the message echoes it).
-        FileNotFoundError, helpers.backbones.WeightsUnavailableError: as for the weights.
+        helpers.errors.UsageError: an argument is out of range (a ``ValueError``; the
+            message echoes it).
+        helpers.errors.MissingFileError, helpers.backbones.WeightsUnavailableError: as for the weights.
     """
     check_model_arguments(num_classes, frames, image_size, dense_units, gru_units, fine_tune_layers, recurrent_dropout)
     frame = keras.Input((image_size, image_size, 3), name="frame")
@@ -129,15 +133,19 @@ def sgd(learning_rate):
     return keras.optimizers.SGD(learning_rate=learning_rate, momentum=0.9, clipnorm=1.0)
 
 
-def _metrics(num_classes):
+def compile_lrcn(model, optimizer, jit_compile=False):
+    """Compiles for one-hot labels: categorical cross-entropy and accuracy, plus top-5
+    accuracy (``top5_accuracy``) with more than 5 classes; float16 loss scaling when the
+    backbone computes in float16 (``precision.loss_scaled``)."""
     metrics = ["accuracy"]
-    if num_classes > 5:
+    if model.output_shape[-1] > 5:
         metrics.append(keras.metrics.TopKCategoricalAccuracy(k=5, name="top5_accuracy"))
-    return metrics
+    model.compile(optimizer=precision.loss_scaled(model, optimizer), loss="categorical_crossentropy",
+                  metrics=metrics, jit_compile=jit_compile)
 
 
 def _sharded_input(splits, args, batch_size):
-    """``multiworker.ShardedInput`` for ``--distribute multi-worker``: each input pipeline
+    """``(train, val)`` ``multiworker.ShardedInput``s for ``--distribute multi-worker``: each input pipeline
     reads every n-th sample with a ``FrameSequences``, wrapped in ``tf.data``."""
     def dataset_fn(training, context):
         split = splits["train" if training else "val"]
@@ -161,24 +169,37 @@ def _sharded_input(splits, args, batch_size):
                      tf.TensorSpec((per_replica, len(split.class_names)), tf.float32))
         return tf.data.Dataset.from_generator(batches, output_signature=signature).prefetch(2)
 
-    return multiworker.ShardedInput.whole_batches(dataset_fn, batch_size, len(splits["train"].samples),
+    return multiworker.ShardedInput.train_and_val(dataset_fn, batch_size, len(splits["train"].samples),
                                                   len(splits["val"].samples), "sequences")
 
 
-def _data(split, args, batch_size, shuffle):
-    return sequences.FrameSequences(split, args.image_size, batch_size, args.frames, shuffle=shuffle,
-                                    seed=args.seed, per_frame=args.per_frame, workers=args.workers)
+def training_data(splits, args, batch_size, strategy=None):
+    """``(train, val)`` ``FrameSequences`` for a phase's ``batch_size``; under
+    ``--distribute multi-worker``, each worker's shards."""
+    if multiworker.is_multi_worker(strategy):
+        return _sharded_input(splits, args, batch_size)
+    return tuple(sequences.FrameSequences(splits[name], args.image_size, batch_size, args.frames, shuffle=shuffle,
+                                          seed=args.seed, per_frame=args.per_frame, workers=args.workers)
+                 for name, shuffle in (("train", True), ("val", False)))
 
 
 def train(args):
-    """The ``train`` command: two phases, then evaluation (and on shuffled frames) and the report."""
+    """The ``train`` command: two phases, then evaluation (and on shuffled frames) and the report.
+
+    Phase 1 freezes VGG16 and trains the per-frame Dense, the GRU and the classifier;
+    its best checkpoint is the lowest validation loss. Phase 2 starts from it and
+    fine-tunes VGG16's top ``--fine-tune-layers`` layers too; best by validation
+    accuracy. Both use the seed's SGD (``sgd``).
+
+    Raises:
+        helpers.errors.ProjectError: bad input or flags, unavailable weights, a NaN
+            loss; reported by ``main`` as one line.
+    """
     cli.check_training_arguments(args)
     if args.distribute == "multi-worker" and (not args.frames or args.per_frame):
-        raise ValueError("--distribute multi-worker needs --frames N and one label per sequence (not "
+        raise UsageError("--distribute multi-worker needs --frames N and one label per sequence (not "
                          "--variable-length or --per-frame): every worker must run the same number of equal steps.")
     strategy = cli.training_strategy(args)
-    multi_worker = multiworker.is_multi_worker(strategy)
-    chief = multiworker.is_chief_process(strategy)
     splits = {"train": sequences.list_sequences(args.data_dir / "train")}
     names = splits["train"].class_names
     for name in ("val", "test"):
@@ -190,37 +211,34 @@ def train(args):
     if not args.skip_image_check:
         for split in splits.values():
             sequences.check_sequences(split)
-    out = args.output_dir
+    chief = multiworker.is_chief_process(strategy)
     if chief:
-        cli.save_args(args, out)
-        reports.write_json(out / "classes.json", {"class_names": names, "layout": splits["train"].layout})
+        cli.save_args(args, args.output_dir)
+        reports.write_json(rundir.RunDir(args.output_dir).classes,
+                           {"class_names": names, "layout": splits["train"].layout})
     keras.utils.set_random_seed(args.seed)
+    trainer = training.Trainer(args.output_dir, strategy, steps_per_epoch=args.steps_per_epoch)
 
-    def build():
-        return build_lrcn(len(names), args.frames, args.image_size, args.dense_units, args.gru_units,
-                          args.fine_tune_layers, args.per_frame, args.weights, args.recurrent_dropout)
+    with trainer.scope():
+        model = build_lrcn(num_classes=len(names), weights=args.weights, **cli.model_arguments(args, MODEL_ARGUMENTS))
+        model.summary(print_fn=logger.info, line_length=110)
 
-    def compile_model(model, optimizer):
-        model.compile(optimizer=precision.loss_scaled(model, optimizer), loss="categorical_crossentropy",
-                      metrics=_metrics(len(names)), jit_compile=args.jit_compile)
+        # Phase 1: VGG16 frozen, SGD; best by val loss.
+        training.set_backbone_trainable(model, BACKBONE, False)
+        compile_lrcn(model, sgd(args.learning_rate), args.jit_compile)
+        best = trainer.fit(model, "phase1", *training_data(splits, args, args.batch_size, strategy),
+                           epochs=args.epochs, monitor="val_loss", title="phase 1: VGG16 frozen")
 
-    phases = [
-        training.Phase("phase1", "phase 1: VGG16 frozen", args.epochs, args.batch_size,
-                       lambda: sgd(args.learning_rate),
-                       lambda model: training.set_backbone_trainable(model, BACKBONE, False), "val_loss"),
-        training.Phase("phase2", f"phase 2: VGG16's top {args.fine_tune_layers} layers fine-tuned",
-                       args.fine_tune_epochs, args.fine_tune_batch_size, lambda: sgd(args.fine_tune_learning_rate),
-                       lambda model: training.set_backbone_trainable(
-                           model, BACKBONE, True, top_layers=args.fine_tune_layers), "val_accuracy"),
-    ]
-    def make_data(batch_size):
-        if multi_worker:
-            return _sharded_input(splits, args, batch_size), None
-        return _data(splits["train"], args, batch_size, True), _data(splits["val"], args, batch_size, False)
+        # Phase 2: from phase 1's best, VGG16's top layers fine-tuned too; best by val accuracy.
+        model = training.best_model(best, model)
+        training.set_backbone_trainable(model, BACKBONE, True, top_layers=args.fine_tune_layers)
+        compile_lrcn(model, sgd(args.fine_tune_learning_rate), args.jit_compile)
+        best = trainer.fit(model, "phase2", *training_data(splits, args, args.fine_tune_batch_size, strategy),
+                           epochs=args.fine_tune_epochs, monitor="val_accuracy",
+                           title=f"phase 2: VGG16's top {args.fine_tune_layers} layers fine-tuned") or best
 
-    best = training.train_phases(out, phases, build, compile_model, make_data, args.steps_per_epoch, strategy)
     if not chief:  # the chief evaluates and reports
-        multiworker.cleanup(out)
+        multiworker.cleanup(args.output_dir)
         return 0
     split = splits.get("test", splits["val"])
     if "test" not in splits:
@@ -229,7 +247,7 @@ def train(args):
     metrics = evaluate_model(model, split, args.batch_size, args.workers)
     shuffled = evaluate_model(model, split, args.batch_size, args.workers, shuffle_frames=True)
     metrics["shuffled_frames_top1"] = shuffled["top1"]
-    reports.save_evaluation(out, metrics, best, names)
+    reports.save_evaluation(args.output_dir, metrics, best, names)
     print(f"top-1 with each clip's frames shuffled: {100 * shuffled['top1']:.2f}% "
           f"(chance {100 / len(names):.0f}%)")
 
@@ -269,7 +287,7 @@ def evaluate_model(model, split, batch_size, workers=2, shuffle_frames=False):
 def evaluate(args):
     """The ``evaluate`` command."""
     if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1. Received: {args.batch_size}")
+        raise UsageError(f"--batch-size must be >= 1. Received: {args.batch_size}")
     model, classes = training.load_checkpoint(args.model)
     split = sequences.list_sequences(args.data_dir / cli.evaluation_split_name(args), classes.get("class_names"))
     sequences.check_sequences(split)
@@ -285,7 +303,7 @@ def predict(args):
     from helpers import extract_frames
 
     if args.top_k < 1:
-        raise ValueError(f"--top-k must be >= 1. Received: {args.top_k}")
+        raise UsageError(f"--top-k must be >= 1. Received: {args.top_k}")
     model, classes = training.load_checkpoint(args.model)
     frames, size = model.input_shape[1], model.input_shape[2]
     for item in map(Path, args.inputs):
@@ -303,7 +321,7 @@ def predict(args):
         reports.print_top_k(item, scores.mean(axis=0) if scores.ndim == 2 else scores, classes, args.top_k)
 
 
-def _parse_args(argv):
+def parse_args(argv=None):
     parser, train_parser, evaluate_parser, predict_parser = cli.parser_with_commands(
         "LRCN (Donahue et al. 2015; seeds 002/003): per-frame VGG16 + GRU, trained in two phases."
     )
@@ -337,7 +355,7 @@ def _parse_args(argv):
 
 
 def main(argv=None):
-    return cli.run(_parse_args(argv), {"train": train, "evaluate": evaluate, "predict": predict})
+    return cli.run(parse_args(argv), {"train": train, "evaluate": evaluate, "predict": predict})
 
 
 if __name__ == "__main__":

@@ -59,7 +59,7 @@ def main(argv=None):
     model = crc.build_cnn_rnn_classifier(100, weights=None, fused_lstm=default,
                                          mixed_precision="auto" if default else "off")
     training.set_backbone_trainable(model, "xception", args.phase == 2)
-    crc._compile(model, keras.optimizers.RMSprop() if args.phase == 1 else keras.optimizers.Adam(1e-4))
+    crc.compile_classifier(model, keras.optimizers.RMSprop() if args.phase == 1 else keras.optimizers.Adam(1e-4))
     rng = np.random.default_rng(0)
     x = rng.uniform(-1, 1, (16, 299, 299, 3)).astype("float32")
     y = np.eye(100, dtype="float32")[rng.integers(0, 100, 16)]

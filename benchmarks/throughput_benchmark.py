@@ -3,7 +3,7 @@
 
 Run by hand, never part of pass/fail::
 
-    python benchmarks/throughput_benchmark.py [--steps 4] [--quick] [--markdown benchmarks/results.md]
+    python benchmarks/throughput_benchmark.py [--steps 4] [--quick] [--only lrcn] [--markdown benchmarks/results.md]
 
 Every training measurement runs in a fresh subprocess (so its peak resident memory is
 its own), on real JPEG files written to a temporary folder; throughput comes from the
@@ -114,27 +114,30 @@ def child_classifier(config):
         model.compile(optimizer=optimizer, loss="categorical_crossentropy", metrics=["accuracy"])
     else:  # what `python cnn_rnn_classifier.py` does with its default flags
         split = data.list_split(Path(config["data"]), None, "train")
-        flow = crc._flow(split, size, batch, shuffle=True, seed=0, workers=2)
+        flow = crc.flow_from_split(split, size, batch, shuffle=True, seed=0, workers=2)
         model = crc.build_cnn_rnn_classifier(flow.num_classes, size, config["timesteps"], config["units"],
                                              weights=None, mixed_precision="auto")
         training.set_backbone_trainable(model, "xception", config["phase"] == 2)
-        crc._compile(model, optimizer)
+        crc.compile_classifier(model, optimizer)
     return {"images_per_s": _fit_throughput(model, flow, config["steps"], batch)}
 
 
 def child_lrcn(config):
-    import keras
-
+    """LRCN phase 1 as ``lrcn.py train --frames 16`` builds and compiles it (the baseline with
+    ``--mixed-precision off``), clips/s."""
     import lrcn
-    from helpers import precision, sequences, training
+    from helpers import cli, sequences, training
 
     split = sequences.list_sequences(config["data"])
-    data = sequences.FrameSequences(split, 224, config["batch"], frames=16, shuffle=True, workers=2)
     mixed = "off" if config["path"] == "baseline" else "auto"
-    model = lrcn.build_lrcn(len(split.class_names), frames=16, weights=None, mixed_precision=mixed)
-    training.set_backbone_trainable(model, "vgg16", False)
-    model.compile(optimizer=precision.loss_scaled(model, lrcn.sgd(0.01)), loss="categorical_crossentropy",
-                  metrics=["accuracy"])
+    args = lrcn.parse_args(["train", "--data-dir", config["data"], "--frames", "16", "--weights", "none",
+                            "--mixed-precision", mixed])
+    data = sequences.FrameSequences(split, args.image_size, config["batch"], frames=args.frames, shuffle=True,
+                                    workers=args.workers)
+    model = lrcn.build_lrcn(num_classes=len(split.class_names), weights=None,
+                            **cli.model_arguments(args, lrcn.MODEL_ARGUMENTS))
+    training.set_backbone_trainable(model, lrcn.BACKBONE, False)
+    lrcn.compile_lrcn(model, lrcn.sgd(args.learning_rate))
     return {"clips_per_s": _fit_throughput(model, data, config["steps"], config["batch"])}
 
 
@@ -195,7 +198,7 @@ def child_input(config):
 
     split = data.list_split(Path(config["data"]), None, "train")
     if config["path"] == "generator":
-        flow = crc._flow(split, 299, 16, shuffle=True, seed=0)
+        flow = crc.flow_from_split(split, 299, 16, shuffle=True, seed=0)
         flow[0]
         start = time.perf_counter()
         with ThreadPoolExecutor(config["threads"]) as pool:
@@ -270,6 +273,8 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=4, help="timed steps per training measurement (default: 4)")
     parser.add_argument("--quick", action="store_true", help="skip the seed configuration and LRCN (default: off)")
     parser.add_argument("--markdown", type=Path, default=None, help="also write the table here (default: print only)")
+    parser.add_argument("--only", choices=("classifier", "input", "lrcn"), default=None,
+                        help="run only these measurements (default: all)")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -283,8 +288,8 @@ def main(argv=None):
         scratch = Path(scratch)
         write_images(scratch / "images")
         peaks = run_child("peak", {})
-        configs = [("demo", 71, 71, 256, {1: 32, 2: 16})]
-        if not args.quick:
+        configs = [("demo", 71, 71, 256, {1: 32, 2: 16})] if args.only in (None, "classifier") else []
+        if configs and not args.quick:
             configs.insert(0, ("seed", 299, 23, 2048, {1: 16, 2: 16}))
         for name, size, steps, units, batches in configs:
             flops = {**run_child("flops", {"image_size": size, "timesteps": steps, "units": units}), **peaks}
@@ -307,14 +312,14 @@ def main(argv=None):
         print(json.dumps({"measurement": "matmul peak (2048x2048)",
                           "float32_gflop_per_s": round(peaks["float32_matmul_peak"] / 1e9, 1),
                           "bfloat16_gflop_per_s": round(peaks["bfloat16_matmul_peak"] / 1e9, 1)}), flush=True)
-        for path in ("generator", "tf.data"):
+        for path in ("generator", "tf.data") if args.only in (None, "input") else ():
             for threads in (1, 2):
                 result = run_child("input", {"data": str(scratch / "images"), "threads": threads, "path": path})
                 row = {"measurement": f"input path, {path}, {threads} worker(s)",
                        "images_per_s": round(result["images_per_s"], 1)}
                 print(json.dumps(row), flush=True)
                 rows.append(row)
-        if not args.quick:
+        if not args.quick and args.only in (None, "lrcn"):
             write_clips(scratch / "clips")
             for path in ("baseline", "default"):
                 result = run_child("lrcn", {"data": str(scratch / "clips"), "batch": 4, "steps": args.steps,
@@ -323,7 +328,7 @@ def main(argv=None):
                        "clips_per_s": round(result["clips_per_s"], 3), "peak_rss_mib": round(result["peak_rss_mib"])}
                 print(json.dumps(row), flush=True)
                 rows.append(row)
-            for name, value in run_child("components", {}).items():
+            for name, value in run_child("components", {}).items() if args.only is None else ():
                 if name != "peak_rss_mib":
                     row = {"measurement": f"seed step, {name}", "seconds_per_batch_of_16": round(value, 3)}
                     print(json.dumps(row), flush=True)

@@ -10,12 +10,13 @@ import logging
 from pathlib import Path
 
 from helpers import precision
+from helpers.errors import MissingFileError, UsageError
 
 
 logger = logging.getLogger(__name__)
 
 
-class WeightsUnavailableError(RuntimeError):
+class WeightsUnavailableError(UsageError):
     """The ImageNet weights could not be downloaded or the file could not be loaded."""
 
 
@@ -23,7 +24,7 @@ def resolve_weights(weights):
     """Normalise a ``weights`` argument to ``"imagenet"``, ``None`` or an existing path.
 
     Raises:
-        FileNotFoundError: ``weights`` is a path that does not exist.
+        MissingFileError: ``weights`` is a path that does not exist (a ``FileNotFoundError``).
     """
     if weights is None or (isinstance(weights, str) and weights.lower() == "none"):
         return None
@@ -31,7 +32,7 @@ def resolve_weights(weights):
         return weights
     path = Path(weights).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"Backbone weights file {path} does not exist. Use weights='imagenet' "
             "(download), 'none' (random) or the path of a no-top weights file."
         )
@@ -54,7 +55,7 @@ def pretrained_backbone(application, weights, dtype_policy="float32", **kwargs):
         (``"xception"``, ``"vgg16"``).
 
     Raises:
-        FileNotFoundError: ``weights`` is a path that does not exist.
+        MissingFileError: ``weights`` is a path that does not exist (a ``FileNotFoundError``).
         WeightsUnavailableError: the ImageNet download failed, or the file does not
             fit the architecture. The message names both offline options.
     """

@@ -10,7 +10,11 @@ import logging
 import sys
 from pathlib import Path
 
-from helpers import distribute, precision
+import tensorflow as tf
+
+from helpers import distribute, precision, rundir
+from helpers.data import DatasetError
+from helpers.errors import ProjectError, UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -83,8 +87,8 @@ def add_performance_arguments(parser):
     group.add_argument("--devices", nargs="+", default=None,
                        help="devices for --distribute mirrored, e.g. /gpu:0 /gpu:1 (default: all GPUs)")
     group.add_argument("--jit-compile", action="store_true",
-                       help="compile the train step with XLA; reported 5x slower on a 2-core CPU, try it "
-                       "on a GPU (default: off)")
+                       help="compile the train step with XLA (see the README's measurements before using it "
+                       "on a CPU) (default: off)")
     return group
 
 
@@ -98,16 +102,16 @@ def add_output_arguments(parser):
 
 
 def check_training_arguments(args):
-    """Raises ``ValueError`` naming a flag whose value cannot work."""
+    """Raises ``UsageError`` naming a flag whose value cannot work."""
     for flag in ("epochs", "fine_tune_epochs"):
         if getattr(args, flag) < 0:
-            raise ValueError(f"--{flag.replace('_', '-')} must be >= 0. Received: {getattr(args, flag)}")
+            raise UsageError(f"--{flag.replace('_', '-')} must be >= 0. Received: {getattr(args, flag)}")
     for flag in ("batch_size", "fine_tune_batch_size", "steps_per_epoch", "workers"):
         value = getattr(args, flag)
         if value is not None and value < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1. Received: {value}")
+            raise UsageError(f"--{flag.replace('_', '-')} must be >= 1. Received: {value}")
     if args.epochs == 0 and args.fine_tune_epochs == 0:
-        raise ValueError("--epochs and --fine-tune-epochs are both 0: there is nothing to train.")
+        raise UsageError("--epochs and --fine-tune-epochs are both 0: there is nothing to train.")
 
 
 def training_strategy(args):
@@ -115,45 +119,53 @@ def training_strategy(args):
     after checking that both global batch sizes split evenly over its replicas.
 
     Raises:
-        ValueError: a bad flag combination or a batch size not divisible by the replicas.
+        UsageError: a bad flag combination or a batch size not divisible by the replicas.
     """
     strategy = distribute.make_strategy(args.distribute, args.devices)
     distribute.check_global_batch(strategy, batch_size=args.batch_size, fine_tune_batch_size=args.fine_tune_batch_size)
     return strategy
 
 
+def model_arguments(args, names):
+    """``{name: args.<name>}`` for a builder's keyword arguments ``names``: the one place a
+    script's model flags reach its builder, and what ``check_resumable`` compares."""
+    return {name: getattr(args, name) for name in names}
+
+
 def check_resumable(args, model_arguments):
     """Refuses to resume a run in ``args.output_dir`` whose model was built with other flags.
 
+    Args:
+        model_arguments: the names of the builder's keyword arguments taken from flags.
+
     Raises:
-        ValueError: naming each changed flag, old and new value.
+        UsageError: naming each changed flag, old and new value.
     """
-    saved = Path(args.output_dir) / "args.json"
-    if not saved.is_file() or not any(Path(args.output_dir).glob("phase*_log.csv")):
+    run = rundir.RunDir(args.output_dir)
+    if not run.args.is_file() or not run.has_training_logs():
         return
-    before = json.loads(saved.read_text())
+    before = json.loads(run.args.read_text())
     changed = [f"--{k.replace('_', '-')} {before.get(k)} -> {getattr(args, k)}"
                for k in model_arguments if k in before and before[k] != getattr(args, k)]
     if changed:
-        raise ValueError(f"{args.output_dir} holds a run with another model ({', '.join(changed)}); "
+        raise UsageError(f"{args.output_dir} holds a run with another model ({', '.join(changed)}); "
                          "use a new --output-dir, or the same flags to resume.")
 
 
-def configure_logging(verbose=False):
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+def configure_logging(verbose=False, modules=()):
+    """INFO logging to stderr; with ``verbose``, DEBUG for this project's loggers
+    (``helpers.*`` and the scripts' ``modules``), not for every library's."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    for name in ("helpers", "__main__", *modules) if verbose else ():
+        logging.getLogger(name).setLevel(logging.DEBUG)
 
 
 def save_args(args, output_dir):
-    """Writes the resolved arguments to ``output_dir/args.json`` so a run can be repeated."""
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    values = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()
-              if not callable(value)}
-    path = output_dir / "args.json"
+    """Writes the resolved arguments to the run's ``args.json`` so a run can be repeated."""
+    path = rundir.RunDir(output_dir).args
+    path.parent.mkdir(parents=True, exist_ok=True)
+    values = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
     path.write_text(json.dumps(values, indent=2) + "\n", encoding="utf-8")
     return path
 
@@ -161,19 +173,15 @@ def save_args(args, output_dir):
 def run(args, commands):
     """Configures logging and runs ``commands[args.command](args)``.
 
-    Bad input, a bad flag, unavailable weights and a NaN loss are logged as one clear
-    line with exit code 1 (the traceback with ``--verbose``); anything else is a bug
-    and raises.
+    A ``helpers.errors.ProjectError`` (bad input, a bad flag, unavailable weights, a
+    NaN loss) is logged as one line with exit code 1 (the traceback with
+    ``--verbose``), and so is a lost peer under ``--distribute multi-worker``; anything
+    else is a bug and raises.
     """
-    from helpers.backbones import WeightsUnavailableError
-    from helpers.training import NaNLossError
-
-    import tensorflow as tf
-
-    configure_logging(args.verbose)
+    configure_logging(args.verbose, {command.__module__ for command in commands.values()})
     try:
         return commands[args.command](args) or 0
-    except (ValueError, FileNotFoundError, WeightsUnavailableError, NaNLossError) as error:
+    except ProjectError as error:
         logger.debug("traceback", exc_info=True)
         logger.error("%s", error)
         return 1
@@ -188,20 +196,23 @@ def run(args, commands):
         return 1
 
 
-def add_evaluate_arguments(parser, batch_size):
+def _add_saved_model_arguments(parser):
     parser.add_argument("--model", required=True, type=Path, help="a saved .keras model; required")
+    parser.add_argument("--verbose", action="store_true", help="debug logging (default: off)")
+
+
+def add_evaluate_arguments(parser, batch_size):
+    _add_saved_model_arguments(parser)
     parser.add_argument("--data-dir", required=True, type=Path, help="dataset root; required")
     parser.add_argument("--split", choices=("test", "val", "train"), default=None,
                         help="split to score (default: test/ if present, else val/)")
     parser.add_argument("--json", type=Path, help="also write the metrics here (default: print only)")
     parser.add_argument("--batch-size", type=int, default=batch_size, help=f"batch size (default: {batch_size})")
-    parser.add_argument("--verbose", action="store_true", help="debug logging (default: off)")
 
 
 def add_predict_arguments(parser, inputs_help):
-    parser.add_argument("--model", required=True, type=Path, help="a saved .keras model; required")
+    _add_saved_model_arguments(parser)
     parser.add_argument("--top-k", type=int, default=5, help="classes shown per input (default: 5)")
-    parser.add_argument("--verbose", action="store_true", help="debug logging (default: off)")
     parser.add_argument("inputs", nargs="+", help=inputs_help)
 
 
@@ -211,8 +222,6 @@ def evaluation_split_name(args):
     Raises:
         DatasetError: the data directory is missing or has neither split.
     """
-    from helpers.data import DatasetError
-
     if not args.data_dir.is_dir():
         raise DatasetError(f"Data directory {args.data_dir} does not exist.")
     name = args.split or next((s for s in ("test", "val") if (args.data_dir / s).is_dir()), None)

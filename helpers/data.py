@@ -29,14 +29,15 @@ from pathlib import Path
 
 from PIL import Image
 
-from helpers.restructure_dataset import IMAGE_EXTENSIONS  # the extensions Keras reads
+from helpers.errors import UsageError
+from helpers.formats import IMAGE_EXTENSIONS
 
 logger = logging.getLogger(__name__)
 
 MAX_LISTED = 20  # problems listed in an error message before "... and N more"
 
 
-class DatasetError(ValueError):
+class DatasetError(UsageError):
     """The data directory is missing, empty or holds unreadable images."""
 
 
@@ -160,14 +161,14 @@ def check_images(paths, workers=None):
         )
 
 
-def load_splits(data_dir, splits=("train", "val"), optional=("test",), check=True):
-    """Lists and checks the splits of a data directory against train's classes.
+def load_splits(data_dir, splits=("train", "val"), optional=("test",)):
+    """Lists the splits of a data directory and checks them against train's classes
+    (``check_images`` decodes the images).
 
     Args:
         data_dir: the dataset root.
         splits: required split folders; the first defines the classes.
         optional: split folders used when present.
-        check: also decode every image (``check_images``).
 
     Returns:
         A dict ``{split name: Split}`` of the splits found.
@@ -192,8 +193,6 @@ def load_splits(data_dir, splits=("train", "val"), optional=("test",), check=Tru
         class_names = result[name].class_names
     if problems:
         raise DatasetError("\n".join(problems))
-    if check:
-        check_images([p for split in result.values() for p in split.paths])
     return result
 
 

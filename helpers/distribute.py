@@ -17,7 +17,11 @@ single-device result (tested).
 import contextlib
 import logging
 
+import keras
 import tensorflow as tf
+
+from helpers import multiworker
+from helpers.errors import UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -34,26 +38,24 @@ def make_strategy(choice, devices=None):
             default: all local GPUs, else the CPU.
 
     Raises:
-        ValueError: an unknown choice, ``devices`` without ``mirrored``, a device
+        UsageError: an unknown choice, ``devices`` without ``mirrored``, a device
             that does not exist (the visible devices are listed), or a bad ``TF_CONFIG``
             for ``multi-worker`` (``helpers.multiworker.read_tf_config``).
     """
     if choice not in CHOICES:
-        raise ValueError(f"--distribute must be one of {', '.join(CHOICES)}. Received: {choice!r}")
+        raise UsageError(f"--distribute must be one of {', '.join(CHOICES)}. Received: {choice!r}")
     if devices and choice != "mirrored":
-        raise ValueError("--devices needs --distribute mirrored.")
+        raise UsageError("--devices needs --distribute mirrored.")
     if choice == "none":
         return None
     if choice == "multi-worker":
-        from helpers import multiworker
-
         return multiworker.make_strategy()
     if devices:
         visible = [device.name for device in tf.config.list_logical_devices()]
         wanted = [_canonical(name) for name in devices]
         unknown = [name for name, canonical in zip(devices, wanted) if canonical not in visible]
         if unknown:
-            raise ValueError(f"--devices {' '.join(unknown)}: no such device; visible: {' '.join(visible)}")
+            raise UsageError(f"--devices {' '.join(unknown)}: no such device; visible: {' '.join(visible)}")
         devices = wanted
     strategy = tf.distribute.MirroredStrategy(devices or None)
     logger.info("MirroredStrategy over %d replica(s): %s", strategy.num_replicas_in_sync,
@@ -62,26 +64,67 @@ def make_strategy(choice, devices=None):
 
 
 def _canonical(name):
-    """``"gpu:1"``, ``"/GPU:1"`` or ``"/device:GPU:1"`` -> ``"/device:GPU:1"``; ``ValueError`` if unparsable."""
+    """``"gpu:1"``, ``"/GPU:1"`` or ``"/device:GPU:1"`` -> ``"/device:GPU:1"``; ``UsageError`` if unparsable."""
     try:
         spec = tf.DeviceSpec.from_string(name if name.startswith("/") else f"/{name}")
-    except ValueError as error:
-        raise ValueError(f"--devices {name}: not a device name like /gpu:0 ({error})") from None
+    except ValueError as error:  # from TensorFlow's parser
+        raise UsageError(f"--devices {name}: not a device name like /gpu:0 ({error})") from None
     return f"/device:{(spec.device_type or '').upper()}:{spec.device_index or 0}"
 
 
 def check_global_batch(strategy, **batch_sizes):
-    """Raises ``ValueError`` naming a global batch flag not divisible by the replicas.
+    """Raises ``UsageError`` naming a global batch flag not divisible by the replicas.
 
     ``batch_sizes`` maps flag names (``batch_size=32``) to their values.
     """
     replicas = strategy.num_replicas_in_sync if strategy else 1
     for flag, value in batch_sizes.items():
         if value % replicas:
-            raise ValueError(f"--{flag.replace('_', '-')} {value} is the global batch and must be divisible by "
+            raise UsageError(f"--{flag.replace('_', '-')} {value} is the global batch and must be divisible by "
                              f"the {replicas} replicas (e.g. {value - value % replicas or replicas}).")
 
 
 def scope(strategy):
     """``strategy.scope()``, or a no-op context without a strategy."""
     return strategy.scope() if strategy else contextlib.nullcontext()
+
+
+class LeadingBatches(keras.utils.PyDataset):
+    """The first ``count`` batches of a ``PyDataset`` (which may reshuffle every epoch)."""
+
+    def __init__(self, data, count):
+        super().__init__(workers=data.workers, use_multiprocessing=False)
+        self.data, self.count = data, count
+
+    def __len__(self):
+        return self.count
+
+    def __getitem__(self, index):
+        return self.data[index]
+
+    def on_epoch_end(self):
+        self.data.on_epoch_end()
+
+
+def replica_safe(data, replicas, what):
+    """``data`` without a last batch too small to give every replica an example.
+
+    A last, partial batch smaller than the number of replicas would leave a replica
+    without examples (TensorFlow 2.21's oneDNN convolution then fails on the empty
+    batch). For a ``PyDataset`` such a batch is left out of each epoch (a reshuffling
+    dataset rotates it); other data is returned as it is (the tf.data path drops the
+    remainder itself).
+
+    Raises:
+        UsageError: the data is smaller than one global batch.
+    """
+    if replicas <= 1 or not isinstance(data, keras.utils.PyDataset):
+        return data
+    batches = len(data)
+    last = len(keras.tree.flatten(data[batches - 1])[0])
+    if last >= replicas:
+        return data
+    if batches == 1:
+        raise UsageError(f"the {what} data holds {last} examples, fewer than the {replicas} replicas; "
+                         "add data or use fewer devices")
+    return LeadingBatches(data, batches - 1)

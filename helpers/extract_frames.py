@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Turns video files (mp4, avi, ...) into frame folders for ``lrcn.py``, with OpenCV.
 
-    python helpers/extract_frames.py VIDEO... --output DATA/train [--layout class-folders --label walk]
+    python -m helpers.extract_frames VIDEO... --output DATA/train [--layout class-folders --label walk]
         [--fps 10] [--max-frames 64] [--size 224]
 
 Each video becomes one sample folder of ``frame_00000.jpg``, ``frame_00001.jpg``, ...:
@@ -18,10 +18,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from helpers.errors import UsageError
+
 logger = logging.getLogger(__name__)
 
 
-class VideoError(ValueError):
+class VideoError(UsageError):
     """A video file is missing or cannot be decoded."""
 
 

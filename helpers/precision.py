@@ -1,9 +1,8 @@
 """Mixed precision where it pays: the convolutional backbone, not the recurrent layers.
 
-Measured on the project's 2-core CPU (AVX512_BF16), batch 16 at 299 px: Xception's
-forward pass takes 1.32 s in ``mixed_bfloat16`` against 1.93 s in float32, and its
-forward + backward pass 4.33 s against 6.97 s (README, Performance). The global
-``mixed_bfloat16`` policy the issue measured end to end also casts the LSTMs, whose
+On a CPU with AVX512_BF16, bfloat16 speeds up Xception's forward and backward passes
+(the README's Performance section has the measurements). A global ``mixed_bfloat16``
+policy would also cast the LSTMs, whose
 time on this CPU is dominated by batch-sized matmuls that bfloat16 does not speed up,
 and which accumulate their carry over timesteps; so here only the backbone takes the
 mixed policy, and the recurrent layers and the classifier stay float32 (the softmax
@@ -21,6 +20,8 @@ from pathlib import Path
 
 import keras
 import tensorflow as tf
+
+from helpers.errors import UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -55,10 +56,10 @@ def resolve(choice):
         ``"float32"``, ``"mixed_bfloat16"`` or ``"mixed_float16"``.
 
     Raises:
-        ValueError: an unknown choice.
+        UsageError: an unknown choice.
     """
     if choice not in CHOICES:
-        raise ValueError(f"--mixed-precision must be one of {', '.join(CHOICES)}. Received: {choice!r}")
+        raise UsageError(f"--mixed-precision must be one of {', '.join(CHOICES)}. Received: {choice!r}")
     capability = gpu_compute_capability()
     if choice == "auto":
         if capability is not None:

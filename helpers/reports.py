@@ -11,6 +11,8 @@ matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from helpers import rundir  # noqa: E402
+
 logger = logging.getLogger(__name__)
 
 MAX_TICK_LABELS = 30  # a confusion matrix with more classes is drawn without names
@@ -70,7 +72,7 @@ def plot_history(history, path, title):
     """Loss, accuracy and top-5 accuracy curves of one phase (train and validation).
 
     Args:
-        history: ``{metric: [value per epoch]}``, e.g. from ``training.read_history``.
+        history: ``{metric: [value per epoch]}``, e.g. from ``rundir.read_history``.
         path: the PNG to write.
         title: figure title.
     """
@@ -140,14 +142,14 @@ def save_evaluation(output_dir, metrics, model_path, display_names):
         model_path: the evaluated checkpoint (recorded as ``model``).
         display_names: class names to show, in index order.
     """
-    output_dir = Path(output_dir)
+    run = rundir.RunDir(output_dir)
     metrics["model"] = str(model_path)
-    plot_confusion_matrix(metrics["confusion_matrix"], display_names, output_dir / "confusion_matrix.png",
+    plot_confusion_matrix(metrics["confusion_matrix"], display_names, run.confusion_matrix,
                           f"{metrics['split']}: top-1 {100 * metrics['top1']:.1f}%")
-    write_json(output_dir / "metrics.json", metrics)
+    write_json(run.metrics, metrics)
     names = dict(zip(metrics["per_class_accuracy"], display_names))
     print(format_report(metrics, names))
-    print(f"outputs in {output_dir}")
+    print(f"outputs in {run.path}")
 
 
 def print_top_k(name, scores, classes, top_k):

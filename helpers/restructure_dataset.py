@@ -27,12 +27,12 @@ Output::
 
 Usage::
 
-    python helpers/restructure_dataset.py SRC --output OUT [--holdout 50] [--classes 100]
-    python helpers/restructure_dataset.py SRC --in-place [--dry-run]
+    python -m helpers.restructure_dataset SRC --output OUT [--holdout 50] [--classes 100]
+    python -m helpers.restructure_dataset SRC --in-place [--dry-run]
 
 or from Python: ``restructure(src, output=..., holdout=..., ...)``.
 
-Standard library only, so it runs before anything else is installed.
+Standard library only (with ``helpers.formats``), so it runs before anything else is installed.
 """
 
 import argparse
@@ -48,11 +48,10 @@ import shutil
 import sys
 from pathlib import Path
 
+from helpers.formats import IMAGE_EXTENSIONS  # anything else in an image folder is a stray file
+
 logger = logging.getLogger(__name__)
 
-# The extensions Keras' ``flow_from_directory`` and ``image_dataset_from_directory``
-# read (case-insensitive); anything else in an image folder is a stray file.
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".tif", ".tiff")
 MARKER = ".restructure_complete.json"
 JOURNAL = ".restructure_journal.json"
 PROGRESS = ".restructure_progress"  # in place: index of the next step after the last folder renamed

@@ -19,7 +19,8 @@ import keras
 import numpy as np
 from PIL import Image
 
-from helpers.data import IMAGE_EXTENSIONS, DatasetError, check_images
+from helpers.data import DatasetError, check_images
+from helpers.formats import IMAGE_EXTENSIONS
 from helpers.layers import PAD_VALUE
 
 SEED_LAYOUT = re.compile(r"^(\d+)_")
@@ -154,25 +155,20 @@ class FrameSequences(keras.utils.PyDataset):
     """
 
     def __init__(self, split, image_size, batch_size, frames=None, shuffle=False, seed=0, per_frame=False,
-                 workers=2, max_frames=None, **kwargs):
+                 workers=2, **kwargs):
         super().__init__(workers=workers, use_multiprocessing=False, **kwargs)
         self.split, self.image_size, self.frames = split, image_size, frames
         self.batch_size, self.shuffle, self.per_frame = batch_size, shuffle, per_frame
-        self.max_frames = max_frames
         self.rng = np.random.default_rng(seed)
         self.num_classes = len(split.class_names)
         self._make_batches()
-
-    def _length(self, index):
-        length = len(self.split.samples[index])
-        return min(length, self.max_frames) if self.max_frames else length
 
     def _make_batches(self):
         order = np.arange(len(self.split))
         if self.shuffle:
             self.rng.shuffle(order)
         if self.frames is None and self.batch_size > 1:  # bucketing: close lengths share a batch
-            order = sorted(order, key=self._length)
+            order = sorted(order, key=lambda index: len(self.split.samples[index]))
         self.batches = [list(order[i:i + self.batch_size]) for i in range(0, len(order), self.batch_size)]
         if self.shuffle:
             self.rng.shuffle(self.batches)
@@ -187,8 +183,6 @@ class FrameSequences(keras.utils.PyDataset):
         paths = self.split.samples[index]
         if self.frames:
             return [paths[i] for i in sample_indices(len(paths), self.frames)]
-        if self.max_frames and len(paths) > self.max_frames:
-            return [paths[i] for i in sample_indices(len(paths), self.max_frames)]
         return paths
 
     def __getitem__(self, batch_index):

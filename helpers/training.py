@@ -1,17 +1,25 @@
-"""Training phases: freeze/unfreeze, callbacks, resume, NaN handling.
+"""The training core the scripts share: freezing, and each phase's ``fit`` with the
+project's callbacks, resume and NaN stop.
 
-Both scripts train in phases (backbone frozen, then fine-tuned). Each phase
-writes into the output directory:
+A script's ``train()`` tells the story itself, as keras-io's fine-tuning guide
+(``examples/vision/image_classification_efficientnet_fine_tuning.py``) does::
 
-    <phase>_best.keras        best model by the phase's monitored metric
-    <phase>_log.csv           one row per epoch (CSVLogger, appended on resume)
-    logs/<phase>/             TensorBoard logs
-    backup/<phase>/           BackupAndRestore state, deleted when the phase ends
-    <phase>_done.json         written when the phase completes; a rerun skips it
+    trainer = training.Trainer(args.output_dir, strategy, steps_per_epoch=args.steps_per_epoch)
+    with trainer.scope():
+        model = build_model(...)
+        training.set_backbone_trainable(model, "xception", False)        # freeze
+        model.compile(optimizer=keras.optimizers.RMSprop(), ...)
+        best = trainer.fit(model, "phase1", train, val, epochs=3, monitor="val_loss")
+        model = training.best_model(best, model)
+        training.set_backbone_trainable(model, "xception", True)         # unfreeze
+        model.compile(optimizer=keras.optimizers.Adam(1e-4), ...)
+        best = trainer.fit(model, "phase2", train, val, epochs=3, monitor="val_accuracy")
+
+``Trainer.fit`` owns the run directory (``helpers.rundir``): the best checkpoint,
+the CSV and TensorBoard logs, ``BackupAndRestore`` resume, the NaN stop, skipping a
+finished phase and the phase's curves.
 """
 
-import csv
-import dataclasses
 import json
 import logging
 import math
@@ -22,13 +30,10 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
-from helpers import distribute, multiworker, reports
+from helpers import distribute, multiworker, reports, rundir
+from helpers.errors import MissingFileError, NaNLossError
 
 logger = logging.getLogger(__name__)
-
-
-class NaNLossError(RuntimeError):
-    """Training produced a NaN or infinite loss and was stopped."""
 
 
 class StopOnNaN(keras.callbacks.Callback):
@@ -61,7 +66,7 @@ def find_layer(model, name):
     """The layer called ``name`` anywhere in ``model``: nested models and wrappers included.
 
     Raises:
-        ValueError: no such layer.
+        ValueError: no such layer (a programming error, not the user's).
     """
     stack = [model]
     while stack:
@@ -109,136 +114,114 @@ def set_backbone_trainable(model, backbone_name, trainable, train_batchnorm=Fals
     return len(backbone.trainable_weights)
 
 
-@dataclasses.dataclass
-class Phase:
-    """One training phase.
-
-    Attributes:
-        name: file prefix, ``"phase1"``.
-        title: plot title.
-        epochs: 0 skips the phase.
-        batch_size: passed to ``make_data``.
-        optimizer: a function returning a fresh Keras optimizer.
-        configure: a function that freezes or unfreezes the model for this phase.
-        monitor: checkpoint metric, ``"val_loss"`` or ``"val_accuracy"``.
-    """
-
-    name: str
-    title: str
-    epochs: int
-    batch_size: int
-    optimizer: object
-    configure: object
-    monitor: str
+def best_model(best, model):
+    """The model to go on with after a phase: its best checkpoint ``best`` (loaded in
+    safe mode, in the current strategy scope), or ``model`` when the phase did not run
+    (``best`` is None)."""
+    return keras.saving.load_model(best) if best else model
 
 
-def train_phases(output_dir, phases, build_model, compile_model, make_data, steps_per_epoch=None, strategy=None):
-    """Runs the phases in order, each from the previous phase's best checkpoint.
-
-    The first phase that runs starts from ``build_model()``. Each writes the files of
-    ``run_phase`` and a ``<phase>_curves.png`` plot.
+class Trainer:
+    """Fits the phases of one run into its output directory.
 
     Args:
-        output_dir: where everything goes.
-        phases: ``Phase`` objects, in order.
-        build_model: returns a new model (used when no earlier phase ran).
-        compile_model: ``compile_model(model, optimizer)``.
-        make_data: ``make_data(batch_size) -> (train_data, val_data)``.
-        steps_per_epoch: batches per epoch (default: all).
-        strategy: a ``tf.distribute`` strategy (``helpers.distribute``): the model is
-            built or loaded, compiled and fitted inside its scope. Default: none.
-
-    Returns:
-        The path of the last phase's best checkpoint.
+        output_dir: the run's folder (``helpers.rundir``); under multi-worker training
+            the chief writes there and the other workers into their ``worker_dir``.
+        strategy: a ``tf.distribute`` strategy (``helpers.distribute``) or ``None``.
+        steps_per_epoch: batches per epoch (default: the whole training set).
     """
-    multi_worker = multiworker.is_multi_worker(strategy)
-    output_dir = multiworker.worker_dir(output_dir) if multi_worker else Path(output_dir)
-    previous = None
-    for phase in phases:
-        if phase.epochs and not phase_complete(output_dir, phase.name):
-            with distribute.scope(strategy):
-                model = keras.saving.load_model(previous) if previous else build_model()
-                phase.configure(model)
-                compile_model(model, phase.optimizer())
-                if previous is None:
-                    model.summary(print_fn=logger.info, line_length=110)
-                train_data, val_data = make_data(phase.batch_size)
-                if multi_worker:  # model.fit fails there: the custom loop
-                    multiworker.run_phase(model, phase.name, train_data, phase.epochs, output_dir, strategy,
-                                          phase.monitor, steps_per_epoch=steps_per_epoch)
-                else:
-                    replicas = strategy.num_replicas_in_sync if strategy else 1
-                    train_data = replica_safe(train_data, replicas, "training")
-                    val_data = replica_safe(val_data, replicas, "validation")
-                    run_phase(model, phase.name, train_data, val_data, phase.epochs, output_dir,
-                              monitor=phase.monitor, steps_per_epoch=steps_per_epoch)
-        if phase.epochs:
-            previous = output_dir / f"{phase.name}_best.keras"
-        history = read_history(output_dir / f"{phase.name}_log.csv")
+
+    def __init__(self, output_dir, strategy=None, steps_per_epoch=None):
+        self.strategy = strategy
+        self.multi_worker = multiworker.is_multi_worker(strategy)
+        self.run = rundir.RunDir(multiworker.worker_dir(output_dir) if self.multi_worker else output_dir)
+        self.steps_per_epoch = steps_per_epoch
+
+    def scope(self):
+        """The strategy's scope (a no-op without one): build, load and compile inside it."""
+        return distribute.scope(self.strategy)
+
+    def fit(self, model, phase, train_data, val_data, *, epochs, monitor, title=None):
+        """Fits one phase: ``model.fit`` with the project's callbacks, resumable.
+
+        Each epoch is logged to ``<phase>_log.csv`` and TensorBoard; the best epoch by
+        ``monitor`` is saved as ``<phase>_best.keras``; ``BackupAndRestore`` keeps the
+        last finished epoch, so the same command resumes a killed run there. A phase
+        with ``<phase>_done.json`` is skipped; a NaN loss stops it (``NaNLossError``)
+        before anything of the broken epoch is saved. The phase's curves are plotted.
+
+        Args:
+            model: a compiled ``keras.Model``.
+            phase: the files' prefix, ``"phase1"`` or ``"phase2"``.
+            train_data, val_data: anything ``model.fit`` takes (a ``keras.utils.PyDataset``
+                or ``tf.data.Dataset``); ``multiworker.ShardedInput``s under multi-worker.
+            epochs: epochs of the phase; 0 skips it.
+            monitor: ``"val_loss"`` (lower is better) or a ``val_`` accuracy (higher).
+            title: the curves' title (default: ``phase``).
+
+        Returns:
+            The path of the best checkpoint, or ``None`` when the phase did not run
+            (``epochs == 0``).
+
+        Raises:
+            NaNLossError: the loss became NaN or infinite.
+        """
+        run = self.run
+        if epochs <= 0:
+            logger.info("%s: skipped (0 epochs)", phase)
+            return None
+        best = run.best(phase)
+        if run.phase_complete(phase):
+            logger.info("%s: already complete (%s); skipped", phase, run.done(phase))
+            return best
+        mode = "min" if "loss" in monitor else "max"
+        past = rundir.read_history(run.log(phase)).get(monitor, [])
+        best_so_far = (min if mode == "min" else max)(past) if past and best.is_file() else None
+        if len(past) >= epochs and best.is_file() and not self.multi_worker:  # killed after the last epoch
+            logger.info("%s: all %d epochs are logged; marking the phase complete", phase, epochs)
+            return self._finish(model, phase, epochs, first_epoch=epochs, title=title)
+        if past:
+            logger.info("%s: resuming after %d logged epochs (best %s %.4f)", phase, len(past), monitor,
+                        math.nan if best_so_far is None else best_so_far)
+        callbacks = [
+            StopOnNaN(phase),
+            keras.callbacks.ModelCheckpoint(str(best), monitor=monitor, mode=mode, save_best_only=True,
+                                            initial_value_threshold=best_so_far),
+            keras.callbacks.CSVLogger(str(run.log(phase)), append=True),
+            keras.callbacks.TensorBoard(str(run.tensorboard(phase))),
+        ]
+        if self.multi_worker:  # model.fit fails there (keras-team/keras#20585): fit's loop
+            chief = multiworker.is_chief_process(self.strategy)
+            first = multiworker.fit(model, train_data, val_data, epochs, callbacks, self.strategy, run.backup(phase),
+                                    self.steps_per_epoch, verbose=progress_verbosity() if chief else 0, name=phase)
+        else:
+            replicas = self.strategy.num_replicas_in_sync if self.strategy else 1
+            history = model.fit(
+                distribute.replica_safe(train_data, replicas, "training"),
+                validation_data=distribute.replica_safe(val_data, replicas, "validation"),
+                shuffle=not isinstance(train_data, tf.data.Dataset),  # a tf.data pipeline shuffles itself
+                epochs=epochs,
+                steps_per_epoch=self.steps_per_epoch,
+                callbacks=[keras.callbacks.BackupAndRestore(str(run.backup(phase))), *callbacks],
+                verbose=progress_verbosity(),
+            )
+            first = history.epoch[0] if history.epoch else epochs
+        return self._finish(model, phase, epochs, first_epoch=first, title=title)
+
+    def _finish(self, model, phase, epochs, first_epoch, title):
+        """Marks a phase complete (``<phase>_done.json``), after making sure its best
+        checkpoint exists, and plots its curves."""
+        run = self.run
+        if run.backup_root.is_dir() and not any(run.backup_root.iterdir()):
+            shutil.rmtree(run.backup_root)
+        if not run.best(phase).is_file():  # e.g. every validation loss was NaN
+            model.save(run.best(phase))
+        run.done(phase).write_text(json.dumps(
+            {"epochs": epochs, "epochs_run": epochs - first_epoch, "first_epoch": first_epoch}, indent=1))
+        history = rundir.read_history(run.log(phase))
         if history:
-            reports.plot_history(history, output_dir / f"{phase.name}_curves.png", phase.title)
-    return previous
-
-
-class LeadingBatches(keras.utils.PyDataset):
-    """The first ``count`` batches of a ``PyDataset`` (which may reshuffle every epoch)."""
-
-    def __init__(self, data, count):
-        super().__init__(workers=data.workers, use_multiprocessing=False)
-        self.data, self.count = data, count
-
-    def __len__(self):
-        return self.count
-
-    def __getitem__(self, index):
-        return self.data[index]
-
-    def on_epoch_end(self):
-        self.data.on_epoch_end()
-
-
-def replica_safe(data, replicas, what):
-    """``data`` without a last batch too small to give every replica an example.
-
-    A last, partial batch smaller than the number of replicas would leave a replica
-    without examples (TensorFlow 2.21's oneDNN convolution then fails on the empty
-    batch). For a ``PyDataset`` such a batch is left out of each epoch (a reshuffling
-    dataset rotates it); other data is returned as it is (the tf.data path drops the
-    remainder itself).
-
-    Raises:
-        ValueError: the data is smaller than one global batch.
-    """
-    if replicas <= 1 or not isinstance(data, keras.utils.PyDataset):
-        return data
-    batches = len(data)
-    last = len(keras.tree.flatten(data[batches - 1])[0])
-    if last >= replicas:
-        return data
-    if batches == 1:
-        raise ValueError(f"the {what} data holds {last} examples, fewer than the {replicas} replicas; "
-                         "add data or use fewer devices")
-    return LeadingBatches(data, batches - 1)
-
-
-def read_history(csv_path):
-    """Reads a CSVLogger file into ``{column: [values by epoch]}``.
-
-    A row repeated for the same epoch (written just before an interruption and
-    again on resume) counts once, the last one winning.
-    """
-    csv_path = Path(csv_path)
-    if not csv_path.is_file():
-        return {}
-    rows = {}
-    with csv_path.open(newline="") as handle:
-        for row in csv.DictReader(handle):
-            rows[int(row["epoch"])] = row
-    history = {}
-    for epoch in sorted(rows):
-        for key, value in rows[epoch].items():
-            history.setdefault(key, []).append(float(value) if value not in ("", None) else math.nan)
-    return history
+            reports.plot_history(history, run.curves(phase), title or phase)
+        return run.best(phase)
 
 
 def load_checkpoint(path):
@@ -249,12 +232,12 @@ def load_checkpoint(path):
         model at training time (``{"class_names": [...], ...}``), or ``{}``.
 
     Raises:
-        FileNotFoundError: naming the path.
+        MissingFileError: naming the path.
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"Model file {path} does not exist.")
-    classes_path = path.with_name("classes.json")
+        raise MissingFileError(f"Model file {path} does not exist.")
+    classes_path = rundir.classes_beside(path)
     classes = json.loads(classes_path.read_text()) if classes_path.is_file() else {}
     return keras.saving.load_model(path), classes
 
@@ -262,99 +245,3 @@ def load_checkpoint(path):
 def progress_verbosity():
     """Keras ``verbose``: a progress bar on a terminal, one line per epoch in a log file."""
     return 1 if sys.stdout.isatty() else 2
-
-
-def phase_complete(output_dir, phase):
-    """True when ``phase`` finished in ``output_dir`` (its ``<phase>_done.json`` exists)."""
-    return (Path(output_dir) / f"{phase}_done.json").is_file()
-
-
-def run_phase(
-    model,
-    phase,
-    train_data,
-    val_data,
-    epochs,
-    output_dir,
-    monitor="val_loss",
-    steps_per_epoch=None,
-    callbacks=(),
-    validation_steps=None,
-):
-    """Fits one training phase with checkpoints, logs and resume.
-
-    Resumable: if the process dies mid-epoch, running it again restores the last
-    completed epoch (``keras.callbacks.BackupAndRestore``); a completed phase
-    (``<phase>_done.json`` present) is skipped. A NaN loss raises ``NaNLossError``.
-
-    Args:
-        model: a compiled ``keras.Model``.
-        phase: name used for the files (``"phase1"``).
-        train_data, val_data: anything ``model.fit`` accepts (a Keras
-            ``PyDataset`` such as the generator's iterator, or a ``tf.data.Dataset``).
-        epochs: epochs to train; 0 skips the phase.
-        output_dir: where the files go.
-        monitor: ``"val_loss"`` (lower is better) or a ``val_`` accuracy (higher).
-        steps_per_epoch: batches per epoch (default: the whole training set).
-        callbacks: extra Keras callbacks.
-        validation_steps: validation batches per epoch (default: all).
-
-    Returns:
-        The path of the best checkpoint, or ``None`` when the phase did not run
-        (``epochs == 0``).
-
-    Raises:
-        NaNLossError: the loss became NaN or infinite.
-    """
-    output_dir = Path(output_dir)
-    best_path = output_dir / f"{phase}_best.keras"
-    done_path = output_dir / f"{phase}_done.json"
-    if epochs <= 0:
-        logger.info("%s: skipped (0 epochs)", phase)
-        return None
-    if phase_complete(output_dir, phase):
-        logger.info("%s: already complete (%s); not run again", phase, done_path)
-        return best_path
-
-    csv_path = output_dir / f"{phase}_log.csv"
-    mode = "min" if "loss" in monitor else "max"
-    past = read_history(csv_path).get(monitor, [])
-    best_so_far = (min if mode == "min" else max)(past) if past and best_path.is_file() else None
-    if len(past) >= epochs and best_path.is_file():  # killed after the last epoch
-        logger.info("%s: all %d epochs are logged; marking the phase complete", phase, epochs)
-        done_path.write_text(json.dumps({"epochs": epochs, "epochs_run": 0, "first_epoch": epochs}))
-        return best_path
-    if past:
-        logger.info("%s: resuming after %d logged epochs (best %s %.4f)", phase, len(past), monitor,
-                    math.nan if best_so_far is None else best_so_far)
-    all_callbacks = [
-        StopOnNaN(phase),
-        keras.callbacks.BackupAndRestore(str(output_dir / "backup" / phase)),
-        keras.callbacks.ModelCheckpoint(
-            str(best_path), monitor=monitor, mode=mode, save_best_only=True,
-            initial_value_threshold=best_so_far,
-        ),
-        keras.callbacks.CSVLogger(str(csv_path), append=True),
-        keras.callbacks.TensorBoard(str(output_dir / "logs" / phase)),
-        *callbacks,
-    ]
-    history = model.fit(
-        train_data,
-        shuffle=not isinstance(train_data, tf.data.Dataset),  # a tf.data pipeline shuffles itself
-        validation_data=val_data,
-        epochs=epochs,
-        steps_per_epoch=steps_per_epoch,
-        validation_steps=validation_steps,
-        callbacks=all_callbacks,
-        verbose=progress_verbosity(),
-    )
-    backup_root = output_dir / "backup"
-    if backup_root.is_dir() and not any(backup_root.iterdir()):
-        shutil.rmtree(backup_root)
-    if not best_path.is_file():  # e.g. every val loss was NaN
-        model.save(best_path)
-    done_path.write_text(
-        json.dumps({"epochs": epochs, "epochs_run": len(history.epoch),
-                    "first_epoch": history.epoch[0] if history.epoch else epochs}, indent=1)
-    )
-    return best_path

@@ -1,4 +1,5 @@
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +10,7 @@ import pytest
 from PIL import Image
 
 import cnn_rnn_classifier as crc
-from helpers import backbones, training
+from helpers import backbones, rundir, training
 from tests.conftest import SHARED, Killed, kill_at_batch, write_jpeg
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -175,7 +176,7 @@ def test_two_phase_run_writes_every_output(class_folders, tmp_path, capsys):
     assert sum(map(sum, metrics["confusion_matrix"])) == 9
     assert json.loads((out / "args.json").read_text())["rnn_units"] == 8
     assert json.loads((out / "classes.json").read_text())["descriptions"] == {"cat": "domestic cat", "dog": "domestic dog"}
-    history = training.read_history(out / "phase1_log.csv")
+    history = rundir.read_history(out / "phase1_log.csv")
     assert {"loss", "accuracy", "top5_accuracy", "val_loss", "val_accuracy", "val_top5_accuracy"} <= set(history)
     assert "top-1 accuracy" in capsys.readouterr().out
 
@@ -198,12 +199,29 @@ def test_two_phase_run_writes_every_output(class_folders, tmp_path, capsys):
                      str(class_folders / "test" / "cat")]) == 0
     printed = capsys.readouterr().out
     assert printed.count("  1. ") == 3 and printed.count("  2. ") == 3 and "  3. " not in printed
-    assert "cat (domestic cat)" in printed or "dog (domestic dog)" in printed or "fox" in printed
+    ranked = re.findall(r"^  ([12])\. (.+): ([0-9.]+)$", printed, flags=re.MULTILINE)
+    assert {label for _, label, _ in ranked} <= {"cat (domestic cat)", "dog (domestic dog)", "fox"}
+    for first, second in zip(ranked[::2], ranked[1::2]):  # each image: two different classes, best first
+        assert first[1] != second[1] and 1.0 >= float(first[2]) >= float(second[2]) >= 0.0
 
     # Rerunning the finished command runs no phase again.
     before = (out / "phase2_best.keras").stat().st_mtime_ns
     assert crc.main(train_args(class_folders, out, "--epochs", "1", "--fine-tune-epochs", "1")) == 0
     assert (out / "phase2_best.keras").stat().st_mtime_ns == before
+
+
+def test_model_flags_reach_the_builder(class_folders, tmp_path):
+    """Every flag the resume check compares is a keyword of the builder, and the command line
+    passes them: --mixed-precision bfloat16 gives a bfloat16 Xception in the saved model."""
+    import inspect
+
+    assert set(crc.MODEL_ARGUMENTS) <= set(inspect.signature(crc.build_cnn_rnn_classifier).parameters)
+    out = tmp_path / "run"
+    assert crc.main(train_args(class_folders, out, "--epochs", "1", "--fine-tune-epochs", "0",
+                               "--mixed-precision", "bfloat16", "--skip-image-check")) == 0
+    model = keras.saving.load_model(out / "phase1_best.keras")
+    assert model.get_layer("xception").get_layer("block1_conv1").dtype_policy.name == "mixed_bfloat16"
+    assert model.get_layer("rnn_lstm_1").dtype_policy.name == "float32"
 
 
 def test_fine_tune_only_and_cnn_only(class_folders, tmp_path):
@@ -220,14 +238,14 @@ def test_resume_after_interruption(class_folders, tmp_path, monkeypatch):
     kill_at_batch(monkeypatch, 3)  # first batch of epoch 2 (2 steps per epoch), after epoch 1 was backed up
     with pytest.raises(Killed):
         crc.main(args)
-    assert training.read_history(out / "phase1_log.csv")["epoch"] == [0.0]
+    assert rundir.read_history(out / "phase1_log.csv")["epoch"] == [0.0]
     assert (out / "backup" / "phase1").is_dir() and not (out / "phase1_done.json").exists()
     monkeypatch.undo()
 
     assert crc.main(args) == 0
     done = json.loads((out / "phase1_done.json").read_text())
     assert done["first_epoch"] == 1 and done["epochs_run"] == 2  # continued, not restarted
-    assert training.read_history(out / "phase1_log.csv")["epoch"] == [0.0, 1.0, 2.0]
+    assert rundir.read_history(out / "phase1_log.csv")["epoch"] == [0.0, 1.0, 2.0]
     assert not (out / "backup").exists()
 
 
@@ -240,32 +258,33 @@ def test_resume_with_other_model_flags_is_refused(class_folders, tmp_path, caplo
     assert "--rnn-units 8 -> 16" in caplog.text
 
 
-def test_nan_loss_keeps_last_good_checkpoint(tmp_path):
-    state = {"epoch": 0}
+def test_nan_loss_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    batches = {"n": 0}
+
+    def poison_after_batch_4(self, batch, logs=None):  # the weights turn NaN after epoch 2's first batch
+        batches["n"] += 1
+        if batches["n"] == 4:
+            self.model.set_weights([np.full_like(w, np.nan) for w in self.model.get_weights()])
+
+    monkeypatch.setattr(keras.callbacks.CSVLogger, "on_train_batch_end", poison_after_batch_4, raising=False)
 
     class Batches(keras.utils.PyDataset):
         def __len__(self):
             return 3
 
         def __getitem__(self, index):
-            x = np.ones((4, 2), "float32") * index
-            if state["epoch"] == 1 and index == 1:
-                x[:] = np.nan
-            return x, np.ones((4, 1), "float32")
-
-    class TrackEpoch(keras.callbacks.Callback):
-        def on_epoch_begin(self, epoch, logs=None):
-            state["epoch"] = epoch
+            return np.ones((4, 2), "float32") * index, np.ones((4, 1), "float32")
 
     inputs = keras.Input((2,))
     model = keras.Model(inputs, keras.layers.Dense(1)(inputs))
     model.compile("sgd", "mse")
     with pytest.raises(training.NaNLossError, match=r"phase1: the loss became nan at epoch 2, batch 2"):
-        training.run_phase(model, "phase1", Batches(), (np.ones((2, 2), "float32"), np.ones((2, 1), "float32")),
-                           3, tmp_path, callbacks=[TrackEpoch()])
+        training.Trainer(tmp_path).fit(model, "phase1", Batches(),
+                                       (np.ones((2, 2), "float32"), np.ones((2, 1), "float32")),
+                                       epochs=3, monitor="val_loss")
     good = keras.saving.load_model(tmp_path / "phase1_best.keras")
     assert all(np.isfinite(w).all() for w in good.get_weights())
-    assert training.read_history(tmp_path / "phase1_log.csv")["epoch"] == [0.0]
+    assert rundir.read_history(tmp_path / "phase1_log.csv")["epoch"] == [0.0]
     assert not (tmp_path / "phase1_done.json").exists()
 
 
@@ -336,7 +355,7 @@ def test_tf_data_path_matches_generator(class_folders):
     from helpers import data
 
     split = data.list_split(class_folders / "train", None, "train")
-    generated = crc._flow(split, 71, 18, shuffle=False)[0]
+    generated = crc.flow_from_split(split, 71, 18, shuffle=False)[0]
     images, labels = next(iter(crc.image_dataset(split, 71, 18, shuffle=False, workers=2)))
     assert images.shape == (18, 71, 71, 3) and images.dtype == "float32"
     np.testing.assert_array_equal(labels, generated[1])

@@ -32,7 +32,7 @@ def test_flag_errors():
 def test_partial_last_batch_never_leaves_a_replica_empty():
     import keras
 
-    from helpers.training import replica_safe
+    from helpers.distribute import replica_safe
 
     class Batches(keras.utils.PyDataset):
         def __init__(self, *sizes):
@@ -92,7 +92,7 @@ def test_mirrored_matches_single_device():
                     model.set_weights(weights)
                 start = model.get_weights()
                 training.set_backbone_trainable(model, "xception", False)
-                crc._compile(model, keras.optimizers.SGD(0.5))
+                crc.compile_classifier(model, keras.optimizers.SGD(0.5))
                 history = model.fit(x, y, batch_size=4, epochs=1, shuffle=False, verbose=0)
             return start, history.history["loss"][0], model.get_weights()
 
@@ -165,10 +165,11 @@ def test_tf_config_errors(monkeypatch):
     assert multiworker.is_chief({"cluster": {"worker": ["a:1"]}, "task": {"type": "worker", "index": 0}})
     assert not multiworker.is_chief({"cluster": {"chief": ["c:1"], "worker": ["a:1"]},
                                      "task": {"type": "worker", "index": 0}})
-    sharded = multiworker.ShardedInput.whole_batches(None, 4, 18, 9, "images")
-    assert (sharded.train_steps, sharded.val_steps) == (4, 2)
+    train, val = multiworker.ShardedInput.train_and_val(None, 4, 18, 9, "images")
+    assert (train.steps, val.steps) == (4, 2)
+    _, val = multiworker.ShardedInput.train_and_val(None, 4, 18, 3, "images")
     with pytest.raises(ValueError, match="val/ holds 3 images, fewer than the global batch 4"):
-        multiworker.ShardedInput.whole_batches(None, 4, 18, 3, "images")
+        val.steps
 
 
 def free_ports(count):
@@ -194,7 +195,7 @@ def start_workers(data, outputs, extra=(), ports=None):
         command = [sys.executable, "cnn_rnn_classifier.py", "--data-dir", str(data), "--output-dir", str(out),
                    "--weights", "none", "--image-size", "71", "--rnn-timesteps", "71", "--rnn-units", "8",
                    "--mixed-precision", "off", "--distribute", "multi-worker", "--input", "tf.data",
-                   "--workers", "1", "--skip-image-check", *extra]
+                   "--workers", "1", "--skip-image-check", "--verbose", *extra]
         processes.append(subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                           stderr=subprocess.STDOUT, text=True))
     return processes, ports
@@ -227,7 +228,7 @@ def test_killed_worker_stops_the_other_and_a_rerun_resumes(tmp_path):
     seen = []
     for line in chief.stdout:  # until epoch 2 has begun, so epoch 1 is backed up
         seen.append(line)
-        if "phase1: epoch 3/12" in line:
+        if "Epoch 3/12" in line:
             break
     worker.kill()
     worker.wait()
@@ -265,7 +266,7 @@ def test_lrcn_on_two_loopback_workers(tmp_path):
             [sys.executable, "lrcn.py", "--data-dir", str(data), "--output-dir", str(out), "--frames", "3",
              "--weights", "none", "--image-size", "32", "--dense-units", "8", "--gru-units", "4",
              "--epochs", "1", "--fine-tune-epochs", "1", "--batch-size", "2", "--fine-tune-batch-size", "2",
-             "--mixed-precision", "off", "--distribute", "multi-worker", "--skip-image-check"],
+             "--mixed-precision", "off", "--distribute", "multi-worker", "--skip-image-check", "--verbose"],
             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     logs = [p.communicate(timeout=420)[0] for p in processes]
     assert [p.returncode for p in processes] == [0, 0], logs[0][-3000:] + logs[1][-3000:]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import lrcn
-from helpers import extract_frames, sequences, training
+from helpers import extract_frames, rundir, sequences, training
 from helpers.data import DatasetError
 from helpers.layers import PAD_VALUE
 from tests.conftest import Killed, kill_at_batch, write_jpeg
@@ -233,10 +233,11 @@ def test_short_run_writes_every_output(clips, tmp_path, capsys, length_flags):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["split"] == "test" and metrics["num_images"] == 4
     assert "top5" not in metrics and set(metrics["per_class_accuracy"]) == {"a", "b"}
-    assert 0 <= metrics["shuffled_frames_top1"] <= 1
     assert "frames shuffled" in capsys.readouterr().out
-    # phase 2 changed block5 but not block1
     one, two = (keras.saving.load_model(out / f"phase{i}_best.keras") for i in (1, 2))
+    shuffled = lrcn.evaluate_model(two, sequences.list_sequences(clips / "test"), 2, workers=1, shuffle_frames=True)
+    assert metrics["shuffled_frames_top1"] == pytest.approx(shuffled["top1"])
+    # phase 2 changed block5 but not block1
     get = lambda m, n: training.find_layer(m, n).get_weights()[0]  # noqa: E731
     assert not np.allclose(get(one, "block5_conv3"), get(two, "block5_conv3"))
     np.testing.assert_array_equal(get(one, "block1_conv1"), get(two, "block1_conv1"))
@@ -247,6 +248,21 @@ def test_short_run_writes_every_output(clips, tmp_path, capsys, length_flags):
                       str(clips / "test" / "a" / "s0"), str(video)]) == 0
     printed = capsys.readouterr().out
     assert printed.count("  1. ") == 2 and "  2. " not in printed
+
+
+def test_model_flags_reach_the_builder(clips, tmp_path):
+    """Every flag the resume check compares is a keyword of build_lrcn, and the command line
+    passes them: --mixed-precision bfloat16 gives a bfloat16 VGG16 in the saved model."""
+    import inspect
+
+    assert set(lrcn.MODEL_ARGUMENTS) <= set(inspect.signature(lrcn.build_lrcn).parameters)
+    out = tmp_path / "run"
+    assert lrcn.main(["--data-dir", str(clips), "--output-dir", str(out), "--frames", "3", *TINY_FLAGS,
+                      "--epochs", "1", "--fine-tune-epochs", "0", "--mixed-precision", "bfloat16",
+                      "--skip-image-check"]) == 0
+    model = keras.saving.load_model(out / "phase1_best.keras")
+    assert training.find_layer(model, "block5_conv3").dtype_policy.name == "mixed_bfloat16"
+    assert model.get_layer("gru").dtype_policy.name == "float32"
 
 
 def test_cli_bad_inputs(clips, tmp_path, caplog):
@@ -274,7 +290,7 @@ def test_resume_after_interruption(clips, tmp_path, monkeypatch):
     assert lrcn.main(args) == 0
     done = json.loads((out / "phase1_done.json").read_text())
     assert done["first_epoch"] == 1 and done["epochs_run"] == 1
-    assert training.read_history(out / "phase1_log.csv")["epoch"] == [0.0, 1.0]
+    assert rundir.read_history(out / "phase1_log.csv")["epoch"] == [0.0, 1.0]
 
 
 def test_warns_when_recurrent_dropout_rules_out_cudnn(monkeypatch, caplog):

@@ -44,7 +44,7 @@ def tiny_classifier(mixed_precision):
 def two_steps(model, weights, jit_compile=False):
     """The losses of two SGD steps on a fixed batch (before and after one update)."""
     model.set_weights(weights)
-    crc._compile(model, keras.optimizers.SGD(0.1), jit_compile=jit_compile)
+    crc.compile_classifier(model, keras.optimizers.SGD(0.1), jit_compile=jit_compile)
     x = np.random.default_rng(2).uniform(-1, 1, (4, 71, 71, 3)).astype("float32")
     y = np.eye(3)[[0, 1, 2, 0]]
     return [model.train_on_batch(x, y)[0] for _ in range(2)]
