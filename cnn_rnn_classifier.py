@@ -27,6 +27,7 @@ module (or ``helpers.layers``) has been imported.
 """
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -34,7 +35,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from helpers import cli, data, multiworker, precision, reports, rundir, training
+from helpers import cli, data, multiworker, precision, reports, training
 from helpers.backbones import pretrained_backbone
 from helpers.errors import UsageError
 from helpers.layers import Grayscale
@@ -217,7 +218,8 @@ def image_dataset(split, image_size, batch_size, shuffle, seed=None, workers=tf.
         image = tf.image.resize(image, (image_size, image_size), method="bilinear", antialias=True)
         return keras.applications.xception.preprocess_input(image), tf.one_hot(label, num_classes)
 
-    dataset = tf.data.Dataset.from_tensor_slices(([str(p) for p in split.paths], list(split.labels)))
+    # File names as bytes: a name that is not valid UTF-8 is read like any other.
+    dataset = tf.data.Dataset.from_tensor_slices(([os.fsencode(p) for p in split.paths], list(split.labels)))
     if shard:
         dataset = dataset.shard(*shard)
     if shuffle:
@@ -294,50 +296,51 @@ def train(args):
     splits = data.load_splits(args.data_dir)
     class_names = splits["train"].class_names
     check_model_arguments(len(class_names), args.image_size, args.rnn_timesteps, args.rnn_units)
-    cli.check_resumable(args, MODEL_ARGUMENTS)
-    if not args.skip_image_check:
-        logger.info("checking that all %d images decode", sum(map(len, splits.values())))
-        data.check_images([p for split in splits.values() for p in split.paths])
-    words = data.read_words(args.data_dir / "words.txt")
-    chief = multiworker.is_chief_process(strategy)
-    if chief:
-        cli.save_args(args, args.output_dir)
-        reports.write_json(rundir.RunDir(args.output_dir).classes, {
-            "class_names": class_names, "descriptions": {c: words[c] for c in class_names if c in words}})
-    keras.utils.set_random_seed(args.seed)
-    trainer = training.Trainer(args.output_dir, strategy, steps_per_epoch=args.steps_per_epoch)
+    # The run directory's lock is held from here on: a second run on it stops at once.
+    with training.Trainer(args.output_dir, strategy, steps_per_epoch=args.steps_per_epoch) as trainer:
+        cli.check_resumable(args, MODEL_ARGUMENTS, class_names)
+        if not args.skip_image_check:
+            logger.info("checking that all %d images decode", sum(map(len, splits.values())))
+            data.check_images([p for split in splits.values() for p in split.paths])
+        words = data.read_words(args.data_dir / "words.txt")
+        if trainer.chief:
+            cli.save_args(args, args.output_dir)
+            reports.write_json(trainer.run.classes, {
+                "class_names": class_names, "descriptions": {c: words[c] for c in class_names if c in words}})
+        keras.utils.set_random_seed(args.seed)
+        with trainer.scope():
+            model = build_cnn_rnn_classifier(num_classes=len(class_names), weights=args.weights,
+                                             **cli.model_arguments(args, MODEL_ARGUMENTS))
 
-    with trainer.scope():
-        model = build_cnn_rnn_classifier(num_classes=len(class_names), weights=args.weights,
-                                         **cli.model_arguments(args, MODEL_ARGUMENTS))
-        model.summary(print_fn=logger.info, line_length=110)
+            # Phase 1: Xception frozen (BatchNormalization in inference mode), RMSprop; best by val loss.
+            training.set_backbone_trainable(model, BACKBONE, False)
+            model.summary(print_fn=logger.info, line_length=110)
+            compile_classifier(model, keras.optimizers.RMSprop(learning_rate=args.learning_rate), args.jit_compile)
+            best = trainer.fit(model, "phase1", *training_data(splits, args, args.batch_size, strategy),
+                               epochs=args.epochs, monitor="val_loss", title="phase 1: Xception frozen")
 
-        # Phase 1: Xception frozen (BatchNormalization in inference mode), RMSprop; best by val loss.
-        training.set_backbone_trainable(model, BACKBONE, False)
-        compile_classifier(model, keras.optimizers.RMSprop(learning_rate=args.learning_rate), args.jit_compile)
-        best = trainer.fit(model, "phase1", *training_data(splits, args, args.batch_size, strategy),
-                           epochs=args.epochs, monitor="val_loss", title="phase 1: Xception frozen")
+            # Phase 2: from phase 1's best, everything but BatchNormalization statistics trains,
+            # Adam(1e-4); best by val accuracy.
+            model = training.best_model(best, model)
+            training.set_backbone_trainable(model, BACKBONE, True, train_batchnorm=args.train_batchnorm)
+            compile_classifier(model, keras.optimizers.Adam(learning_rate=args.fine_tune_learning_rate),
+                               args.jit_compile)
+            best = trainer.fit(model, "phase2", *training_data(splits, args, args.fine_tune_batch_size, strategy),
+                               epochs=args.fine_tune_epochs, monitor="val_accuracy",
+                               title="phase 2: fine-tuning") or best
 
-        # Phase 2: from phase 1's best, everything but BatchNormalization statistics trains,
-        # Adam(1e-4); best by val accuracy.
-        model = training.best_model(best, model)
-        training.set_backbone_trainable(model, BACKBONE, True, train_batchnorm=args.train_batchnorm)
-        compile_classifier(model, keras.optimizers.Adam(learning_rate=args.fine_tune_learning_rate),
-                           args.jit_compile)
-        best = trainer.fit(model, "phase2", *training_data(splits, args, args.fine_tune_batch_size, strategy),
-                           epochs=args.fine_tune_epochs, monitor="val_accuracy", title="phase 2: fine-tuning") or best
-
-    if not chief:  # the chief evaluates and reports
-        multiworker.cleanup(args.output_dir)
-        return 0
-    split = "test" if "test" in splits else "val"
-    if split == "val":
-        logger.warning("no labelled test/ split in %s: evaluating on val/, which also chose the "
-                       "checkpoint, so the figure is optimistic (the seed's 96.14%% was measured "
-                       "this way). python -m helpers.restructure_dataset --holdout N makes a test/ split.",
-                       args.data_dir)
-    metrics = evaluate_model(keras.saving.load_model(best), splits[split], args.batch_size, args.input, args.workers)
-    reports.save_evaluation(args.output_dir, metrics, best, [words.get(c, c) for c in class_names])
+        if not trainer.chief:  # the chief evaluates and reports
+            multiworker.cleanup(args.output_dir)
+            return 0
+        split = "test" if "test" in splits else "val"
+        if split == "val":
+            logger.warning("no labelled test/ split in %s: evaluating on val/, which also chose the "
+                           "checkpoint, so the figure is optimistic (the seed's 96.14%% was measured "
+                           "this way). python -m helpers.restructure_dataset --holdout N makes a test/ split.",
+                           args.data_dir)
+        metrics = evaluate_model(keras.saving.load_model(best), splits[split], args.batch_size, args.input,
+                                 args.workers)
+        reports.save_evaluation(args.output_dir, metrics, best, [words.get(c, c) for c in class_names])
 
 
 def evaluate_model(model, split, batch_size, input_path="generator", workers=2):

@@ -29,7 +29,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from helpers import cli, data, multiworker, precision, reports, rundir, sequences, training
+from helpers import cli, data, multiworker, precision, reports, sequences, training
 from helpers.backbones import pretrained_backbone
 from helpers.errors import UsageError
 from helpers.layers import FoldFrames, FrameMask, VGG16Preprocess
@@ -207,49 +207,47 @@ def train(args):
             splits[name] = sequences.list_sequences(args.data_dir / name, names)
     check_model_arguments(len(names), args.frames, args.image_size, args.dense_units, args.gru_units,
                           args.fine_tune_layers, args.recurrent_dropout)
-    cli.check_resumable(args, MODEL_ARGUMENTS)
-    if not args.skip_image_check:
-        for split in splits.values():
-            sequences.check_sequences(split)
-    chief = multiworker.is_chief_process(strategy)
-    if chief:
-        cli.save_args(args, args.output_dir)
-        reports.write_json(rundir.RunDir(args.output_dir).classes,
-                           {"class_names": names, "layout": splits["train"].layout})
-    keras.utils.set_random_seed(args.seed)
-    trainer = training.Trainer(args.output_dir, strategy, steps_per_epoch=args.steps_per_epoch)
+    # The run directory's lock is held from here on: a second run on it stops at once.
+    with training.Trainer(args.output_dir, strategy, steps_per_epoch=args.steps_per_epoch) as trainer:
+        cli.check_resumable(args, MODEL_ARGUMENTS, names)
+        if not args.skip_image_check:
+            for split in splits.values():
+                sequences.check_sequences(split)
+        if trainer.chief:
+            cli.save_args(args, args.output_dir)
+            reports.write_json(trainer.run.classes, {"class_names": names, "layout": splits["train"].layout})
+        keras.utils.set_random_seed(args.seed)
+        with trainer.scope():
+            model = build_lrcn(num_classes=len(names), weights=args.weights, **cli.model_arguments(args, MODEL_ARGUMENTS))
 
-    with trainer.scope():
-        model = build_lrcn(num_classes=len(names), weights=args.weights, **cli.model_arguments(args, MODEL_ARGUMENTS))
-        model.summary(print_fn=logger.info, line_length=110)
+            # Phase 1: VGG16 frozen, SGD; best by val loss.
+            training.set_backbone_trainable(model, BACKBONE, False)
+            model.summary(print_fn=logger.info, line_length=110)
+            compile_lrcn(model, sgd(args.learning_rate), args.jit_compile)
+            best = trainer.fit(model, "phase1", *training_data(splits, args, args.batch_size, strategy),
+                               epochs=args.epochs, monitor="val_loss", title="phase 1: VGG16 frozen")
 
-        # Phase 1: VGG16 frozen, SGD; best by val loss.
-        training.set_backbone_trainable(model, BACKBONE, False)
-        compile_lrcn(model, sgd(args.learning_rate), args.jit_compile)
-        best = trainer.fit(model, "phase1", *training_data(splits, args, args.batch_size, strategy),
-                           epochs=args.epochs, monitor="val_loss", title="phase 1: VGG16 frozen")
+            # Phase 2: from phase 1's best, VGG16's top layers fine-tuned too; best by val accuracy.
+            model = training.best_model(best, model)
+            training.set_backbone_trainable(model, BACKBONE, True, top_layers=args.fine_tune_layers)
+            compile_lrcn(model, sgd(args.fine_tune_learning_rate), args.jit_compile)
+            best = trainer.fit(model, "phase2", *training_data(splits, args, args.fine_tune_batch_size, strategy),
+                               epochs=args.fine_tune_epochs, monitor="val_accuracy",
+                               title=f"phase 2: VGG16's top {args.fine_tune_layers} layers fine-tuned") or best
 
-        # Phase 2: from phase 1's best, VGG16's top layers fine-tuned too; best by val accuracy.
-        model = training.best_model(best, model)
-        training.set_backbone_trainable(model, BACKBONE, True, top_layers=args.fine_tune_layers)
-        compile_lrcn(model, sgd(args.fine_tune_learning_rate), args.jit_compile)
-        best = trainer.fit(model, "phase2", *training_data(splits, args, args.fine_tune_batch_size, strategy),
-                           epochs=args.fine_tune_epochs, monitor="val_accuracy",
-                           title=f"phase 2: VGG16's top {args.fine_tune_layers} layers fine-tuned") or best
-
-    if not chief:  # the chief evaluates and reports
-        multiworker.cleanup(args.output_dir)
-        return 0
-    split = splits.get("test", splits["val"])
-    if "test" not in splits:
-        logger.warning("no test/ split: evaluating on val/, which also chose the checkpoint (optimistic)")
-    model = keras.saving.load_model(best)
-    metrics = evaluate_model(model, split, args.batch_size, args.workers)
-    shuffled = evaluate_model(model, split, args.batch_size, args.workers, shuffle_frames=True)
-    metrics["shuffled_frames_top1"] = shuffled["top1"]
-    reports.save_evaluation(args.output_dir, metrics, best, names)
-    print(f"top-1 with each clip's frames shuffled: {100 * shuffled['top1']:.2f}% "
-          f"(chance {100 / len(names):.0f}%)")
+        if not trainer.chief:  # the chief evaluates and reports
+            multiworker.cleanup(args.output_dir)
+            return 0
+        split = splits.get("test", splits["val"])
+        if "test" not in splits:
+            logger.warning("no test/ split: evaluating on val/, which also chose the checkpoint (optimistic)")
+        model = keras.saving.load_model(best)
+        metrics = evaluate_model(model, split, args.batch_size, args.workers)
+        shuffled = evaluate_model(model, split, args.batch_size, args.workers, shuffle_frames=True)
+        metrics["shuffled_frames_top1"] = shuffled["top1"]
+        reports.save_evaluation(args.output_dir, metrics, best, names)
+        print(f"top-1 with each clip's frames shuffled: {100 * shuffled['top1']:.2f}% "
+              f"(chance {100 / len(names):.0f}%)")
 
 
 class _ShuffledFrames(sequences.FrameSequences):

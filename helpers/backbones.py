@@ -31,6 +31,9 @@ def resolve_weights(weights):
     if weights == "imagenet":
         return weights
     path = Path(weights).expanduser()
+    if path.is_dir():
+        raise MissingFileError(f"Backbone weights {path} is a folder, not a weights file. Use weights='imagenet' "
+                               "(download), 'none' (random) or the path of a no-top weights file.")
     if not path.is_file():
         raise MissingFileError(
             f"Backbone weights file {path} does not exist. Use weights='imagenet' "
@@ -72,8 +75,9 @@ def pretrained_backbone(application, weights, dtype_policy="float32", **kwargs):
             if weights == "imagenet"
             else f"Could not load {name} no-top weights from {weights}"
         )
+        detail = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
         raise WeightsUnavailableError(
-            f"{what} ({type(error).__name__}: {error}). Offline options: "
+            f"{what} ({type(error).__name__}: {detail}). Offline options: "
             f"--weights none (random initialisation) or --weights PATH to a local "
             f"{name} no-top weights file (from keras.applications.{name}(include_top=False), "
             f"e.g. saved with model.save_weights('x.weights.h5'))."

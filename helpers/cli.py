@@ -110,6 +110,10 @@ def check_training_arguments(args):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise UsageError(f"--{flag.replace('_', '-')} must be >= 1. Received: {value}")
+    for flag in ("learning_rate", "fine_tune_learning_rate"):
+        value = getattr(args, flag)
+        if not value > 0 or value == float("inf"):
+            raise UsageError(f"--{flag.replace('_', '-')} must be a positive number. Received: {value}")
     if args.epochs == 0 and args.fine_tune_epochs == 0:
         raise UsageError("--epochs and --fine-tune-epochs are both 0: there is nothing to train.")
 
@@ -132,24 +136,34 @@ def model_arguments(args, names):
     return {name: getattr(args, name) for name in names}
 
 
-def check_resumable(args, model_arguments):
-    """Refuses to resume a run in ``args.output_dir`` whose model was built with other flags.
+def check_resumable(args, model_arguments, class_names):
+    """Refuses to resume a run in ``args.output_dir`` made with another model or other data.
 
     Args:
         model_arguments: the names of the builder's keyword arguments taken from flags.
+        class_names: the classes of ``args.data_dir``'s training split, in index order.
 
     Raises:
-        UsageError: naming each changed flag, old and new value.
+        UsageError: naming each difference (a model flag, ``--data-dir``, the classes),
+            old and new value; nothing in the folder has been changed.
     """
     run = rundir.RunDir(args.output_dir)
     if not run.args.is_file() or not run.has_training_logs():
         return
-    before = json.loads(run.args.read_text())
+    before = json.loads(run.args.read_text(encoding="utf-8"))
     changed = [f"--{k.replace('_', '-')} {before.get(k)} -> {getattr(args, k)}"
                for k in model_arguments if k in before and before[k] != getattr(args, k)]
+    if "data_dir" in before and Path(before["data_dir"]).resolve() != Path(args.data_dir).resolve():
+        changed.append(f"--data-dir {before['data_dir']} -> {args.data_dir}")
+    old_classes = json.loads(run.classes.read_text(encoding="utf-8")).get("class_names") \
+        if run.classes.is_file() else None
+    if old_classes is not None and old_classes != list(class_names):
+        added, removed = sorted(set(class_names) - set(old_classes)), sorted(set(old_classes) - set(class_names))
+        changed.append(f"classes ({len(old_classes)} -> {len(class_names)}; added: {', '.join(added[:5]) or 'none'}; "
+                       f"removed: {', '.join(removed[:5]) or 'none'})")
     if changed:
-        raise UsageError(f"{args.output_dir} holds a run with another model ({', '.join(changed)}); "
-                         "use a new --output-dir, or the same flags to resume.")
+        raise UsageError(f"{args.output_dir} holds a run with another model or other data ({'; '.join(changed)}); "
+                         "use a new --output-dir, or the same flags and data to resume.")
 
 
 def configure_logging(verbose=False, modules=()):

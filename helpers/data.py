@@ -105,6 +105,10 @@ def list_split(directory, class_names=None, name=None):
     if not directory.is_dir():
         raise DatasetError(f"The {name} split folder {directory} does not exist.")
     found = sorted(entry.name for entry in os.scandir(directory) if entry.is_dir())
+    not_utf8 = [ascii(str(directory / c)) for c in found if not is_utf8_name(c)]
+    if not_utf8:
+        _raise(not_utf8, f"Class folder names in {ascii(str(directory))} must be valid UTF-8 (they become the "
+                         "class names); rename these:")
     if class_names is None:
         if not found:
             raise DatasetError(
@@ -130,12 +134,28 @@ def list_split(directory, class_names=None, name=None):
     return Split(name, directory, list(class_names), paths, labels, skipped)
 
 
+def is_utf8_name(name):
+    """False for a file name whose bytes are not UTF-8 (Python holds them as surrogates)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+# PIL modes of 16- and 32-bit grayscale: the generator path (PIL -> RGB) would clip them to 255.
+WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+
+
 def _decode_problem(path):
     try:
         with Image.open(path) as image:
             image.load()  # full decode: catches truncated files, unlike verify()
+            if image.mode in WIDE_MODES:
+                return (f"{ascii(str(path))}: a {image.mode} ({'16' if '16' in image.mode else '32'}-bit) image; "
+                        "convert it to 8 bits per channel (e.g. PIL: image.point(lambda v: v / 257).convert('L'))")
     except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, ...
-        return f"{path}: {type(error).__name__}: {error}"
+        return f"{ascii(str(path))}: {type(error).__name__}: {error}"
     return None
 
 
@@ -149,7 +169,8 @@ def check_images(paths, workers=None):
         workers: threads (default: the number of CPU cores).
 
     Raises:
-        DatasetError: naming every file that cannot be decoded.
+        DatasetError: naming every file that cannot be decoded, and every 16- or 32-bit
+            image (PIL's modes I;16, I, F), which Keras' generator would clip to white.
     """
     with concurrent.futures.ThreadPoolExecutor(workers or os.cpu_count()) as pool:
         problems = [p for p in pool.map(_decode_problem, paths, chunksize=256) if p]
@@ -197,12 +218,21 @@ def load_splits(data_dir, splits=("train", "val"), optional=("test",)):
 
 
 def read_words(path):
-    """Reads Tiny ImageNet's ``words.txt`` (``wnid<TAB>names``) into a dict; ``{}`` if absent."""
+    """Reads Tiny ImageNet's ``words.txt`` (``wnid<TAB>names``) into a dict; ``{}`` if absent.
+
+    Raises:
+        DatasetError: the file is not UTF-8 text (named).
+    """
     path = Path(path)
     if not path.is_file():
         return {}
     words = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise DatasetError(f"{path} is not UTF-8 text (byte {error.object[error.start]:#x} at offset "
+                           f"{error.start}); save it as UTF-8.") from None
+    for line in text.splitlines():
         key, _, names = line.partition("\t")
         if key.strip():
             words[key.strip()] = names.strip()

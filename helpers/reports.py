@@ -61,11 +61,13 @@ def classification_metrics(probabilities, labels, class_names, top_k=5):
 
 
 def write_json(path, data):
-    """Writes ``data`` as indented JSON and returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    return path
+    """Writes ``data`` as indented JSON, atomically (``rundir.write_text``), and returns the path.
+
+    Raises:
+        helpers.errors.UsageError: the path cannot be written (named in the message).
+    """
+    rundir.write_text(path, json.dumps(data, indent=2) + "\n")
+    return Path(path)
 
 
 def plot_history(history, path, title):

@@ -112,12 +112,25 @@ def _check_name(name, where):
     return None
 
 
+def read_text(path):
+    """A text file's content: UTF-8, a leading byte-order mark dropped (``utf-8-sig``).
+
+    Raises:
+        LayoutError: the file is not UTF-8 text (the file and the byte are named).
+    """
+    try:
+        return Path(path).read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise LayoutError(f"{path} is not UTF-8 text (byte {error.object[error.start]:#x} at offset "
+                          f"{error.start}); save it as UTF-8.") from None
+
+
 def _read_wnids(src):
     path = src / "wnids.txt"
     if not path.is_file():
         raise LayoutError(f"{path} is missing: it lists the classes (one WordNet id per line).")
     wnids, problems = [], []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(read_text(path).splitlines(), 1):
         wnid = line.strip()
         if not wnid:
             continue
@@ -204,7 +217,7 @@ def _plan(src, wnids, holdout, seed, selected, in_place=False):
     else:
         seen = {}
         available = set(_list_folder(val / "images")[0]) if (val / "images").is_dir() else set()
-        for number, line in enumerate(annotations.read_text(encoding="utf-8").splitlines(), 1):
+        for number, line in enumerate(read_text(annotations).splitlines(), 1):
             if not line.strip():
                 continue
             where = f"{annotations}:{number}"

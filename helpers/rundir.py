@@ -6,17 +6,34 @@
     <phase>_log.csv        one row per epoch (``keras.callbacks.CSVLogger``, appended on resume)
     <phase>_curves.png     the phase's learning curves
     <phase>_done.json      written when the phase completes; a rerun skips the phase
-    backup/<phase>/        resume state while the phase runs, deleted when it ends
+    backup/<phase>/        resume state while the phase runs (the last two epochs' weights and
+                           optimizer state), deleted when the phase is complete
     logs/<phase>/          TensorBoard logs
     metrics.json           the evaluation of the final model
     confusion_matrix.png   its row-normalised confusion matrix
+    .lock                  held (``fcntl.flock``) by the run using the folder; holds its process id
 
 Phases are named ``phase1`` (backbone frozen) and ``phase2`` (fine-tuning).
+
+Crash safety: every file a later run reads (checkpoints, backups, JSON) is written to a
+temporary name beside it (``<name>.partial.<suffix>``) and renamed into place with
+``os.replace``, so a kill or a full disk leaves the old file or the new one, never half of
+one. Only the CSV logs are appended to; their reader skips a row cut short.
 """
 
+import contextlib
 import csv
+import errno
 import math
+import os
 from pathlib import Path
+
+from helpers.errors import UsageError
+
+try:
+    import fcntl
+except ImportError:  # not on Windows: runs there are not locked
+    fcntl = None
 
 ARGS = "args.json"
 CLASSES = "classes.json"
@@ -24,6 +41,7 @@ METRICS = "metrics.json"
 CONFUSION_MATRIX = "confusion_matrix.png"
 BACKUP = "backup"
 LOGS = "logs"
+LOCK = ".lock"
 
 
 class RunDir:
@@ -81,6 +99,108 @@ class RunDir:
         """True when any phase has logged an epoch here."""
         return any(self.path.glob("*_log.csv"))
 
+    @contextlib.contextmanager
+    def lock(self):
+        """Holds the folder's lock (creating the folder) while the block runs; the lock is
+        released when the block ends or the process dies.
+
+        Raises:
+            UsageError: the folder cannot be created or written (an existing file, no
+                permission), or another process holds the lock (its id is named).
+        """
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            handle = open(self.path / LOCK, "a+", encoding="utf-8")
+        except OSError as error:
+            raise UsageError(f"--output-dir {self.path}: cannot write there ({error.strerror or error}).") from None
+        with handle:
+            if fcntl is not None:
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    handle.seek(0)
+                    owner = handle.read().strip() or "unknown"
+                    raise UsageError(f"{self.path} is in use by another run (process {owner}); wait for it to "
+                                     "end, or use another --output-dir.") from None
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"{os.getpid()}\n")
+            handle.flush()
+            yield self
+
+
+def partial_path(path):
+    """The temporary name ``path`` is written under before it is renamed into place:
+    ``phase1_best.keras`` -> ``phase1_best.partial.keras``, ``e.weights.h5`` ->
+    ``e.partial.weights.h5`` (Keras checks the suffixes)."""
+    path = Path(path)
+    stem, dot, suffixes = path.name.partition(".")
+    return path.with_name(f"{stem}.partial{dot}{suffixes}")
+
+
+def write_atomically(path, write):
+    """Calls ``write(temporary_path)``, then renames the file onto ``path`` (``os.replace``,
+    after an ``fsync``): a kill or an error leaves the previous ``path`` untouched.
+
+    Raises:
+        DiskFullError: the disk filled up (nothing was replaced).
+        UsageError: ``path`` cannot be written (permission, a folder in the way).
+    """
+    path = Path(path)
+    partial = partial_path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(partial)
+        with open(partial, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(partial, path)
+    except BaseException as error:
+        with contextlib.suppress(OSError):
+            partial.unlink()
+        if is_disk_full(error):
+            raise DiskFullError(path) from error
+        if isinstance(error, OSError) and not isinstance(error, FileNotFoundError):
+            raise UsageError(f"Cannot write {path}: {error.strerror or error}.") from error
+        raise
+
+
+def write_text(path, text):
+    """Writes ``text`` (UTF-8) to ``path`` atomically (``write_atomically``)."""
+    write_atomically(path, lambda partial: Path(partial).write_text(text, encoding="utf-8"))
+
+
+class DiskFullError(UsageError):
+    """The disk filled up while the run wrote ``path``; nothing already written was lost."""
+
+    def __init__(self, path, needed_bytes=None):
+        free = _free_bytes(Path(path).parent)
+        need = f" The run needs about {needed_bytes / 2**20:,.0f} MB free for its checkpoints and backups." \
+            if needed_bytes else ""
+        super().__init__(f"No space left on the disk writing {path} ({free / 2**20:,.0f} MB free).{need} "
+                         "Free some space and run the same command again: it resumes from the last completed epoch.")
+        self.path = path
+
+
+def is_disk_full(error):
+    """True when ``error`` or an exception it was raised from is a full disk (ENOSPC,
+    also as h5py reports it)."""
+    while error is not None:
+        if isinstance(error, DiskFullError) or (isinstance(error, OSError) and error.errno == errno.ENOSPC) \
+                or "No space left on device" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _free_bytes(folder):
+    folder = Path(folder)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        return os.statvfs(folder).f_bavail * os.statvfs(folder).f_frsize
+    except OSError:
+        return 0
+
 
 def classes_beside(model_path):
     """The ``classes.json`` written next to a saved model of a run."""
@@ -91,15 +211,23 @@ def read_history(csv_path):
     """Reads a ``CSVLogger`` file into ``{column: [values by epoch]}``.
 
     A row repeated for the same epoch (written just before an interruption and
-    again on resume) counts once, the last one winning. A missing file is ``{}``.
+    again on resume) counts once, the last one winning; a row cut short by a kill or
+    a full disk is skipped. A missing file is ``{}``.
     """
     csv_path = Path(csv_path)
     if not csv_path.is_file():
         return {}
     rows = {}
-    with csv_path.open(newline="") as handle:
+    with csv_path.open(newline="", encoding="utf-8", errors="replace") as handle:
         for row in csv.DictReader(handle):
-            rows[int(row["epoch"])] = row
+            try:
+                epoch = int(row["epoch"])
+                [float(value) for key, value in row.items() if key != "epoch" and value not in ("", None)]
+            except (TypeError, ValueError):  # cut short, or a stray header
+                continue
+            if None in row or None in row.values():  # too many or too few fields
+                continue
+            rows[epoch] = row
     history = {}
     for epoch in sorted(rows):
         for key, value in rows[epoch].items():

@@ -19,7 +19,7 @@ import keras
 import numpy as np
 from PIL import Image
 
-from helpers.data import DatasetError, check_images
+from helpers.data import DatasetError, check_images, is_utf8_name
 from helpers.formats import IMAGE_EXTENSIONS
 from helpers.layers import PAD_VALUE
 
@@ -107,6 +107,10 @@ def list_sequences(directory, class_names=None):
                 entries.append((str(int(match.group(1))), folder))
     else:
         for class_folder in folders:
+            if not is_utf8_name(class_folder.name):
+                problems.append(f"{ascii(str(class_folder))}: a class folder name must be valid UTF-8 (it becomes "
+                                "the class name); rename it")
+                continue
             samples = sorted((p for p in class_folder.iterdir() if p.is_dir()), key=lambda p: natural_key(p.name))
             if not samples:
                 problems.append(f"{class_folder}: no sample folders")

@@ -16,8 +16,9 @@ A script's ``train()`` tells the story itself, as keras-io's fine-tuning guide
         best = trainer.fit(model, "phase2", train, val, epochs=3, monitor="val_accuracy")
 
 ``Trainer.fit`` owns the run directory (``helpers.rundir``): the best checkpoint,
-the CSV and TensorBoard logs, ``BackupAndRestore`` resume, the NaN stop, skipping a
-finished phase and the phase's curves.
+the CSV and TensorBoard logs, resume from per-epoch backups, the NaN stop, skipping a
+finished phase and the phase's curves, every file written atomically. ``with
+Trainer(...)`` holds the run directory's lock, so a second run on it stops at once.
 """
 
 import json
@@ -25,13 +26,15 @@ import logging
 import math
 import shutil
 import sys
+import zipfile
 from pathlib import Path
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from helpers import distribute, multiworker, reports, rundir
-from helpers.errors import MissingFileError, NaNLossError
+from helpers.errors import MissingFileError, NaNLossError, UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +127,8 @@ def best_model(best, model):
 class Trainer:
     """Fits the phases of one run into its output directory.
 
+    Use it as ``with Trainer(...) as trainer:``, which holds the run directory's lock.
+
     Args:
         output_dir: the run's folder (``helpers.rundir``); under multi-worker training
             the chief writes there and the other workers into their ``worker_dir``.
@@ -134,6 +139,7 @@ class Trainer:
     def __init__(self, output_dir, strategy=None, steps_per_epoch=None):
         self.strategy = strategy
         self.multi_worker = multiworker.is_multi_worker(strategy)
+        self.chief = multiworker.is_chief_process(strategy)
         self.run = rundir.RunDir(multiworker.worker_dir(output_dir) if self.multi_worker else output_dir)
         self.steps_per_epoch = steps_per_epoch
 
@@ -141,13 +147,25 @@ class Trainer:
         """The strategy's scope (a no-op without one): build, load and compile inside it."""
         return distribute.scope(self.strategy)
 
+    def __enter__(self):
+        """Takes the run directory's lock (``rundir.RunDir.lock``) until ``__exit__``."""
+        self._lock = self.run.lock()
+        self._lock.__enter__()
+        return self
+
+    def __exit__(self, *exc_info):
+        return self._lock.__exit__(*exc_info)
+
     def fit(self, model, phase, train_data, val_data, *, epochs, monitor, title=None):
         """Fits one phase: ``model.fit`` with the project's callbacks, resumable.
 
         Each epoch is logged to ``<phase>_log.csv`` and TensorBoard; the best epoch by
-        ``monitor`` is saved as ``<phase>_best.keras``; ``BackupAndRestore`` keeps the
-        last finished epoch, so the same command resumes a killed run there. A phase
-        with ``<phase>_done.json`` is skipped; a NaN loss stops it (``NaNLossError``)
+        ``monitor`` is saved as ``<phase>_best.keras``; the weights and optimizer state
+        of the last two epochs are backed up, so the same command resumes a killed run
+        after its last completed epoch (a damaged backup is reported and the one before
+        it used). Every file is written atomically (``rundir.write_atomically``). The
+        phase is marked complete (``<phase>_done.json``) only once its best checkpoint
+        is whole; a complete phase is skipped. A NaN loss stops it (``NaNLossError``)
         before anything of the broken epoch is saved. The phase's curves are plotted.
 
         Args:
@@ -165,81 +183,188 @@ class Trainer:
 
         Raises:
             NaNLossError: the loss became NaN or infinite.
+            rundir.DiskFullError: the disk filled up; the message says how much the run needs.
         """
         run = self.run
         if epochs <= 0:
             logger.info("%s: skipped (0 epochs)", phase)
             return None
-        best = run.best(phase)
         if run.phase_complete(phase):
-            logger.info("%s: already complete (%s); skipped", phase, run.done(phase))
-            return best
-        mode = "min" if "loss" in monitor else "max"
+            logger.info("%s: skipped, already complete (%s)", phase, run.done(phase))
+            return run.best(phase)
         past = rundir.read_history(run.log(phase)).get(monitor, [])
-        best_so_far = (min if mode == "min" else max)(past) if past and best.is_file() else None
-        if len(past) >= epochs and best.is_file() and not self.multi_worker:  # killed after the last epoch
-            logger.info("%s: all %d epochs are logged; marking the phase complete", phase, epochs)
-            return self._finish(model, phase, epochs, first_epoch=epochs, title=title)
-        if past:
-            logger.info("%s: resuming after %d logged epochs (best %s %.4f)", phase, len(past), monitor,
-                        math.nan if best_so_far is None else best_so_far)
+        best_so_far = (min if "loss" in monitor else max)(past) if past and run.best(phase).is_file() else None
         callbacks = [
             StopOnNaN(phase),
-            keras.callbacks.ModelCheckpoint(str(best), monitor=monitor, mode=mode, save_best_only=True,
-                                            initial_value_threshold=best_so_far),
+            BestCheckpoint(run.best(phase), monitor, best=best_so_far),
             keras.callbacks.CSVLogger(str(run.log(phase)), append=True),
             keras.callbacks.TensorBoard(str(run.tensorboard(phase))),
         ]
-        if self.multi_worker:  # model.fit fails there (keras-team/keras#20585): fit's loop
-            chief = multiworker.is_chief_process(self.strategy)
-            first = multiworker.fit(model, train_data, val_data, epochs, callbacks, self.strategy, run.backup(phase),
-                                    self.steps_per_epoch, verbose=progress_verbosity() if chief else 0, name=phase)
-        else:
-            replicas = self.strategy.num_replicas_in_sync if self.strategy else 1
-            history = model.fit(
-                distribute.replica_safe(train_data, replicas, "training"),
-                validation_data=distribute.replica_safe(val_data, replicas, "validation"),
-                shuffle=not isinstance(train_data, tf.data.Dataset),  # a tf.data pipeline shuffles itself
-                epochs=epochs,
-                steps_per_epoch=self.steps_per_epoch,
-                callbacks=[keras.callbacks.BackupAndRestore(str(run.backup(phase))), *callbacks],
-                verbose=progress_verbosity(),
-            )
-            first = history.epoch[0] if history.epoch else epochs
+        try:
+            if self.multi_worker:  # model.fit fails there (keras-team/keras#20585): fit's loop
+                first = multiworker.fit(model, train_data, val_data, epochs, callbacks, self.strategy,
+                                        run.backup(phase), self.steps_per_epoch,
+                                        verbose=progress_verbosity() if self.chief else 0, name=phase)
+            else:
+                first = restore_backup(model, run.backup(phase), phase)
+                if first:
+                    logger.info("%s: resuming after %d completed epochs (best %s so far: %s)", phase, first,
+                                monitor, "none" if best_so_far is None else f"{best_so_far:.4f}")
+                replicas = self.strategy.num_replicas_in_sync if self.strategy else 1
+                model.fit(
+                    distribute.replica_safe(train_data, replicas, "training"),
+                    validation_data=distribute.replica_safe(val_data, replicas, "validation"),
+                    shuffle=not isinstance(train_data, tf.data.Dataset),  # a tf.data pipeline shuffles itself
+                    initial_epoch=first,
+                    epochs=epochs,
+                    steps_per_epoch=self.steps_per_epoch,
+                    callbacks=[*callbacks, EpochBackup(run.backup(phase))],
+                    verbose=progress_verbosity(),
+                )
+        except Exception as error:
+            if rundir.is_disk_full(error):
+                raise rundir.DiskFullError(run.path, needed_bytes=4 * saved_bytes(model)) from error
+            raise
         return self._finish(model, phase, epochs, first_epoch=first, title=title)
 
     def _finish(self, model, phase, epochs, first_epoch, title):
-        """Marks a phase complete (``<phase>_done.json``), after making sure its best
-        checkpoint exists, and plots its curves."""
+        """Marks a phase complete (``<phase>_done.json``) once its best checkpoint is whole,
+        removes its backups and plots its curves."""
         run = self.run
-        if run.backup_root.is_dir() and not any(run.backup_root.iterdir()):
-            shutil.rmtree(run.backup_root)
-        if not run.best(phase).is_file():  # e.g. every validation loss was NaN
-            model.save(run.best(phase))
-        run.done(phase).write_text(json.dumps(
+        best = run.best(phase)
+        if not best.is_file():  # e.g. every validation loss was NaN
+            rundir.write_atomically(best, model.save)
+        check_checkpoint(best)
+        rundir.write_text(run.done(phase), json.dumps(
             {"epochs": epochs, "epochs_run": epochs - first_epoch, "first_epoch": first_epoch}, indent=1))
+        shutil.rmtree(run.backup(phase), ignore_errors=True)
+        if run.backup_root.is_dir() and not any(run.backup_root.iterdir()):
+            shutil.rmtree(run.backup_root, ignore_errors=True)
         history = rundir.read_history(run.log(phase))
         if history:
             reports.plot_history(history, run.curves(phase), title or phase)
-        return run.best(phase)
+        return best
+
+
+class BestCheckpoint(keras.callbacks.Callback):
+    """Saves the model whenever ``monitor`` improves, written atomically.
+
+    ``keras.callbacks.ModelCheckpoint(save_best_only=True)`` rewrites its file in place,
+    so a kill or a full disk during the write destroys the previous best model too; this
+    writes to a temporary name and renames it into place (``rundir.write_atomically``).
+    Epochs whose ``monitor`` is missing or not finite are not saved.
+
+    Args:
+        path: the ``.keras`` file.
+        monitor: a ``logs`` key; ``loss`` in its name means lower is better.
+        best: the best value so far (a resumed run), or ``None``.
+    """
+
+    def __init__(self, path, monitor, best=None):
+        super().__init__()
+        self.path, self.monitor, self.best = Path(path), monitor, best
+        self.better = (lambda a, b: a < b) if "loss" in monitor else (lambda a, b: a > b)
+
+    def on_epoch_end(self, epoch, logs=None):
+        value = (logs or {}).get(self.monitor)
+        if value is None or not math.isfinite(float(value)):
+            return
+        if self.best is None or self.better(float(value), self.best):
+            logger.debug("epoch %d: %s improved to %.4f, saving %s", epoch + 1, self.monitor, value, self.path)
+            self.best = float(value)
+            rundir.write_atomically(self.path, self.model.save)
+
+
+class EpochBackup(keras.callbacks.Callback):
+    """Backs up the weights and optimizer state after every epoch into ``folder`` as
+    ``epoch-<N>.weights.h5`` (N completed epochs), written atomically, keeping the last two.
+
+    In place of ``keras.callbacks.BackupAndRestore``, whose write in place left a run that
+    could not resume when a kill fell inside it; ``restore_backup`` reads these."""
+
+    def __init__(self, folder):
+        super().__init__()
+        self.folder = Path(folder)
+
+    def on_epoch_end(self, epoch, logs=None):
+        rundir.write_atomically(self.folder / f"epoch-{epoch + 1}.weights.h5", self.model.save_weights)
+        for _, old in sorted(_backups(self.folder))[:-2]:
+            old.unlink(missing_ok=True)
+
+
+def _backups(folder):
+    """``[(completed_epochs, path)]`` of the backups in ``folder``."""
+    found = []
+    for path in Path(folder).glob("epoch-*.weights.h5"):
+        number = path.name[len("epoch-"):-len(".weights.h5")]
+        if number.isdigit():
+            found.append((int(number), path))
+    return found
+
+
+def restore_backup(model, folder, phase):
+    """Loads the newest whole backup of ``EpochBackup`` into ``model`` (weights and
+    optimizer state); a damaged one is reported in one line and the one before it tried.
+
+    Returns:
+        The number of completed epochs restored (0: none, start the phase).
+    """
+    for epoch, path in sorted(_backups(folder), reverse=True):
+        try:
+            if model.optimizer is not None and not model.optimizer.built:
+                model.optimizer.build(model.trainable_variables)
+            model.load_weights(path)
+            return epoch
+        except Exception as error:  # h5py and Keras raise several types for a damaged file
+            logger.warning("%s: the backup %s is damaged (%s: %s); trying the one before it", phase, path,
+                           type(error).__name__, str(error).splitlines()[0][:200] if str(error) else "")
+    return 0
+
+
+def saved_bytes(model):
+    """Bytes of a ``.keras`` file of ``model``: its variables and its optimizer's."""
+    variables = list(model.variables) + list(model.optimizer.variables if model.optimizer else [])
+    return sum(int(np.prod(v.shape)) * np.dtype(keras.backend.standardize_dtype(v.dtype)).itemsize
+               for v in variables)
+
+
+def check_checkpoint(path):
+    """Raises ``UsageError`` naming ``path`` when the ``.keras`` file is not whole (a
+    truncated or corrupt zip archive: a kill or a full disk during a write in place)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except (OSError, zipfile.BadZipFile) as error:
+        damaged = str(error)
+    if damaged is not None:
+        raise UsageError(f"{path} is damaged ({damaged}): it was cut short or corrupted. Delete it to train "
+                         "that phase again.")
 
 
 def load_checkpoint(path):
-    """``keras.saving.load_model(path)`` (safe mode), with a clear error for a missing file.
+    """``keras.saving.load_model(path)`` (safe mode), with one-line errors.
 
     Returns:
         ``(model, classes)``: ``classes`` is the ``classes.json`` written beside the
         model at training time (``{"class_names": [...], ...}``), or ``{}``.
 
     Raises:
-        MissingFileError: naming the path.
+        MissingFileError: no such file.
+        UsageError: the file is damaged (cut short, a bad CRC) or is not a model this
+            script can load (another script's model, not a ``.keras`` file).
     """
     path = Path(path)
     if not path.is_file():
         raise MissingFileError(f"Model file {path} does not exist.")
+    check_checkpoint(path)
     classes_path = rundir.classes_beside(path)
-    classes = json.loads(classes_path.read_text()) if classes_path.is_file() else {}
-    return keras.saving.load_model(path), classes
+    classes = json.loads(classes_path.read_text(encoding="utf-8")) if classes_path.is_file() else {}
+    try:
+        return keras.saving.load_model(path), classes
+    except Exception as error:  # Keras raises ValueError, TypeError, KeyError... for a foreign model
+        first_line = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+        raise UsageError(f"{path} is not a model this script can load ({first_line}); was it saved by this "
+                         "script?") from error
 
 
 def progress_verbosity():
