@@ -31,15 +31,51 @@ import os
 import sys
 from pathlib import Path
 
-import keras
-import numpy as np
-import tensorflow as tf
+from helpers import cli
 
-from helpers import cli, data, multiworker, precision, reports, training
-from helpers.backbones import pretrained_backbone
-from helpers.errors import UsageError
-from helpers.layers import Grayscale
-from helpers.recurrent import FusedLSTM
+
+def parse_args(argv=None):
+    parser, train_parser, evaluate_parser, predict_parser = cli.parser_with_commands(
+        "Xception + LSTM image classifier (seed 000/001), trained in two phases."
+    )
+    cli.add_data_arguments(train_parser)
+    model = train_parser.add_argument_group("model")
+    cli.add_weights_argument(model, "Xception")
+    model.add_argument("--image-size", type=int, default=299, help="input size in pixels, >= 71 (default: 299)")
+    model.add_argument("--rnn-timesteps", type=int, default=23,
+                       help="timesteps the grayscale image is cut into; must divide image-size**2 (default: 23)")
+    model.add_argument("--rnn-units", type=int, default=2048,
+                       help="units of both LSTMs; other than 2048 adds a projection of the CNN features "
+                       "(default: 2048)")
+    train_parser.add_argument("--input", choices=("generator", "tf.data"), default="generator",
+                              help="input path: the seed's CustomImageDataGenerator, or tf.data with parallel "
+                              "decoding and prefetch, for a GPU (default: generator)")
+    model.add_argument("--cnn-only", action="store_true",
+                       help="ablation: train the CNN branch alone, same classifier, no RNN branch (default: off)")
+    cli.add_training_arguments(train_parser)
+    cli.add_performance_arguments(train_parser)
+    cli.add_output_arguments(train_parser)
+
+    cli.add_evaluate_arguments(evaluate_parser, batch_size=32)
+
+    predict_parser.add_argument("--batch-size", type=int, default=32, help="batch size (default: 32)")
+    cli.add_predict_arguments(predict_parser, "image files or folders (searched recursively)")
+    return parser.parse_args(cli.with_default_command(argv))
+
+
+if __name__ == "__main__":  # parse before TensorFlow is imported: --help and flag errors answer at once
+    ARGS = parse_args()
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ INFO and WARNING lines
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from helpers import data, distribute, multiworker, precision, reports, training  # noqa: E402
+from helpers.backbones import pretrained_backbone  # noqa: E402
+from helpers.errors import UsageError  # noqa: E402
+from helpers.layers import Grayscale  # noqa: E402
+from helpers.recurrent import FusedLSTM  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -292,7 +328,7 @@ def train(args):
     if args.distribute == "multi-worker" and args.input != "tf.data":
         raise UsageError("--distribute multi-worker needs --input tf.data: the generator cannot be sharded "
                          "across workers.")
-    strategy = cli.training_strategy(args)
+    strategy = distribute.training_strategy(args)
     splits = data.load_splits(args.data_dir)
     class_names = splits["train"].class_names
     check_model_arguments(len(class_names), args.image_size, args.rnn_timesteps, args.rnn_units)
@@ -396,38 +432,10 @@ def predict(args):
             reports.print_top_k(path, row, classes, args.top_k)
 
 
-def parse_args(argv=None):
-    parser, train_parser, evaluate_parser, predict_parser = cli.parser_with_commands(
-        "Xception + LSTM image classifier (seed 000/001), trained in two phases."
-    )
-    cli.add_data_arguments(train_parser)
-    model = train_parser.add_argument_group("model")
-    cli.add_weights_argument(model, "Xception")
-    model.add_argument("--image-size", type=int, default=299, help="input size in pixels, >= 71 (default: 299)")
-    model.add_argument("--rnn-timesteps", type=int, default=23,
-                       help="timesteps the grayscale image is cut into; must divide image-size**2 (default: 23)")
-    model.add_argument("--rnn-units", type=int, default=2048,
-                       help="units of both LSTMs; other than 2048 adds a projection of the CNN features "
-                       "(default: 2048)")
-    train_parser.add_argument("--input", choices=("generator", "tf.data"), default="generator",
-                              help="input path: the seed's CustomImageDataGenerator, or tf.data with parallel "
-                              "decoding and prefetch, for a GPU (default: generator)")
-    model.add_argument("--cnn-only", action="store_true",
-                       help="ablation: train the CNN branch alone, same classifier, no RNN branch (default: off)")
-    cli.add_training_arguments(train_parser)
-    cli.add_performance_arguments(train_parser)
-    cli.add_output_arguments(train_parser)
-
-    cli.add_evaluate_arguments(evaluate_parser, batch_size=32)
-
-    predict_parser.add_argument("--batch-size", type=int, default=32, help="batch size (default: 32)")
-    cli.add_predict_arguments(predict_parser, "image files or folders (searched recursively)")
-    return parser.parse_args(cli.with_default_command(argv))
-
-
-def main(argv=None):
-    return cli.run(parse_args(argv), {"train": train, "evaluate": evaluate, "predict": predict})
+def main(argv=None, args=None):
+    """Runs a command: ``argv`` (default: ``sys.argv[1:]``) or already parsed ``args``."""
+    return cli.run(args or parse_args(argv), {"train": train, "evaluate": evaluate, "predict": predict})
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(args=ARGS))

@@ -22,17 +22,58 @@ Usage::
 
 import dataclasses
 import logging
+import os
 import sys
 from pathlib import Path
 
-import keras
-import numpy as np
-import tensorflow as tf
+from helpers import cli
 
-from helpers import cli, data, multiworker, precision, reports, sequences, training
-from helpers.backbones import pretrained_backbone
-from helpers.errors import UsageError
-from helpers.layers import FoldFrames, FrameMask, VGG16Preprocess
+
+def parse_args(argv=None):
+    parser, train_parser, evaluate_parser, predict_parser = cli.parser_with_commands(
+        "LRCN (Donahue et al. 2015; seeds 002/003): per-frame VGG16 + GRU, trained in two phases."
+    )
+    cli.add_data_arguments(train_parser)
+    length = train_parser.add_argument_group("frames").add_mutually_exclusive_group(required=True)
+    length.add_argument("--frames", type=int, help="fixed length: sample N frames spread evenly over each sequence")
+    length.add_argument("--variable-length", action="store_true",
+                        help="each sequence at its own length: batch size 1 as in the seed, or padded, "
+                        "masked batches bucketed by length when the batch size is above 1")
+    model = train_parser.add_argument_group("model")
+    cli.add_weights_argument(model, "VGG16")
+    model.add_argument("--image-size", type=int, default=224, help="frame size in pixels, >= 32 (default: 224)")
+    model.add_argument("--dense-units", type=int, default=2048, help="per-frame Dense units (default: 2048)")
+    model.add_argument("--gru-units", type=int, default=1024, help="GRU units (default: 1024)")
+    model.add_argument("--fine-tune-layers", type=int, default=5,
+                       help="VGG16's top layers fine-tuned in phase 2, 0..19 (default: 5)")
+    model.add_argument("--recurrent-dropout", type=float, default=0.5,
+                       help="GRU recurrent dropout; above 0 rules out the fast cuDNN kernel on a GPU (default: 0.5)")
+    model.add_argument("--per-frame", action="store_true", help="a label per frame (default: one per sequence)")
+    cli.add_training_arguments(train_parser, epochs=10, fine_tune_epochs=10, batch_size=8, fine_tune_batch_size=8,
+                               learning_rate=0.01, fine_tune_learning_rate=0.001)
+    cli.add_performance_arguments(train_parser)
+    cli.add_output_arguments(train_parser)
+
+    cli.add_evaluate_arguments(evaluate_parser, batch_size=8)
+
+    predict_parser.add_argument("--max-frames", type=int, default=None,
+                                help="frames read from a video at most (default: all)")
+    cli.add_predict_arguments(predict_parser, "frame folders or video files (mp4, avi)")
+    return parser.parse_args(cli.with_default_command(argv))
+
+
+if __name__ == "__main__":  # parse before TensorFlow is imported: --help and flag errors answer at once
+    ARGS = parse_args()
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ INFO and WARNING lines
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from helpers import data, distribute, multiworker, precision, reports, sequences, training  # noqa: E402
+from helpers.backbones import pretrained_backbone  # noqa: E402
+from helpers.errors import UsageError  # noqa: E402
+from helpers.layers import FoldFrames, FrameMask, VGG16Preprocess  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -199,7 +240,7 @@ def train(args):
     if args.distribute == "multi-worker" and (not args.frames or args.per_frame):
         raise UsageError("--distribute multi-worker needs --frames N and one label per sequence (not "
                          "--variable-length or --per-frame): every worker must run the same number of equal steps.")
-    strategy = cli.training_strategy(args)
+    strategy = distribute.training_strategy(args)
     splits = {"train": sequences.list_sequences(args.data_dir / "train")}
     names = splits["train"].class_names
     for name in ("val", "test"):
@@ -319,42 +360,10 @@ def predict(args):
         reports.print_top_k(item, scores.mean(axis=0) if scores.ndim == 2 else scores, classes, args.top_k)
 
 
-def parse_args(argv=None):
-    parser, train_parser, evaluate_parser, predict_parser = cli.parser_with_commands(
-        "LRCN (Donahue et al. 2015; seeds 002/003): per-frame VGG16 + GRU, trained in two phases."
-    )
-    cli.add_data_arguments(train_parser)
-    length = train_parser.add_argument_group("frames").add_mutually_exclusive_group(required=True)
-    length.add_argument("--frames", type=int, help="fixed length: sample N frames spread evenly over each sequence")
-    length.add_argument("--variable-length", action="store_true",
-                        help="each sequence at its own length: batch size 1 as in the seed, or padded, "
-                        "masked batches bucketed by length when the batch size is above 1")
-    model = train_parser.add_argument_group("model")
-    cli.add_weights_argument(model, "VGG16")
-    model.add_argument("--image-size", type=int, default=224, help="frame size in pixels, >= 32 (default: 224)")
-    model.add_argument("--dense-units", type=int, default=2048, help="per-frame Dense units (default: 2048)")
-    model.add_argument("--gru-units", type=int, default=1024, help="GRU units (default: 1024)")
-    model.add_argument("--fine-tune-layers", type=int, default=5,
-                       help="VGG16's top layers fine-tuned in phase 2, 0..19 (default: 5)")
-    model.add_argument("--recurrent-dropout", type=float, default=0.5,
-                       help="GRU recurrent dropout; above 0 rules out the fast cuDNN kernel on a GPU (default: 0.5)")
-    model.add_argument("--per-frame", action="store_true", help="a label per frame (default: one per sequence)")
-    cli.add_training_arguments(train_parser, epochs=10, fine_tune_epochs=10, batch_size=8, fine_tune_batch_size=8,
-                               learning_rate=0.01, fine_tune_learning_rate=0.001)
-    cli.add_performance_arguments(train_parser)
-    cli.add_output_arguments(train_parser)
-
-    cli.add_evaluate_arguments(evaluate_parser, batch_size=8)
-
-    predict_parser.add_argument("--max-frames", type=int, default=None,
-                                help="frames read from a video at most (default: all)")
-    cli.add_predict_arguments(predict_parser, "frame folders or video files (mp4, avi)")
-    return parser.parse_args(cli.with_default_command(argv))
-
-
-def main(argv=None):
-    return cli.run(parse_args(argv), {"train": train, "evaluate": evaluate, "predict": predict})
+def main(argv=None, args=None):
+    """Runs a command: ``argv`` (default: ``sys.argv[1:]``) or already parsed ``args``."""
+    return cli.run(args or parse_args(argv), {"train": train, "evaluate": evaluate, "predict": predict})
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(args=ARGS))

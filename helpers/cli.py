@@ -1,7 +1,8 @@
 """Command-line pieces both training scripts share.
 
 Each script builds its own parser with these groups, so that the flags, their
-defaults and their help text are the same in both.
+defaults and their help text are the same in both. Nothing here imports TensorFlow
+at import time: the scripts parse their arguments before they import it.
 """
 
 import argparse
@@ -10,9 +11,7 @@ import logging
 import sys
 from pathlib import Path
 
-import tensorflow as tf
-
-from helpers import distribute, precision, rundir
+from helpers import options, rundir
 from helpers.data import DatasetError
 from helpers.errors import ProjectError, UsageError
 
@@ -73,13 +72,13 @@ def add_training_arguments(parser, epochs=30, fine_tune_epochs=30, batch_size=32
 
 def add_performance_arguments(parser):
     group = parser.add_argument_group("performance")
-    group.add_argument("--mixed-precision", choices=precision.CHOICES, default="auto",
+    group.add_argument("--mixed-precision", choices=options.MIXED_PRECISION, default="auto",
                        help="compute dtype of the CNN backbone (recurrent layers and the classifier stay "
                        "float32); auto: bfloat16 on a CPU with AVX512_BF16/AMX or a GPU of compute "
                        "capability >= 8, float16 on 7.x, else off (default: auto)")
     group.add_argument("--workers", type=int, default=2,
                        help="threads decoding input (tf.data: parallel calls) (default: 2)")
-    group.add_argument("--distribute", choices=distribute.CHOICES, default="none",
+    group.add_argument("--distribute", choices=options.DISTRIBUTE, default="none",
                        help="mirrored: tf.distribute.MirroredStrategy over all local GPUs (or --devices); "
                        "multi-worker: MultiWorkerMirroredStrategy over the cluster in TF_CONFIG (classifier: "
                        "with --input tf.data; LRCN: with --frames); the batch sizes are then global batches "
@@ -116,18 +115,6 @@ def check_training_arguments(args):
             raise UsageError(f"--{flag.replace('_', '-')} must be a positive number. Received: {value}")
     if args.epochs == 0 and args.fine_tune_epochs == 0:
         raise UsageError("--epochs and --fine-tune-epochs are both 0: there is nothing to train.")
-
-
-def training_strategy(args):
-    """The ``tf.distribute`` strategy of ``--distribute``/``--devices`` (``None`` for none),
-    after checking that both global batch sizes split evenly over its replicas.
-
-    Raises:
-        UsageError: a bad flag combination or a batch size not divisible by the replicas.
-    """
-    strategy = distribute.make_strategy(args.distribute, args.devices)
-    distribute.check_global_batch(strategy, batch_size=args.batch_size, fine_tune_batch_size=args.fine_tune_batch_size)
-    return strategy
 
 
 def model_arguments(args, names):
@@ -192,6 +179,8 @@ def run(args, commands):
     ``--verbose``), and so is a lost peer under ``--distribute multi-worker``; anything
     else is a bug and raises.
     """
+    import tensorflow as tf  # here, not at the top: the arguments are parsed before TensorFlow loads
+
     configure_logging(args.verbose, {command.__module__ for command in commands.values()})
     try:
         return commands[args.command](args) or 0

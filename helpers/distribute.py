@@ -20,12 +20,12 @@ import logging
 import keras
 import tensorflow as tf
 
-from helpers import multiworker
+from helpers import multiworker, options
 from helpers.errors import UsageError
 
 logger = logging.getLogger(__name__)
 
-CHOICES = ("none", "mirrored", "multi-worker")
+CHOICES = options.DISTRIBUTE
 
 
 def make_strategy(choice, devices=None):
@@ -60,6 +60,18 @@ def make_strategy(choice, devices=None):
     strategy = tf.distribute.MirroredStrategy(devices or None)
     logger.info("MirroredStrategy over %d replica(s): %s", strategy.num_replicas_in_sync,
                 ", ".join(strategy.extended.worker_devices))
+    return strategy
+
+
+def training_strategy(args):
+    """The strategy of ``--distribute``/``--devices`` (``None`` for none), after checking
+    that both global batch sizes split evenly over its replicas.
+
+    Raises:
+        UsageError: a bad flag combination or a batch size not divisible by the replicas.
+    """
+    strategy = make_strategy(args.distribute, args.devices)
+    check_global_batch(strategy, batch_size=args.batch_size, fine_tune_batch_size=args.fine_tune_batch_size)
     return strategy
 
 

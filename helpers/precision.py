@@ -21,11 +21,12 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
+from helpers import options
 from helpers.errors import UsageError
 
 logger = logging.getLogger(__name__)
 
-CHOICES = ("auto", "off", "bfloat16", "float16")
+CHOICES = options.MIXED_PRECISION
 POLICIES = {"off": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
 
 
