@@ -4,8 +4,7 @@ project's callbacks, resume and NaN stop.
 A script's ``train()`` tells the story itself, as keras-io's fine-tuning guide
 (``examples/vision/image_classification_efficientnet_fine_tuning.py``) does::
 
-    trainer = training.Trainer(args.output_dir, strategy, steps_per_epoch=args.steps_per_epoch)
-    with trainer.scope():
+    with training.Trainer(args.output_dir, strategy) as trainer, trainer.scope():
         model = build_model(...)
         training.set_backbone_trainable(model, "xception", False)        # freeze
         model.compile(optimizer=keras.optimizers.RMSprop(), ...)
