@@ -211,6 +211,7 @@ def test_one_line_errors_for_unwritable_paths_and_damaged_models(class_folders, 
     assert "Traceback" not in foreign.stderr
 
 
+@pytest.mark.filterwarnings("ignore:Skipping nested container")  # Keras, reading the wrong weights file
 def test_misleading_inputs_are_named(class_folders, tmp_path, caplog):
     assert crc.main(train_args(class_folders, tmp_path / "r1", "--weights", str(tmp_path))) == 1
     assert "is a folder, not a weights file" in caplog.text
