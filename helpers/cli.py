@@ -163,11 +163,10 @@ def configure_logging(verbose=False, modules=()):
 
 
 def save_args(args, output_dir):
-    """Writes the resolved arguments to the run's ``args.json`` so a run can be repeated."""
+    """Writes the resolved arguments to the run's ``args.json`` (atomically) so a run can be repeated."""
     path = rundir.RunDir(output_dir).args
-    path.parent.mkdir(parents=True, exist_ok=True)
     values = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
-    path.write_text(json.dumps(values, indent=2) + "\n", encoding="utf-8")
+    rundir.write_text(path, json.dumps(values, indent=2) + "\n")
     return path
 
 
