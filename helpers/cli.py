@@ -96,7 +96,7 @@ def add_output_arguments(parser):
     group.add_argument("--output-dir", type=Path, default=Path("runs/latest"),
                        help="checkpoints, logs, plots and metrics.json; rerunning the same command "
                        "here resumes (default: runs/latest)")
-    group.add_argument("--verbose", action="store_true", help="debug logging (default: off)")
+    _add_verbose_argument(group)
     return group
 
 
@@ -198,9 +198,13 @@ def run(args, commands):
         return 1
 
 
+def _add_verbose_argument(parser):
+    parser.add_argument("--verbose", action="store_true", help="debug logging (default: off)")
+
+
 def _add_saved_model_arguments(parser):
     parser.add_argument("--model", required=True, type=Path, help="a saved .keras model; required")
-    parser.add_argument("--verbose", action="store_true", help="debug logging (default: off)")
+    _add_verbose_argument(parser)
 
 
 def add_evaluate_arguments(parser, batch_size):

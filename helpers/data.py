@@ -30,7 +30,7 @@ from pathlib import Path
 from PIL import Image
 
 from helpers.errors import UsageError
-from helpers.formats import IMAGE_EXTENSIONS
+from helpers.formats import IMAGE_EXTENSIONS, read_text
 
 logger = logging.getLogger(__name__)
 
@@ -221,18 +221,13 @@ def read_words(path):
     """Reads Tiny ImageNet's ``words.txt`` (``wnid<TAB>names``) into a dict; ``{}`` if absent.
 
     Raises:
-        DatasetError: the file is not UTF-8 text (named).
+        helpers.errors.UsageError: the file is not UTF-8 text (named).
     """
     path = Path(path)
     if not path.is_file():
         return {}
     words = {}
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as error:
-        raise DatasetError(f"{path} is not UTF-8 text (byte {error.object[error.start]:#x} at offset "
-                           f"{error.start}); save it as UTF-8.") from None
-    for line in text.splitlines():
+    for line in read_text(path).splitlines():
         key, _, names = line.partition("\t")
         if key.strip():
             words[key.strip()] = names.strip()

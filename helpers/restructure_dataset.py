@@ -48,7 +48,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from helpers.formats import IMAGE_EXTENSIONS  # anything else in an image folder is a stray file
+from helpers.formats import IMAGE_EXTENSIONS, read_text  # other files in an image folder are stray files
 
 logger = logging.getLogger(__name__)
 
@@ -110,19 +110,6 @@ def _check_name(name, where):
     ):
         return f"{where}: {name!r} is not a plain file name (it points outside the dataset root)"
     return None
-
-
-def read_text(path):
-    """A text file's content: UTF-8, a leading byte-order mark dropped (``utf-8-sig``).
-
-    Raises:
-        LayoutError: the file is not UTF-8 text (the file and the byte are named).
-    """
-    try:
-        return Path(path).read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as error:
-        raise LayoutError(f"{path} is not UTF-8 text (byte {error.object[error.start]:#x} at offset "
-                          f"{error.start}); save it as UTF-8.") from None
 
 
 def _read_wnids(src):

@@ -197,9 +197,10 @@ def _free_bytes(folder):
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
     try:
-        return os.statvfs(folder).f_bavail * os.statvfs(folder).f_frsize
+        stats = os.statvfs(folder)
     except OSError:
         return 0
+    return stats.f_bavail * stats.f_frsize
 
 
 def classes_beside(model_path):
@@ -217,19 +218,17 @@ def read_history(csv_path):
     csv_path = Path(csv_path)
     if not csv_path.is_file():
         return {}
-    rows = {}
+    rows = {}  # epoch -> {column: value}, the row parsed once
     with csv_path.open(newline="", encoding="utf-8", errors="replace") as handle:
         for row in csv.DictReader(handle):
+            if None in row or None in row.values():  # too many or too few fields: cut short
+                continue
             try:
-                epoch = int(row["epoch"])
-                [float(value) for key, value in row.items() if key != "epoch" and value not in ("", None)]
-            except (TypeError, ValueError):  # cut short, or a stray header
+                rows[int(row["epoch"])] = {key: float(value) if value != "" else math.nan for key, value in row.items()}
+            except ValueError:  # a value cut short, or a stray header
                 continue
-            if None in row or None in row.values():  # too many or too few fields
-                continue
-            rows[epoch] = row
     history = {}
     for epoch in sorted(rows):
         for key, value in rows[epoch].items():
-            history.setdefault(key, []).append(float(value) if value not in ("", None) else math.nan)
+            history.setdefault(key, []).append(value)
     return history
