@@ -17,7 +17,7 @@ from helpers.errors import ProjectError, UsageError
 
 logger = logging.getLogger(__name__)
 
-COMMANDS = ("train", "evaluate", "predict")
+COMMANDS = ("train", "evaluate", "predict", "caption")
 
 
 def with_default_command(argv, default="train"):
@@ -70,7 +70,8 @@ def add_training_arguments(parser, epochs=30, fine_tune_epochs=30, batch_size=32
     return group
 
 
-def add_performance_arguments(parser):
+def add_performance_arguments(parser, distribute=True):
+    """The performance group; ``distribute=False`` leaves out ``--distribute`` and ``--devices``."""
     group = parser.add_argument_group("performance")
     group.add_argument("--mixed-precision", choices=options.MIXED_PRECISION, default="auto",
                        help="compute dtype of the CNN backbone (recurrent layers and the classifier stay "
@@ -78,6 +79,9 @@ def add_performance_arguments(parser):
                        "capability >= 8, float16 on 7.x, else off (default: auto)")
     group.add_argument("--workers", type=int, default=2,
                        help="threads decoding input (tf.data: parallel calls) (default: 2)")
+    if not distribute:
+        _add_jit_argument(group)
+        return group
     group.add_argument("--distribute", choices=options.DISTRIBUTE, default="none",
                        help="mirrored: tf.distribute.MirroredStrategy over all local GPUs (or --devices); "
                        "multi-worker: MultiWorkerMirroredStrategy over the cluster in TF_CONFIG (classifier: "
@@ -85,10 +89,14 @@ def add_performance_arguments(parser):
                        "(default: none)")
     group.add_argument("--devices", nargs="+", default=None,
                        help="devices for --distribute mirrored, e.g. /gpu:0 /gpu:1 (default: all GPUs)")
+    _add_jit_argument(group)
+    return group
+
+
+def _add_jit_argument(group):
     group.add_argument("--jit-compile", action="store_true",
                        help="compile the train step with XLA (see the README's measurements before using it "
                        "on a CPU) (default: off)")
-    return group
 
 
 def add_output_arguments(parser):
@@ -123,12 +131,14 @@ def model_arguments(args, names):
     return {name: getattr(args, name) for name in names}
 
 
-def check_resumable(args, model_arguments, class_names):
+def check_resumable(args, model_arguments, class_names, labels=(rundir.CLASSES, "class_names")):
     """Refuses to resume a run in ``args.output_dir`` made with another model or other data.
 
     Args:
         model_arguments: the names of the builder's keyword arguments taken from flags.
         class_names: the classes of ``args.data_dir``'s training split, in index order.
+        labels: ``(file, key)``: the run's JSON file and key holding the labels it was trained with
+            (captioning: its vocabulary's ``tokens``).
 
     Raises:
         UsageError: naming each difference (a model flag, ``--data-dir``, the classes),
@@ -142,8 +152,8 @@ def check_resumable(args, model_arguments, class_names):
                for k in model_arguments if k in before and before[k] != getattr(args, k)]
     if "data_dir" in before and Path(before["data_dir"]).resolve() != Path(args.data_dir).resolve():
         changed.append(f"--data-dir {before['data_dir']} -> {args.data_dir}")
-    old_classes = json.loads(run.classes.read_text(encoding="utf-8")).get("class_names") \
-        if run.classes.is_file() else None
+    saved = run.path / labels[0]
+    old_classes = json.loads(saved.read_text(encoding="utf-8")).get(labels[1]) if saved.is_file() else None
     if old_classes is not None and old_classes != list(class_names):
         added, removed = sorted(set(class_names) - set(old_classes)), sorted(set(old_classes) - set(class_names))
         changed.append(f"classes ({len(old_classes)} -> {len(class_names)}; added: {', '.join(added[:5]) or 'none'}; "
@@ -236,11 +246,15 @@ def evaluation_split_name(args):
     return name
 
 
-def parser_with_commands(description):
-    """A parser with train / evaluate / predict sub-parsers, returned as a tuple."""
+def parser_with_commands(description, predict=("predict", "top-k classes of image files or folders")):
+    """A parser with train / evaluate / ``predict`` sub-parsers, returned as a tuple.
+
+    Args:
+        predict: ``(name, help)`` of the third command (captioning's is ``caption``).
+    """
     parser = argparse.ArgumentParser(description=description)
-    commands = parser.add_subparsers(dest="command", metavar="{train,evaluate,predict}")
+    commands = parser.add_subparsers(dest="command", metavar="{train,evaluate," + predict[0] + "}")
     train = commands.add_parser("train", help="train both phases, then evaluate (default command)")
     evaluate = commands.add_parser("evaluate", help="score a saved model on a labelled split")
-    predict = commands.add_parser("predict", help="top-k classes of image files or folders")
-    return parser, train, evaluate, predict
+    third = commands.add_parser(predict[0], help=predict[1])
+    return parser, train, evaluate, third

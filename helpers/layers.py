@@ -100,3 +100,94 @@ class FoldFrames(keras.layers.Wrapper):
         if not self.layer.built:
             self.layer.build((None,) + tuple(input_shape[2:]))
         self.built = True
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class XceptionPreprocess(keras.layers.Layer):
+    """Xception's own preprocessing inside the model (``keras.applications.xception.preprocess_input``,
+    "tf" mode): pixels scaled from 0..255 to -1..1.
+
+    Input: ``(batch, height, width, 3)`` float RGB in 0..255.
+    Output: same shape and dtype, in [-1, 1].
+    """
+
+    def call(self, inputs):
+        return inputs / 127.5 - 1.0
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class PrependStep(keras.layers.Layer):
+    """Puts a vector in front of a sequence as its first timestep (Show and Tell's image input).
+
+    Inputs: ``[vector, sequence]``: ``(batch, features)`` and ``(batch, steps, features)``,
+    same dtype; the sequence may carry a ``(batch, steps)`` mask.
+    Output: ``(batch, steps + 1, features)``; its mask is True at the new first step and
+    the sequence's mask after it.
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.supports_masking = True
+
+    def call(self, inputs):
+        vector, sequence = inputs
+        return keras.ops.concatenate([keras.ops.expand_dims(vector, 1), sequence], axis=1)
+
+    def compute_mask(self, inputs, mask=None):
+        sequence_mask = mask[1] if isinstance(mask, (list, tuple)) else None
+        if sequence_mask is None:
+            return None
+        first = keras.ops.ones_like(sequence_mask[:, :1])
+        return keras.ops.concatenate([first, sequence_mask], axis=1)
+
+    def compute_output_shape(self, input_shape):
+        vector, sequence = input_shape
+        steps = None if sequence[1] is None else sequence[1] + 1
+        return (sequence[0], steps, sequence[2])
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class DropFirstStep(keras.layers.Layer):
+    """Removes a sequence's first timestep, and its mask's: the output of ``PrependStep``'s step.
+
+    Input: ``(batch, steps, features)``, optionally masked ``(batch, steps)``.
+    Output: ``(batch, steps - 1, features)`` with the mask ``mask[:, 1:]``.
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.supports_masking = True
+
+    def call(self, inputs):
+        return inputs[:, 1:]
+
+    def compute_mask(self, inputs, mask=None):
+        return None if mask is None else mask[:, 1:]
+
+    def compute_output_shape(self, input_shape):
+        steps = None if input_shape[1] is None else input_shape[1] - 1
+        return (input_shape[0], steps) + tuple(input_shape[2:])
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class AddToSteps(keras.layers.Layer):
+    """Adds a vector to every timestep of a sequence (the "merge" architecture's image join,
+    Tanti et al. 2017), keeping the sequence's mask.
+
+    Inputs: ``[sequence, vector]``: ``(batch, steps, features)`` and ``(batch, features)``.
+    Output: ``(batch, steps, features)``.
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.supports_masking = True
+
+    def call(self, inputs):
+        sequence, vector = inputs
+        return sequence + keras.ops.expand_dims(vector, 1)
+
+    def compute_mask(self, inputs, mask=None):
+        return mask[0] if isinstance(mask, (list, tuple)) else None
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape[0])

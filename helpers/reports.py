@@ -170,3 +170,31 @@ def print_top_k(name, scores, classes, top_k):
     for rank, index in enumerate(np.argsort(-np.asarray(scores))[:top_k], 1):
         label = names[index] + (f" ({descriptions[names[index]]})" if names[index] in descriptions else "")
         print(f"  {rank}. {label}: {scores[index]:.4f}")
+
+
+def plot_captions(paths, generated, references, path, title, columns=4):
+    """A grid of images, each with its generated caption and one reference caption below it.
+
+    Args:
+        paths: image files (at most a dozen or so make a readable figure).
+        generated, references: one caption string per image.
+        path: the PNG to write.
+    """
+    import textwrap
+
+    from PIL import Image
+
+    rows = max(1, -(-len(paths) // columns))
+    figure, axes = plt.subplots(rows, columns, figsize=(4 * columns, 4.6 * rows), squeeze=False)
+    for axis in axes.ravel():
+        axis.axis("off")
+    for axis, image_path, ours, reference in zip(axes.ravel(), paths, generated, references):
+        with Image.open(image_path) as image:
+            axis.imshow(image.convert("RGB"))
+        axis.set_title("\n".join(textwrap.wrap(ours, 40)[:2]) + "\n" + "\n".join(
+            textwrap.wrap(f"ref: {reference}", 40)[:2]), fontsize=9, loc="left")
+    figure.suptitle(title)
+    figure.tight_layout()
+    rundir.write_atomically(path, lambda partial: figure.savefig(partial, dpi=80, format="png"))
+    plt.close(figure)
+    return path

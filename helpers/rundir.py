@@ -10,6 +10,10 @@
                            optimizer state), deleted when the phase is complete
     logs/<phase>/          TensorBoard logs
     metrics.json           the evaluation of the final model
+    vocabulary.json        a captioning run's words, in id order (``helpers.captions.Vocabulary``)
+    features/              cached backbone features of a frozen-backbone phase (``helpers.features``)
+    captions.json          a captioning run's generated captions of the evaluated split
+    captions.png           a grid of those images with generated and reference captions
     confusion_matrix.png   its row-normalised confusion matrix
     .lock                  held (``fcntl.flock``) by the run using the folder; holds its process id
 
@@ -42,6 +46,10 @@ CONFUSION_MATRIX = "confusion_matrix.png"
 BACKUP = "backup"
 LOGS = "logs"
 LOCK = ".lock"
+VOCABULARY = "vocabulary.json"
+FEATURES = "features"
+CAPTIONS = "captions.json"
+CAPTIONS_GRID = "captions.png"
 
 
 class RunDir:
@@ -68,6 +76,22 @@ class RunDir:
     @property
     def confusion_matrix(self):
         return self.path / CONFUSION_MATRIX
+
+    @property
+    def vocabulary(self):
+        return self.path / VOCABULARY
+
+    @property
+    def features(self):
+        return self.path / FEATURES
+
+    @property
+    def captions(self):
+        return self.path / CAPTIONS
+
+    @property
+    def captions_grid(self):
+        return self.path / CAPTIONS_GRID
 
     @property
     def backup_root(self):
@@ -206,6 +230,11 @@ def _free_bytes(folder):
 def classes_beside(model_path):
     """The ``classes.json`` written next to a saved model of a run."""
     return Path(model_path).with_name(CLASSES)
+
+
+def vocabulary_beside(model_path):
+    """The ``vocabulary.json`` written next to a saved captioning model of a run."""
+    return Path(model_path).with_name(VOCABULARY)
 
 
 def read_history(csv_path):

@@ -155,7 +155,7 @@ class Trainer:
     def __exit__(self, *exc_info):
         return self._lock.__exit__(*exc_info)
 
-    def fit(self, model, phase, train_data, val_data, *, epochs, monitor, title=None):
+    def fit(self, model, phase, train_data, val_data, *, epochs, monitor, title=None, save=None):
         """Fits one phase: ``model.fit`` with the project's callbacks, resumable.
 
         Each epoch is logged to ``<phase>_log.csv`` and TensorBoard; the best epoch by
@@ -175,6 +175,9 @@ class Trainer:
             epochs: epochs of the phase; 0 skips it.
             monitor: ``"val_loss"`` (lower is better) or a ``val_`` accuracy (higher).
             title: the curves' title (default: ``phase``).
+            save: the model the best checkpoint holds (default: ``model``): a larger model
+                sharing ``model``'s layers, e.g. the whole captioner while its decoder is
+                fitted on cached backbone features.
 
         Returns:
             The path of the best checkpoint, or ``None`` when the phase did not run
@@ -195,7 +198,7 @@ class Trainer:
         best_so_far = (min if "loss" in monitor else max)(past) if past and run.best(phase).is_file() else None
         callbacks = [
             StopOnNaN(phase),
-            BestCheckpoint(run.best(phase), monitor, best=best_so_far),
+            BestCheckpoint(run.best(phase), monitor, best=best_so_far, save=save),
             keras.callbacks.CSVLogger(str(run.log(phase)), append=True),
             keras.callbacks.TensorBoard(str(run.tensorboard(phase))),
         ]
@@ -224,7 +227,7 @@ class Trainer:
             if rundir.is_disk_full(error):
                 raise rundir.DiskFullError(run.path, needed_bytes=4 * saved_bytes(model)) from error
             raise
-        return self._finish(model, phase, epochs, first_epoch=first, title=title)
+        return self._finish(save or model, phase, epochs, first_epoch=first, title=title)
 
     def _finish(self, model, phase, epochs, first_epoch, title):
         """Marks a phase complete (``<phase>_done.json``) once its best checkpoint is whole,
@@ -257,11 +260,12 @@ class BestCheckpoint(keras.callbacks.Callback):
         path: the ``.keras`` file.
         monitor: a ``logs`` key; ``loss`` in its name means lower is better.
         best: the best value so far (a resumed run), or ``None``.
+        save: the model saved (default: the model being fitted).
     """
 
-    def __init__(self, path, monitor, best=None):
+    def __init__(self, path, monitor, best=None, save=None):
         super().__init__()
-        self.path, self.monitor, self.best = Path(path), monitor, best
+        self.path, self.monitor, self.best, self.saved_model = Path(path), monitor, best, save
         self.better = (lambda a, b: a < b) if "loss" in monitor else (lambda a, b: a > b)
 
     def on_epoch_end(self, epoch, logs=None):
@@ -271,7 +275,7 @@ class BestCheckpoint(keras.callbacks.Callback):
         if self.best is None or self.better(float(value), self.best):
             logger.debug("epoch %d: %s improved to %.4f, saving %s", epoch + 1, self.monitor, value, self.path)
             self.best = float(value)
-            rundir.write_atomically(self.path, self.model.save)
+            rundir.write_atomically(self.path, (self.saved_model or self.model).save)
 
 
 class EpochBackup(keras.callbacks.Callback):

@@ -1,0 +1,653 @@
+#!/usr/bin/env python
+"""Image captioning: Xception encoder + LSTM decoder, trained in two phases (seed 004).
+
+Source: the seed write-up ``004_*.txt`` asks for a CNN that turns the image into a feature
+description fed into an LSTM, "while the words of the caption ... insert into LSTM cells
+from the other way", "cell number one is responsible for producing the first word", and
+"both CNN and the LSTM ... trained at the same time". That is Show and Tell (Vinyals et
+al., CVPR 2015)::
+
+    image (size, size, 3) RGB 0..255 -> Xception preprocessing -> Xception + average pooling (2048,)
+      -> Dense(embedding_dim) = the LSTM's first input (--inject pre)
+    tokens <start> w1 ... wn -> Embedding(vocabulary, embedding_dim, masked padding)
+      -> LSTM(lstm_units) over [image, <start>, w1, ..., wn] -> at each word step
+      -> Dense(vocabulary, softmax): the next word (w1 ... wn <end>), teacher forcing
+
+``--inject merge`` (Tanti et al. 2017) is the ablation: the LSTM reads the words only and
+the image joins its output before the softmax.
+
+Phase 1 freezes Xception and trains the decoder and the image embedding on Xception's
+features, computed once per image and cached in the run (``helpers.features``). Phase 2
+unfreezes Xception's top ``--fine-tune-layers`` layers (BatchNormalization stays in
+inference mode) and trains the whole model end to end from images at a low learning
+rate. Captions come from greedy decoding or batched, length-normalised beam search that
+carries the LSTM state between steps; they are scored with the COCO caption evaluation
+code (BLEU-1..4, CIDEr-D, METEOR).
+
+Usage::
+
+    python captioning.py [train] --data-dir FLICKR8K --output-dir runs/captioning [--weights imagenet|none|PATH]
+    python captioning.py evaluate --model runs/captioning/phase2_best.keras --data-dir FLICKR8K [--split test]
+    python captioning.py caption --model runs/captioning/phase2_best.keras [--beam-size 3] IMAGE_OR_DIR...
+
+A saved model loads in safe mode with ``keras.saving.load_model(path)`` once this module
+(or ``helpers.layers``) has been imported; its words are the ``vocabulary.json`` beside it.
+"""
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+from helpers import cli
+
+INJECT = ("pre", "merge")
+
+
+def parse_args(argv=None):
+    parser, train_parser, evaluate_parser, caption_parser = cli.parser_with_commands(
+        "Xception + LSTM image captioning (seed 004; Show and Tell), trained in two phases.",
+        predict=("caption", "print a caption for each image file or folder"))
+    data = cli.add_data_arguments(train_parser, require_data=False)
+    data.description = ("--data-dir: Flickr8k (Flickr8k.token.txt, the Flickr_8k.*Images.txt split files, the "
+                        "images folder) or COCO captions (captions_<split>.json and the images)")
+    data.add_argument("--download", action="store_true",
+                      help="download Flickr8k once into ~/.keras/datasets and use it (needs internet) (default: off)")
+    text = train_parser.add_argument_group("text")
+    text.add_argument("--min-word-count", type=int, default=5,
+                      help="keep words seen at least this often in the training captions (default: 5)")
+    text.add_argument("--max-length", type=int, default=30,
+                      help="words per caption; longer ones are cut, decoding stops there (default: 30)")
+    model = train_parser.add_argument_group("model")
+    cli.add_weights_argument(model, "Xception")
+    model.add_argument("--image-size", type=int, default=299, help="input size in pixels, >= 71 (default: 299)")
+    model.add_argument("--embedding-dim", type=int, default=256, help="word and image embedding size (default: 256)")
+    model.add_argument("--lstm-units", type=int, default=512, help="LSTM units (default: 512)")
+    model.add_argument("--inject", choices=INJECT, default="pre",
+                       help="pre: the image is the LSTM's first input (Show and Tell); merge: it joins the LSTM's "
+                       "output (Tanti et al. 2017) (default: pre)")
+    model.add_argument("--dropout", type=float, default=0.5, help="dropout on embeddings and LSTM output (default: 0.5)")
+    model.add_argument("--fine-tune-layers", type=int, default=17,
+                       help="Xception's top layers trained in phase 2, 0..132 (default: 17, blocks 13 and 14)")
+    cli.add_training_arguments(train_parser, epochs=10, fine_tune_epochs=1, batch_size=64, fine_tune_batch_size=32,
+                               learning_rate=1e-3, fine_tune_learning_rate=1e-5)
+    _add_decoding_arguments(train_parser)
+    cli.add_performance_arguments(train_parser, distribute=False)
+    cli.add_output_arguments(train_parser)
+
+    cli.add_evaluate_arguments(evaluate_parser, batch_size=64)
+    _add_decoding_arguments(evaluate_parser)
+
+    caption_parser.add_argument("--model", required=True, type=Path, help="a saved captioner .keras; required")
+    _add_decoding_arguments(caption_parser)
+    caption_parser.add_argument("--batch-size", type=int, default=32, help="images per batch (default: 32)")
+    caption_parser.add_argument("--verbose", action="store_true", help="debug logging (default: off)")
+    caption_parser.add_argument("inputs", nargs="+", help="image files or folders (searched recursively)")
+    return parser.parse_args(cli.with_default_command(argv))
+
+
+def _add_decoding_arguments(parser):
+    parser.add_argument("--beam-size", type=int, default=3,
+                        help="beam search width; 1 is greedy decoding (default: 3)")
+
+
+if __name__ == "__main__":  # parse before TensorFlow is imported: --help and flag errors answer at once
+    ARGS = parse_args()
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ INFO and WARNING lines
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from helpers import captions, data, features, precision, reports, rundir, training  # noqa: E402
+from helpers.backbones import pretrained_backbone  # noqa: E402
+from helpers.captions import END_ID, PAD_ID, START_ID, UNK_ID  # noqa: E402
+from helpers.errors import UsageError  # noqa: E402
+from helpers.layers import AddToSteps, DropFirstStep, PrependStep, XceptionPreprocess  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+BACKBONE = "xception"
+XCEPTION_MIN_SIZE = 71
+XCEPTION_LAYERS = 132  # keras.applications.Xception(include_top=False) without the input layer
+# The builder's keyword arguments that come from flags of the same name: passed from here
+# (``cli.model_arguments``), and compared by the resume check.
+MODEL_ARGUMENTS = ("image_size", "embedding_dim", "lstm_units", "inject", "dropout", "mixed_precision")
+TEXT_ARGUMENTS = ("min_word_count", "max_length")
+
+
+def check_model_arguments(vocabulary_size, image_size, embedding_dim, lstm_units, inject, dropout):
+    """Raises ``UsageError`` (a ``ValueError``) echoing the first argument the model cannot be built with."""
+    if vocabulary_size < 5:
+        raise UsageError(f"vocabulary_size must be at least 5 (padding, <unk>, <start>, <end> and a word). "
+                         f"Received: vocabulary_size={vocabulary_size}")
+    if image_size < XCEPTION_MIN_SIZE:
+        raise UsageError(f"image_size must be at least {XCEPTION_MIN_SIZE} (Xception's minimum). "
+                         f"Received: image_size={image_size}")
+    if embedding_dim < 1 or lstm_units < 1:
+        raise UsageError(f"embedding_dim and lstm_units must be at least 1. Received: embedding_dim={embedding_dim}, "
+                         f"lstm_units={lstm_units}")
+    if inject not in INJECT:
+        raise UsageError(f"inject must be one of {INJECT}. Received: inject={inject!r}")
+    if not 0 <= dropout < 1:
+        raise UsageError(f"dropout must be in [0, 1). Received: dropout={dropout}")
+
+
+def build_captioner(vocabulary_size, image_size=299, embedding_dim=256, lstm_units=512, inject="pre", dropout=0.5,
+                    weights="imagenet", mixed_precision="off"):
+    """Builds the captioner: an ``encoder`` (Xception) and a ``decoder`` (LSTM) in one model.
+
+    Args:
+        vocabulary_size: words of the vocabulary with the 4 special tokens (``helpers.captions``), >= 5.
+        image_size: image height and width in pixels, at least 71 (Xception's minimum).
+        embedding_dim: size of the word embeddings and of the image embedding fed to the LSTM.
+        lstm_units: LSTM units.
+        inject: ``"pre"``: the image embedding is the LSTM's first input (Show and Tell, the
+            seed); ``"merge"``: the LSTM reads the words only and the image embedding (then of
+            ``lstm_units``) is added to its output before a ReLU Dense (Tanti et al. 2017).
+        dropout: rate of the dropout on the word and image embeddings and the LSTM output.
+        weights: Xception weights: ``"imagenet"``, ``None``/``"none"``, or a no-top weights file path.
+        mixed_precision: ``"off"``, ``"bfloat16"``, ``"float16"`` or ``"auto"``: Xception's compute
+            dtype only (``helpers.precision``); the decoder stays float32.
+
+    Returns:
+        A functional ``keras.Model`` ``captioner`` with inputs ``[image, tokens]``: ``(batch, size,
+        size, 3)`` float32 RGB 0..255 and ``(batch, steps)`` int32 word ids (``<start> w1 ... wn``,
+        0-padded), and output ``(batch, steps, vocabulary_size)`` float32 next-word probabilities,
+        masked where the tokens are padding. Nested models: ``encoder`` (image -> ``(batch, 2048)``
+        features; holds ``xception``) and ``decoder`` (``[features, tokens]`` -> probabilities;
+        layers ``word_embedding``, ``image_embedding``, ``lstm``, ``next_word``).
+
+    Raises:
+        helpers.errors.UsageError: an argument is out of range (a ``ValueError``; the message echoes it).
+        helpers.errors.MissingFileError, helpers.backbones.WeightsUnavailableError: as for the weights.
+    """
+    check_model_arguments(vocabulary_size, image_size, embedding_dim, lstm_units, inject, dropout)
+    image = keras.Input((image_size, image_size, 3), name="image")
+    backbone = pretrained_backbone(keras.applications.Xception, weights, precision.resolve(mixed_precision),
+                                   input_shape=(image_size, image_size, 3), pooling="avg")
+    pooled = keras.layers.Activation("linear", dtype="float32", name="features")(
+        backbone(XceptionPreprocess(name="xception_preprocess")(image)))
+    encoder = keras.Model(image, pooled, name="encoder")
+    decoder = build_decoder(vocabulary_size, encoder.output_shape[-1], embedding_dim, lstm_units, inject, dropout)
+    tokens = keras.Input((None,), dtype="int32", name="tokens")
+    return keras.Model([image, tokens], decoder([encoder(image), tokens]), name="captioner")
+
+
+def build_decoder(vocabulary_size, feature_dim, embedding_dim, lstm_units, inject, dropout):
+    """The decoder of ``build_captioner``: ``[features (batch, feature_dim), tokens (batch, steps)]``
+    -> ``(batch, steps, vocabulary_size)`` probabilities, masked on padding."""
+    features_in = keras.Input((feature_dim,), name="features")
+    tokens = keras.Input((None,), dtype="int32", name="tokens")
+    words = keras.layers.Embedding(vocabulary_size, embedding_dim, mask_zero=True, name="word_embedding")(tokens)
+    words = keras.layers.Dropout(dropout, name="word_dropout")(words)
+    image = keras.layers.Dense(embedding_dim if inject == "pre" else lstm_units, name="image_embedding")(features_in)
+    image = keras.layers.Dropout(dropout, name="image_dropout")(image)
+    lstm = keras.layers.LSTM(lstm_units, return_sequences=True, return_state=True, name="lstm")
+    if inject == "pre":  # [image, <start>, w1, ...]: the output at the image step predicts nothing
+        outputs = DropFirstStep(name="drop_image_step")(lstm(PrependStep(name="prepend_image")([image, words]))[0])
+        outputs = keras.layers.Dropout(dropout, name="lstm_dropout")(outputs)
+    else:
+        outputs = keras.layers.Dropout(dropout, name="lstm_dropout")(lstm(words)[0])
+        outputs = keras.layers.Dense(lstm_units, activation="relu", name="merge_dense")(
+            AddToSteps(name="add_image")([outputs, image]))
+    probabilities = keras.layers.Dense(vocabulary_size, activation="softmax", name="next_word")(outputs)
+    return keras.Model([features_in, tokens], probabilities, name="decoder")
+
+
+def compile_captioner(model, optimizer, jit_compile=False):
+    """Sparse categorical cross-entropy on the next word and its accuracy, both masked on padding
+    (the output's Keras mask), with float16 loss scaling when needed (``precision.loss_scaled``)."""
+    model.compile(optimizer=precision.loss_scaled(model, optimizer), loss="sparse_categorical_crossentropy",
+                  metrics=["accuracy"], jit_compile=jit_compile)
+
+
+def adam(learning_rate):
+    """Adam with gradient-norm clipping at 5, usual for LSTM language models."""
+    return keras.optimizers.Adam(learning_rate=learning_rate, clipnorm=5.0)
+
+
+# ----------------------------------------------------------------------------- data
+
+BUCKET_BOUNDARIES = (9, 11, 13, 15, 18, 22)  # token steps; Flickr8k captions are mostly 8-16 words
+
+
+class CaptionTable:
+    """Every caption of a split as word ids, with the image it belongs to.
+
+    Attributes:
+        ids: ``(num_captions, max_length + 2)`` int32, ``<start> w1 ... wn <end>`` 0-padded.
+        lengths: ``(num_captions,)`` int32 tokens per caption (with ``<start>`` and ``<end>``).
+        image: ``(num_captions,)`` int32 index of each caption's image in the split.
+        first, count: ``(num_images,)`` int32 index of each image's first caption, and its number.
+    """
+
+    def __init__(self, split, vocabulary):
+        texts = [text for refs in split.captions for text in refs]
+        self.count = np.array([len(refs) for refs in split.captions], np.int32)
+        self.first = np.concatenate([[0], np.cumsum(self.count)[:-1]]).astype(np.int32)
+        self.image = np.repeat(np.arange(len(split), dtype=np.int32), self.count)
+        self.ids, self.lengths = vocabulary.encode(texts)
+
+
+def _teacher_forcing(ids, length):
+    """``(<start> w1 ... wn, w1 ... wn <end>)``: the decoder's input and its targets."""
+    return ids[: length - 1], ids[1:length]
+
+
+def _batched(dataset, batch_size, target_lengths):
+    """Batches of captions of similar length (bucketing), each padded to its longest with 0.
+
+    ``target_lengths`` (one per element) give the number of batches, declared to tf.data so that
+    Keras knows the epoch's length (``tf.data.experimental.assert_cardinality``).
+    """
+    per_bucket = np.bincount(np.digitize(target_lengths, BUCKET_BOUNDARIES), minlength=len(BUCKET_BOUNDARIES) + 1)
+    batches = int(sum(-(-n // batch_size) for n in per_bucket))
+    return dataset.bucket_by_sequence_length(
+        element_length_func=lambda x, y: tf.shape(y)[0], bucket_boundaries=list(BUCKET_BOUNDARIES),
+        bucket_batch_sizes=[batch_size] * (len(BUCKET_BOUNDARIES) + 1)
+    ).apply(tf.data.experimental.assert_cardinality(batches)).prefetch(2)
+
+
+def feature_dataset(cached, table, batch_size, shuffle=False, seed=0):
+    """Phase 1 input: ``((features (batch, 2048) float32, tokens (batch, steps) int32), targets
+    (batch, steps) int32)`` for every caption (an epoch sees each caption once), from cached features."""
+    cached = tf.constant(cached)
+    dataset = tf.data.Dataset.from_tensor_slices((table.image, table.ids, table.lengths))
+    if shuffle:
+        dataset = dataset.shuffle(len(table.image), seed=seed, reshuffle_each_iteration=True)
+
+    def pair(image, ids, length):
+        tokens, targets = _teacher_forcing(ids, length)
+        return (tf.gather(cached, image), tokens), targets
+
+    return _batched(dataset.map(pair, num_parallel_calls=tf.data.AUTOTUNE), batch_size, table.lengths - 1)
+
+
+def image_dataset(split, table, image_size, batch_size, shuffle=False, seed=0, workers=tf.data.AUTOTUNE):
+    """Phase 2 input: ``((images (batch, size, size, 3) float32 0..255, tokens), targets)``, each image
+    once per epoch with one of its captions: a random one in training, a fixed one otherwise."""
+    ids, lengths = tf.constant(table.ids), tf.constant(table.lengths)
+    dataset = tf.data.Dataset.from_tensor_slices(([str(p) for p in split.paths], table.first, table.count))
+    if shuffle:
+        dataset = dataset.shuffle(len(split), seed=seed, reshuffle_each_iteration=True)
+
+    def pair(path, first, count):
+        pick = first + (tf.random.uniform([], 0, count, dtype=tf.int32) if shuffle else 0)
+        tokens, targets = _teacher_forcing(ids[pick], lengths[pick])
+        return (features.load_image(path, image_size), tokens), targets
+
+    # Training picks a random caption per image: its length, and so its bucket, is known only then.
+    if shuffle:
+        return dataset.map(pair, num_parallel_calls=workers).padded_batch(batch_size).prefetch(2)
+    return _batched(dataset.map(pair, num_parallel_calls=workers), batch_size, table.lengths[table.first] - 1)
+
+
+def load_data(args):
+    """``(splits, vocabulary)``: the dataset's splits (``helpers.captions``) and the vocabulary of its
+    training captions."""
+    data_dir = captions.download_flickr8k() if args.download else args.data_dir
+    if data_dir is None:
+        raise UsageError("Pass --data-dir DIR (Flickr8k or COCO captions format) or --download (Flickr8k).")
+    args.data_dir = Path(data_dir)
+    splits = captions.load_caption_splits(args.data_dir)
+    vocabulary = captions.Vocabulary.from_captions([t for refs in splits["train"].captions for t in refs],
+                                                   args.min_word_count, args.max_length)
+    logger.info("data: %s; vocabulary: %d tokens (words seen >= %d times in the training captions)",
+                ", ".join(f"{s.name} {len(s)} images" for s in splits.values()), len(vocabulary), args.min_word_count)
+    return splits, vocabulary
+
+
+# ----------------------------------------------------------------------------- training
+
+def train(args):
+    """The ``train`` command: phase 1 on cached features, phase 2 end to end, then evaluation.
+
+    Phase 1's best checkpoint is the lowest validation loss (on all of the val captions);
+    phase 2's too (each val image with a fixed one of its captions), since BLEU on the
+    val split every epoch would cost as much as the epoch on this CPU.
+
+    Raises:
+        helpers.errors.ProjectError: bad input or flags, unavailable weights, a NaN loss.
+    """
+    cli.check_training_arguments(args)
+    captions.check_text_arguments(args.min_word_count, args.max_length)
+    if not 0 <= args.fine_tune_layers <= XCEPTION_LAYERS or args.beam_size < 1:
+        raise UsageError(f"--fine-tune-layers must be in [0, {XCEPTION_LAYERS}] and --beam-size >= 1. "
+                         f"Received: {args.fine_tune_layers}, {args.beam_size}")
+    splits, vocabulary = load_data(args)
+    check_model_arguments(len(vocabulary), args.image_size, args.embedding_dim, args.lstm_units, args.inject,
+                          args.dropout)
+    with training.Trainer(args.output_dir, steps_per_epoch=args.steps_per_epoch) as trainer:
+        run = trainer.run
+        cli.check_resumable(args, MODEL_ARGUMENTS + TEXT_ARGUMENTS, vocabulary.tokens,
+                            labels=(rundir.VOCABULARY, "tokens"))
+        if not args.skip_image_check:
+            data.check_images([p for split in splits.values() for p in split.paths])
+        cli.save_args(args, args.output_dir)
+        vocabulary.save(run.vocabulary)
+        tables = {name: CaptionTable(split, vocabulary) for name, split in splits.items()}
+        keras.utils.set_random_seed(args.seed)
+        model = build_captioner(vocabulary_size=len(vocabulary), weights=args.weights,
+                                **cli.model_arguments(args, MODEL_ARGUMENTS))
+        encoder, decoder = model.get_layer("encoder"), model.get_layer("decoder")
+
+        # Phase 1: Xception frozen; the decoder learns from its features, computed once per image.
+        training.set_backbone_trainable(model, BACKBONE, False)
+        model.summary(print_fn=logger.info, line_length=110, expand_nested=False)
+        compile_captioner(decoder, adam(args.learning_rate), args.jit_compile)
+        if args.epochs and not run.phase_complete("phase1"):
+            cached = {name: features.cached_features(encoder, splits[name].paths, run.features, name)
+                      for name in ("train", "val")}
+            phase1 = (feature_dataset(cached["train"], tables["train"], args.batch_size, shuffle=True, seed=args.seed),
+                      feature_dataset(cached["val"], tables["val"], args.batch_size))
+        else:
+            phase1 = (None, None)
+        best = trainer.fit(decoder, "phase1", *phase1, epochs=args.epochs, monitor="val_loss", save=model,
+                           title="phase 1: Xception frozen, decoder on cached features")
+
+        # Phase 2: from phase 1's best, Xception's top layers and the decoder trained together, from images.
+        model = training.best_model(best, model)
+        training.set_backbone_trainable(model, BACKBONE, True, top_layers=args.fine_tune_layers)
+        compile_captioner(model, adam(args.fine_tune_learning_rate), args.jit_compile)
+        phase2 = [image_dataset(splits[name], tables[name], args.image_size, args.fine_tune_batch_size,
+                                shuffle=name == "train", seed=args.seed, workers=args.workers)
+                  for name in ("train", "val")]
+        best = trainer.fit(model, "phase2", *phase2, epochs=args.fine_tune_epochs, monitor="val_loss",
+                           title=f"phase 2: Xception's top {args.fine_tune_layers} layers and the decoder") or best
+
+        split = splits.get("test", splits["val"])
+        if "test" not in splits:
+            logger.warning("no test split: evaluating on val, which also chose the checkpoint (optimistic)")
+        model = keras.saving.load_model(best)
+        metrics, generated = evaluate_model(model, vocabulary, split, args.beam_size, args.batch_size, args.workers)
+        save_evaluation(run, metrics, generated, split, best)
+
+
+# ----------------------------------------------------------------------------- decoding
+
+def _forbid(log_probs):
+    """Log-probabilities with padding, ``<start>`` and ``<unk>`` made impossible."""
+    log_probs = np.array(log_probs, dtype=np.float64)
+    log_probs[:, [PAD_ID, START_ID, UNK_ID]] = -np.inf
+    return log_probs
+
+
+def greedy_search(step, state, batch_size, max_length):
+    """Greedy decoding: the most probable next word at each step.
+
+    Args:
+        step: ``step(tokens (n,) int32, state) -> (log_probs (n, vocabulary) float, state)``,
+            where ``state`` is a tuple of arrays with ``n`` rows (the LSTM's, carried between steps).
+        state: the state before the first word (after the image), ``batch_size`` rows.
+        batch_size: captions decoded together.
+        max_length: words at most; a caption without ``<end>`` by then is returned as it is.
+
+    Returns:
+        ``(ids, log_prob)``: per caption the list of word ids (``<end>`` included when it came)
+        and its total log-probability. Never padding, ``<start>`` or ``<unk>``.
+    """
+    tokens = np.full(batch_size, START_ID, np.int32)
+    sequences = [[] for _ in range(batch_size)]
+    total = np.zeros(batch_size)
+    done = np.zeros(batch_size, bool)
+    for _ in range(max_length):
+        log_probs, state = step(tokens, state)
+        log_probs = _forbid(log_probs)
+        tokens = log_probs.argmax(axis=1).astype(np.int32)
+        for row in np.flatnonzero(~done):
+            sequences[row].append(int(tokens[row]))
+            total[row] += log_probs[row, tokens[row]]
+        done |= tokens == END_ID
+        if done.all():
+            break
+    return sequences, total
+
+
+def beam_search(step, state, batch_size, beam_size, max_length):
+    """Beam search, batched over captions, length-normalised (total log-probability / words,
+    ``<end>`` counted).
+
+    Each caption keeps ``beam_size`` live hypotheses. A hypothesis that emits ``<end>`` among
+    the ``beam_size`` best candidates of its step is set aside as ended; a caption is done
+    when ``beam_size`` have ended and no live hypothesis scores better than the
+    ``beam_size``-th best of them, or after ``max_length`` words. The result is the best by
+    normalised score of the ended hypotheses and, at ``max_length``, the live ones (so when
+    none ends, the best unfinished one). ``beam_size=1`` is greedy decoding.
+
+    Args:
+        step, state, batch_size, max_length: as for ``greedy_search``.
+        beam_size: hypotheses kept per caption, >= 1.
+
+    Returns:
+        ``(ids, score)``: per caption the chosen word ids and its normalised log-probability.
+    """
+    k = beam_size
+    rows = np.repeat(np.arange(batch_size), k)  # hypothesis row -> caption
+    state = tuple(np.asarray(s)[rows] for s in state)
+    tokens = np.full(batch_size * k, START_ID, np.int32)
+    scores = np.full((batch_size, k), -np.inf)
+    scores[:, 0] = 0.0  # one live hypothesis at first (the others are copies)
+    hypotheses = [[[] for _ in range(k)] for _ in range(batch_size)]
+    ended = [[] for _ in range(batch_size)]  # (normalised score, ids)
+    done = np.zeros(batch_size, bool)
+    for length in range(1, max_length + 1):
+        log_probs, state = step(tokens, state)
+        log_probs = _forbid(log_probs)
+        vocabulary = log_probs.shape[1]
+        totals = (scores[:, :, None] + log_probs.reshape(batch_size, k, vocabulary)).reshape(batch_size, -1)
+        order = np.argsort(-totals, axis=1, kind="stable")[:, : 2 * k]
+        parents = np.tile(np.arange(k), batch_size).reshape(batch_size, k)
+        new_scores = np.full((batch_size, k), -np.inf)
+        new_hypotheses = [[[] for _ in range(k)] for _ in range(batch_size)]
+        for caption in np.flatnonzero(~done):
+            live = 0
+            for rank, flat in enumerate(order[caption]):
+                total = totals[caption, flat]
+                if not np.isfinite(total) or live == k:
+                    break
+                parent, word = divmod(int(flat), vocabulary)
+                words = hypotheses[caption][parent] + [word]
+                if word == END_ID:
+                    if rank < k:  # an ending counts only among the k best candidates
+                        ended[caption].append((total / length, words))
+                else:
+                    parents[caption, live], new_scores[caption, live] = parent, total
+                    new_hypotheses[caption][live] = words
+                    live += 1
+            if len(ended[caption]) >= k:  # done unless a live hypothesis still beats the k-th best ending
+                kth_best = sorted((score for score, _ in ended[caption]), reverse=True)[k - 1]
+                if new_scores[caption].max() / length <= kth_best:
+                    done[caption] = True
+                    new_scores[caption] = -np.inf
+        scores, hypotheses = new_scores, new_hypotheses
+        if done.all():
+            break
+        gather = (np.arange(batch_size)[:, None] * k + parents).reshape(-1)
+        state = tuple(np.asarray(s)[gather] for s in state)
+        tokens = np.array([hypotheses[c][j][-1] if hypotheses[c][j] else START_ID
+                           for c in range(batch_size) for j in range(k)], np.int32)
+    results, best_scores = [], []
+    for caption in range(batch_size):  # the best ending, or a live hypothesis cut at max_length if better
+        candidates = ended[caption] + [(scores[caption, j] / len(hypotheses[caption][j]), hypotheses[caption][j])
+                                       for j in range(k) if np.isfinite(scores[caption, j])]
+        score, words = max(candidates, key=lambda item: item[0])
+        results.append(words)
+        best_scores.append(score)
+    return results, np.array(best_scores)
+
+
+class Decoder:
+    """Step-by-step decoding with a trained captioner's layers, the LSTM state carried explicitly.
+
+    Args:
+        model: a captioner from ``build_captioner`` (trained or loaded).
+    """
+
+    def __init__(self, model):
+        self.encoder = model.get_layer("encoder")
+        decoder = model.get_layer("decoder")
+        names = {layer.name for layer in decoder.layers}
+        self.pre_inject = "prepend_image" in names
+        self.embedding = decoder.get_layer("word_embedding")
+        self.image_embedding = decoder.get_layer("image_embedding")
+        self.lstm = decoder.get_layer("lstm")
+        self.merge = decoder.get_layer("merge_dense") if "merge_dense" in names else None
+        self.head = decoder.get_layer("next_word")
+
+    @tf.function(input_signature=[tf.TensorSpec((None, None), tf.float32)])
+    def _start(self, image_features):
+        image = self.image_embedding(image_features)
+        if self.pre_inject:
+            _, h, c = self.lstm(image[:, None, :])
+        else:
+            h = c = tf.zeros((tf.shape(image)[0], self.lstm.units))
+        return h, c, image
+
+    @tf.function(input_signature=[tf.TensorSpec((None,), tf.int32)] + [tf.TensorSpec((None, None), tf.float32)] * 3)
+    def _step(self, tokens, h, c, image):
+        outputs, h, c = self.lstm(self.embedding(tokens[:, None]), initial_state=[h, c])
+        outputs = outputs[:, 0]
+        if self.merge is not None:
+            outputs = self.merge(outputs + image)
+        return tf.math.log(tf.maximum(self.head(outputs), 1e-30)), h, c
+
+    def start(self, image_features):
+        """The state after the image: ``(h, c, image embedding)`` numpy arrays, one row per image."""
+        return tuple(t.numpy() for t in self._start(tf.constant(image_features, tf.float32)))
+
+    def step(self, tokens, state):
+        """``step`` of ``greedy_search`` / ``beam_search``."""
+        log_probs, h, c = self._step(tf.constant(tokens, tf.int32), *(tf.constant(s) for s in state))
+        return log_probs.numpy(), (h.numpy(), c.numpy(), state[2])
+
+    def captions(self, image_features, beam_size, max_length, batch_size=64):
+        """Word ids of each image's caption: greedy for ``beam_size`` 1, else beam search.
+
+        Args:
+            image_features: ``(num_images, 2048)`` float32 from the model's encoder.
+        """
+        found = []
+        for first in range(0, len(image_features), batch_size):
+            chunk = image_features[first:first + batch_size]
+            state = self.start(chunk)
+            if beam_size == 1:
+                ids, _ = greedy_search(self.step, state, len(chunk), max_length)
+            else:
+                ids, _ = beam_search(self.step, state, len(chunk), beam_size, max_length)
+            found += ids
+        return found
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def encode_images(model, paths, batch_size=32, workers=tf.data.AUTOTUNE, verbose=None):
+    """The model's encoder output for each image file: ``(num_images, 2048)`` float32."""
+    encoder = model.get_layer("encoder")
+    dataset = features.image_dataset(paths, encoder.input_shape[1], batch_size, workers)
+    verbose = training.progress_verbosity() if verbose is None else verbose
+    return np.asarray(encoder.predict(dataset, verbose=verbose), np.float32)
+
+
+def evaluate_model(model, vocabulary, split, beam_size=3, batch_size=64, workers=tf.data.AUTOTUNE):
+    """Captions every image of ``split`` greedily and with beam search, and scores both.
+
+    Returns:
+        ``(metrics, generated)``: ``metrics`` holds ``split``, ``num_images``, ``greedy`` and
+        ``beam`` (each ``captions.caption_scores`` plus ``distinct_captions``, the share of
+        different captions over the images, ``vocabulary_used``, the different words they
+        use, and ``bleu4_shuffled``, BLEU-4 with the images shuffled against their
+        references); ``generated`` is ``{"greedy": [...], "beam": [...]}`` caption strings.
+    """
+    image_features = encode_images(model, split.paths, batch_size, workers)
+    decoder = Decoder(model)
+    references = [[" ".join(words) for words in captions.tokenize(refs)] for refs in split.captions]
+    shuffled = np.random.default_rng(0).permutation(len(references))
+    metrics, generated = {"split": split.name, "num_images": len(split), "beam_size": beam_size}, {}
+    for name, width in (("greedy", 1), ("beam", beam_size)):
+        texts = [vocabulary.decode(ids) for ids in decoder.captions(image_features, width, vocabulary.max_length)]
+        scores = captions.caption_scores(references, texts)
+        scores["bleu4_shuffled"] = captions.caption_scores([references[i] for i in shuffled], texts,
+                                                           meteor=False)["bleu4"]
+        scores["distinct_captions"] = len(set(texts)) / len(texts)
+        scores["vocabulary_used"] = len({word for text in texts for word in text.split()})
+        metrics[name], generated[name] = scores, texts
+    return metrics, generated
+
+
+def format_metrics(metrics):
+    """The report: one line per decoding."""
+    lines = [f"split: {metrics['split']} ({metrics['num_images']} images)"]
+    for name in ("greedy", "beam"):
+        s = metrics[name]
+        label = "greedy" if name == "greedy" else f"beam {metrics['beam_size']}"
+        meteor = f" METEOR {s['meteor']:.3f}" if s.get("meteor") is not None else ""
+        lines.append(f"{label:>7}: BLEU-1 {s['bleu1']:.3f} BLEU-2 {s['bleu2']:.3f} BLEU-3 {s['bleu3']:.3f} "
+                     f"BLEU-4 {s['bleu4']:.3f} CIDEr-D {s['cider_d']:.3f}{meteor} | distinct captions "
+                     f"{100 * s['distinct_captions']:.0f}%, {s['vocabulary_used']} words, BLEU-4 on shuffled "
+                     f"images {s['bleu4_shuffled']:.3f}")
+    return "\n".join(lines)
+
+
+def save_evaluation(run, metrics, generated, split, model_path):
+    """Writes ``metrics.json``, ``captions.json`` and the ``captions.png`` grid, and prints the report."""
+    metrics["model"] = str(model_path)
+    reports.write_json(run.metrics, metrics)
+    reports.write_json(run.captions, [{"image": str(path), "greedy": g, "beam": b, "references": refs}
+                                      for path, g, b, refs in zip(split.paths, generated["greedy"], generated["beam"],
+                                                                  split.captions)])
+    reports.plot_captions(split.paths[:12], generated["beam"][:12], [refs[0] for refs in split.captions[:12]],
+                          run.captions_grid, f"{split.name}: beam {metrics['beam_size']} (top) and a reference")
+    print(format_metrics(metrics))
+    print(f"outputs in {run.path}")
+
+
+def load_captioner(path):
+    """``(model, vocabulary)`` of a saved captioner and the ``vocabulary.json`` beside it.
+
+    Raises:
+        helpers.errors.UsageError: the model or vocabulary is missing, damaged or not a captioner's.
+    """
+    model, _ = training.load_checkpoint(path)
+    if model.name != "captioner":
+        raise UsageError(f"{path} is a {model.name!r} model, not a captioner saved by captioning.py.")
+    return model, captions.Vocabulary.load(rundir.vocabulary_beside(path))
+
+
+def evaluate(args):
+    """The ``evaluate`` command: scores a saved captioner on a split (default: test)."""
+    if args.batch_size < 1 or args.beam_size < 1:
+        raise UsageError(f"--batch-size and --beam-size must be >= 1. Received: {args.batch_size}, {args.beam_size}")
+    model, vocabulary = load_captioner(args.model)
+    splits = captions.load_caption_splits(args.data_dir)
+    name = args.split or ("test" if "test" in splits else "val")
+    if name not in splits:
+        raise UsageError(f"{args.data_dir} has no {name} split (it has {', '.join(splits)}).")
+    data.check_images(splits[name].paths)
+    metrics, _ = evaluate_model(model, vocabulary, splits[name], args.beam_size, args.batch_size)
+    metrics["model"] = str(args.model)
+    print(format_metrics(metrics))
+    if args.json:
+        reports.write_json(args.json, metrics)
+
+
+def caption(args):
+    """The ``caption`` command: prints ``<path>: <caption>`` for each image."""
+    if args.batch_size < 1 or args.beam_size < 1:
+        raise UsageError(f"--batch-size and --beam-size must be >= 1. Received: {args.batch_size}, {args.beam_size}")
+    model, vocabulary = load_captioner(args.model)
+    paths = data.image_files(args.inputs)
+    data.check_images(paths)
+    image_features = encode_images(model, paths, args.batch_size, verbose=0)  # stdout: the captions only
+    ids = Decoder(model).captions(image_features, args.beam_size, vocabulary.max_length)
+    for path, words in zip(paths, ids):
+        print(f"{path}: {vocabulary.decode(words)}")
+
+
+def main(argv=None, args=None):
+    """Runs a command: ``argv`` (default: ``sys.argv[1:]``) or already parsed ``args``."""
+    return cli.run(args or parse_args(argv), {"train": train, "evaluate": evaluate, "caption": caption})
+
+
+if __name__ == "__main__":
+    sys.exit(main(args=ARGS))

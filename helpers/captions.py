@@ -1,0 +1,407 @@
+"""Captioned images: the Flickr8k and COCO captions formats, caption text, the vocabulary
+and the caption metrics.
+
+Two layouts are read (``load_caption_splits``)::
+
+    Flickr8k (Hodosh et al. 2013), as distributed and as keras-io's captioning example downloads it:
+    DATA/Flickr8k.token.txt            <image>#<n><TAB><caption>, five per image
+    DATA/Flickr_8k.trainImages.txt     the official split: 6,000 / 1,000 / 1,000 image names
+    DATA/Flickr_8k.devImages.txt
+    DATA/Flickr_8k.testImages.txt
+    DATA/Flicker8k_Dataset/*.jpg       (or Flickr8k_Dataset/, Images/, images/)
+
+    COCO captions format (``captions_<name>.json``: ``images`` [{id, file_name}], ``annotations``
+    [{image_id, caption}]), in DATA/ or DATA/annotations/:
+    DATA/annotations/captions_train2017.json  + DATA/train2017/  (or DATA/images/)
+    DATA/annotations/captions_val2017.json    + DATA/val2017/
+    DATA/annotations/captions_test*.json      optional
+
+The split is the dataset's: ``train`` trains, ``val`` (Flickr8k's dev) chooses checkpoints,
+``test`` is reported. There is never a random split. Bad input (a caption line without a tab
+or an image name, an image listed but missing, an empty split, a JSON without
+``annotations``) raises ``DatasetError`` naming the file and line before anything trains.
+
+Text: lowercase, punctuation removed (the regular expression of Keras' ``TextVectorization``
+``lower_and_strip_punctuation``), split on whitespace. Word ids come from a
+``keras.layers.StringLookup`` over the saved vocabulary.
+"""
+
+import collections
+import dataclasses
+import json
+import logging
+import shutil
+import subprocess
+from pathlib import Path
+
+from helpers import rundir
+from helpers.data import DatasetError
+from helpers.errors import UsageError
+from helpers.formats import read_text
+
+logger = logging.getLogger(__name__)
+
+FLICKR8K_TOKENS = "Flickr8k.token.txt"
+FLICKR8K_SPLITS = {"train": "Flickr_8k.trainImages.txt", "val": "Flickr_8k.devImages.txt",
+                   "test": "Flickr_8k.testImages.txt"}
+FLICKR8K_IMAGE_FOLDERS = ("Flicker8k_Dataset", "Flickr8k_Dataset", "Images", "images")
+# The archives keras-io's examples/vision/image_captioning.py downloads.
+FLICKR8K_URLS = {"Flickr8k_Dataset.zip": "https://github.com/jbrownlee/Datasets/releases/download/Flickr8k/"
+                 "Flickr8k_Dataset.zip",
+                 "Flickr8k_text.zip": "https://github.com/jbrownlee/Datasets/releases/download/Flickr8k/"
+                 "Flickr8k_text.zip"}
+
+PAD, UNK, START, END = "", "<unk>", "<start>", "<end>"
+SPECIAL_TOKENS = (PAD, UNK, START, END)  # ids 0, 1, 2, 3
+PAD_ID, UNK_ID, START_ID, END_ID = range(4)
+# keras.layers.TextVectorization's "lower_and_strip_punctuation" removes these characters.
+PUNCTUATION = r'[!"#$%&()\*\+,-\./:;<=>?@\[\\\]^_`{|}~\']'
+
+
+@dataclasses.dataclass
+class CaptionSplit:
+    """One split of a captioned dataset.
+
+    Attributes:
+        name: ``"train"``, ``"val"`` or ``"test"``.
+        paths: image paths, one per image.
+        captions: each image's reference captions (raw text, at least one).
+        source: the file the split was read from (named in messages).
+    """
+
+    name: str
+    paths: list
+    captions: list
+    source: Path
+
+    def __len__(self):
+        return len(self.paths)
+
+
+def _flickr8k_images_folder(data_dir):
+    for name in FLICKR8K_IMAGE_FOLDERS:
+        if (data_dir / name).is_dir():
+            return data_dir / name
+    raise DatasetError(f"{data_dir} has {FLICKR8K_TOKENS} but no images folder ({', '.join(FLICKR8K_IMAGE_FOLDERS)}).")
+
+
+def read_flickr8k_tokens(path):
+    """Reads ``Flickr8k.token.txt``: ``{image name: [captions]}`` in file order.
+
+    Raises:
+        DatasetError: a line without a tab, without an image name or without a caption
+            (the file and line are named).
+    """
+    captions = collections.defaultdict(list)
+    for number, line in enumerate(read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        if "\t" not in line:
+            raise DatasetError(f"{path}:{number}: no tab between the image name and the caption: {line[:80]!r}")
+        key, caption = line.split("\t", 1)
+        image = key.rsplit("#", 1)[0].strip() if "#" in key else key.strip()
+        if not image:
+            raise DatasetError(f"{path}:{number}: no image name before the tab: {line[:80]!r}")
+        if not caption.strip():
+            raise DatasetError(f"{path}:{number}: an empty caption for {image}")
+        captions[image].append(caption.strip())
+    return dict(captions)
+
+
+def _flickr8k_splits(data_dir):
+    tokens = read_flickr8k_tokens(data_dir / FLICKR8K_TOKENS)
+    images = _flickr8k_images_folder(data_dir)
+    splits = {}
+    for name, file_name in FLICKR8K_SPLITS.items():
+        path = data_dir / file_name
+        if not path.is_file():
+            raise DatasetError(f"{data_dir} has {FLICKR8K_TOKENS} but not the split file {file_name}.")
+        paths, captions = [], []
+        for number, line in enumerate(read_text(path).splitlines(), 1):
+            image = line.strip()
+            if not image:
+                continue
+            if image not in tokens:
+                raise DatasetError(f"{path}:{number}: image {image} has no caption in {FLICKR8K_TOKENS}")
+            if not (images / image).is_file():
+                raise DatasetError(f"{path}:{number}: image {image} is listed but not in {images}")
+            paths.append(images / image)
+            captions.append(tokens[image])
+        if not paths:
+            raise DatasetError(f"{path}: the {name} split is empty")
+        splits[name] = CaptionSplit(name, paths, captions, path)
+    return splits
+
+
+def _coco_split_name(path):
+    suffix = path.stem[len("captions_"):].lower()
+    return next((name for key, name in (("train", "train"), ("val", "val"), ("dev", "val"), ("test", "test"))
+                 if suffix.startswith(key)), None)
+
+
+def read_coco_captions(path, data_dir):
+    """Reads one COCO captions file into a ``CaptionSplit`` (images without captions left out).
+
+    The images are in ``DATA/<suffix>/`` for ``captions_<suffix>.json`` (``train2017``), else in
+    ``DATA/images/``.
+
+    Raises:
+        DatasetError: not JSON, no ``images`` or ``annotations`` list, an annotation of an
+            unknown image or without a caption, an image file missing, no captioned image.
+    """
+    try:
+        content = json.loads(read_text(path))
+    except json.JSONDecodeError as error:
+        raise DatasetError(f"{path}:{error.lineno}: not valid JSON ({error.msg})") from None
+    for key in ("images", "annotations"):
+        if not isinstance(content, dict) or not isinstance(content.get(key), list):
+            raise DatasetError(f"{path}: no {key!r} list; a COCO captions file has 'images' and 'annotations'")
+    suffix = path.stem[len("captions_"):]
+    folder = data_dir / suffix if (data_dir / suffix).is_dir() else data_dir / "images"
+    files = {}
+    for number, image in enumerate(content["images"]):
+        if not isinstance(image, dict) or "id" not in image or not image.get("file_name"):
+            raise DatasetError(f"{path}: images[{number}] has no 'id' and 'file_name'")
+        files[image["id"]] = image["file_name"]
+    captions = collections.defaultdict(list)
+    for number, annotation in enumerate(content["annotations"]):
+        if not isinstance(annotation, dict) or annotation.get("image_id") not in files:
+            raise DatasetError(f"{path}: annotations[{number}] names no image of 'images' "
+                               f"(image_id {annotation.get('image_id') if isinstance(annotation, dict) else None!r})")
+        caption = str(annotation.get("caption") or "").strip()
+        if not caption:
+            raise DatasetError(f"{path}: annotations[{number}] has no caption")
+        captions[annotation["image_id"]].append(caption)
+    paths, texts = [], []
+    for image_id, file_name in files.items():
+        if image_id not in captions:
+            continue
+        if not (folder / file_name).is_file():
+            raise DatasetError(f"{path}: image {file_name} is listed but not in {folder}")
+        paths.append(folder / file_name)
+        texts.append(captions[image_id])
+    name = _coco_split_name(path)
+    if not paths:
+        raise DatasetError(f"{path}: the {name} split has no captioned image")
+    return CaptionSplit(name, paths, texts, path)
+
+
+def load_caption_splits(data_dir):
+    """The ``train``, ``val`` and (when present) ``test`` splits of a Flickr8k or COCO-format folder.
+
+    Raises:
+        DatasetError: the folder is missing or in neither layout, or any file is bad (named).
+    """
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise DatasetError(f"Data directory {data_dir} does not exist.")
+    if (data_dir / FLICKR8K_TOKENS).is_file():
+        return _flickr8k_splits(data_dir)
+    files = sorted(data_dir.glob("captions_*.json")) + sorted((data_dir / "annotations").glob("captions_*.json"))
+    if not files:
+        raise DatasetError(f"{data_dir} is neither Flickr8k ({FLICKR8K_TOKENS}, the Flickr_8k.*Images.txt split "
+                           "files and an images folder) nor COCO captions (captions_<split>.json in it or in "
+                           "annotations/, with the images).")
+    splits = {}
+    for path in files:
+        name = _coco_split_name(path)
+        if name is None:
+            logger.info("%s: not a train/val/test captions file; ignored", path)
+            continue
+        if name in splits:
+            raise DatasetError(f"{data_dir}: two {name} captions files ({splits[name].source.name}, {path.name})")
+        splits[name] = read_coco_captions(path, data_dir)
+    for name in ("train", "val"):
+        if name not in splits:
+            raise DatasetError(f"{data_dir}: no captions_{name}*.json (COCO format needs a train and a val file)")
+    return splits
+
+
+def download_flickr8k(cache_dir=None):
+    """Downloads and extracts Flickr8k (images and text) with ``keras.utils.get_file``, once; returns its folder.
+
+    Raises:
+        DatasetError: the download failed (no internet); the message names the offline option.
+    """
+    import keras
+
+    folder = None
+    for file_name, url in FLICKR8K_URLS.items():
+        try:
+            path = keras.utils.get_file(file_name, url, extract=True, cache_dir=cache_dir,
+                                        cache_subdir="datasets/flickr8k")
+        except Exception as error:  # URLError, HTTPError, OSError...
+            raise DatasetError(f"Could not download {url} ({type(error).__name__}: {str(error)[:200]}). Offline: "
+                               "copy Flickr8k (the images folder, Flickr8k.token.txt and the Flickr_8k.*Images.txt "
+                               "split files) into one folder and pass it as --data-dir.") from error
+        folder = Path(path).parent
+    found = next((p.parent for p in folder.rglob(FLICKR8K_TOKENS)), None)
+    if found is None:
+        raise DatasetError(f"The Flickr8k download in {folder} holds no {FLICKR8K_TOKENS}.")
+    for images in folder.rglob("Flicker8k_Dataset"):  # link the images beside the text files
+        if images.is_dir() and not (found / images.name).exists():
+            (found / images.name).symlink_to(images.resolve(), target_is_directory=True)
+    return found
+
+
+def standardize(texts):
+    """Lowercase, punctuation removed (Keras ``TextVectorization``'s default), as a ``tf.Tensor`` of strings."""
+    import tensorflow as tf
+
+    return tf.strings.regex_replace(tf.strings.lower(texts), PUNCTUATION, "")
+
+
+def tokenize(texts):
+    """Each text's words after ``standardize``: a list of lists of ``str``."""
+    import tensorflow as tf
+
+    if not len(texts):
+        return []
+    return [[word.decode("utf-8") for word in words] for words in tf.strings.split(standardize(list(texts))).to_list()]
+
+
+def check_text_arguments(min_word_count, max_length):
+    """Raises ``UsageError`` (a ``ValueError``) echoing a text argument that cannot work."""
+    if min_word_count < 1:
+        raise UsageError(f"min_word_count must be at least 1. Received: min_word_count={min_word_count}")
+    if max_length < 1:
+        raise UsageError(f"max_length must be at least 1 (words per caption). Received: max_length={max_length}")
+
+
+class Vocabulary:
+    """The caption vocabulary: ``tokens[i]`` is word id ``i``; ids 0..3 are padding (``""``),
+    ``<unk>``, ``<start>`` and ``<end>``.
+
+    Args:
+        tokens: every token in id order, beginning with ``SPECIAL_TOKENS``.
+        max_length: longest caption in words (longer ones are cut; decoding stops there).
+
+    Raises:
+        UsageError: the tokens do not begin with ``SPECIAL_TOKENS``, repeat, or ``max_length`` < 1.
+    """
+
+    def __init__(self, tokens, max_length):
+        tokens = list(tokens)
+        if tuple(tokens[:4]) != SPECIAL_TOKENS or len(set(tokens)) != len(tokens):
+            raise UsageError(f"A vocabulary begins with {SPECIAL_TOKENS} and has no repeated token. "
+                             f"Received: {tokens[:6]}...")
+        check_text_arguments(1, max_length)
+        self.tokens, self.max_length = tokens, int(max_length)
+        self._lookup = None
+
+    @classmethod
+    def from_captions(cls, captions, min_word_count=5, max_length=30):
+        """Counts words over ``captions`` (the training captions only) and keeps those seen at
+        least ``min_word_count`` times, most frequent first (ties alphabetical)."""
+        check_text_arguments(min_word_count, max_length)
+        counts = collections.Counter(word for words in tokenize(captions) for word in words)
+        kept = sorted((word for word, n in counts.items() if n >= min_word_count and word not in SPECIAL_TOKENS),
+                      key=lambda word: (-counts[word], word))
+        return cls(list(SPECIAL_TOKENS) + kept, max_length)
+
+    def __len__(self):
+        return len(self.tokens)
+
+    def save(self, path, **extra):
+        """Writes ``{"tokens": [...], "max_length": N, ...extra}`` atomically."""
+        rundir.write_text(path, json.dumps({"tokens": self.tokens, "max_length": self.max_length, **extra},
+                                           indent=0) + "\n")
+
+    @classmethod
+    def load(cls, path):
+        """Reads a saved vocabulary.
+
+        Raises:
+            MissingFileError-like ``DatasetError``: the file is missing or not a vocabulary.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise DatasetError(f"No vocabulary at {path}: a captioning model needs the vocabulary.json of its run "
+                               "beside it.")
+        try:
+            content = json.loads(read_text(path))
+            return cls(content["tokens"], content["max_length"])
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise DatasetError(f"{path} is not a vocabulary file ({type(error).__name__}: {error}).") from None
+
+    @property
+    def lookup(self):
+        """A ``keras.layers.StringLookup`` from words to ids (``<unk>`` for unknown words)."""
+        if self._lookup is None:
+            import keras
+
+            self._lookup = keras.layers.StringLookup(vocabulary=self.tokens[2:], mask_token=PAD, oov_token=UNK)
+        return self._lookup
+
+    def encode(self, captions):
+        """Word ids of ``<start> w1 ... wn <end>`` for each caption, cut to ``max_length`` words.
+
+        Returns:
+            ``(num_captions, max_length + 2)`` int32 numpy array padded with 0, and the
+            ``(num_captions,)`` int32 lengths (with ``<start>`` and ``<end>``).
+        """
+        import numpy as np
+        import tensorflow as tf
+
+        words = tf.strings.split(standardize(list(captions)))[:, : self.max_length]
+        ids = tf.cast(self.lookup(words), tf.int32)
+        rows = ids.nrows()
+        ids = tf.concat([tf.fill([rows, 1], START_ID), ids, tf.fill([rows, 1], END_ID)], axis=1)
+        lengths = ids.row_lengths().numpy().astype(np.int32)
+        return ids.to_tensor(default_value=PAD_ID, shape=[rows, self.max_length + 2]).numpy(), lengths
+
+    def decode(self, ids):
+        """The words of one id sequence as text, up to ``<end>``, without padding or ``<start>``."""
+        words = []
+        for index in ids:
+            index = int(index)
+            if index == END_ID:
+                break
+            if index not in (PAD_ID, START_ID):
+                words.append(self.tokens[index])
+        return " ".join(words)
+
+
+def caption_scores(references, candidates, meteor=None):
+    """Corpus BLEU-1..4 and CIDEr-D (and METEOR) from the COCO caption evaluation code
+    (``pycocoevalcap``, the implementation the captioning papers report).
+
+    Both sides are compared as given (already ``standardize``d words joined by spaces);
+    the COCO code's PTB tokenizer, which needs Java, is not run. BLEU is the COCO
+    variant: corpus-level, up to 4-grams, brevity penalty against the closest reference
+    length. ``Cider`` there is CIDEr-D (clipped counts, Gaussian length penalty, x10).
+
+    Args:
+        references: per image, a list of reference captions (strings).
+        candidates: per image, one generated caption (string).
+        meteor: compute METEOR (needs ``java`` on PATH; default: when it is there).
+
+    Returns:
+        ``{"bleu1".."bleu4": float in [0, 1], "cider_d": float >= 0 (about 0..10), "meteor": float or None}``.
+
+    Raises:
+        ValueError: the lists differ in length, are empty, or an image has no reference.
+    """
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+
+    if len(references) != len(candidates) or not candidates:
+        raise ValueError(f"references and candidates must be non-empty and of equal length. "
+                         f"Received: {len(references)} and {len(candidates)}")
+    if any(not refs for refs in references):
+        raise ValueError("Every image needs at least one reference caption.")
+    gts = {i: list(refs) for i, refs in enumerate(references)}
+    res = {i: [candidate if candidate.strip() else "<empty>"] for i, candidate in enumerate(candidates)}
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    cider, _ = Cider().compute_score(gts, res)
+    scores = {f"bleu{n}": float(value) for n, value in enumerate(bleu, 1)}
+    scores["cider_d"] = float(cider)
+    scores["meteor"] = None
+    if meteor or (meteor is None and shutil.which("java")):
+        from pycocoevalcap.meteor.meteor import Meteor
+
+        try:
+            scores["meteor"] = float(Meteor().compute_score(gts, res)[0])
+        except (OSError, subprocess.SubprocessError, ValueError) as error:
+            logger.warning("METEOR not computed (%s: %s)", type(error).__name__, error)
+    return scores

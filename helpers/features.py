@@ -1,0 +1,92 @@
+"""Backbone features computed once and cached on disk, for phases whose backbone is frozen.
+
+While a backbone is frozen (and the images are not augmented), it maps each image to the
+same features in every epoch, so a phase can train the layers above it from the cached
+features instead of running the backbone again. The cache is one float32 ``.npy`` array
+``(num_images, features)`` per image list, in the run's ``features/`` folder
+(``rundir.RunDir.features``), named ``<name>-<key>.npy``. The key is a SHA-256 of
+everything the features depend on: the encoder's weights (so ImageNet, random or a
+file's weights, and a bfloat16 policy, all give other keys), its input size and dtype
+policy, and each image file's path, size and modification time. A rerun with the same
+key reads the file; any change computes it again and replaces the old one. Files are
+written atomically (``rundir.write_atomically``).
+"""
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+from helpers import rundir
+from helpers.training import progress_verbosity
+
+logger = logging.getLogger(__name__)
+
+
+def load_image(path, image_size):
+    """Decodes one image file into ``(image_size, image_size, 3)`` float32 RGB 0..255 (bilinear
+    resize, as Keras' ``load_img(target_size=...)`` squashes; grayscale is repeated to RGB)."""
+    image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+    image = tf.image.resize(image, (image_size, image_size), antialias=True)
+    image.set_shape((image_size, image_size, 3))
+    return tf.clip_by_value(image, 0.0, 255.0)
+
+
+def image_dataset(paths, image_size, batch_size, workers=tf.data.AUTOTUNE):
+    """A ``tf.data.Dataset`` of ``(batch, image_size, image_size, 3)`` float32 batches, in order."""
+    return (tf.data.Dataset.from_tensor_slices([str(p) for p in paths])
+            .map(lambda p: load_image(p, image_size), num_parallel_calls=workers)
+            .batch(batch_size).prefetch(2))
+
+
+def cache_key(encoder, paths):
+    """The SHA-256 (hex) of the encoder's weights, input shape and dtype policy, and of each file's
+    path, size and modification time."""
+    digest = hashlib.sha256()
+    digest.update(repr((tuple(encoder.input_shape), encoder.dtype_policy.name,
+                        [layer.dtype_policy.name for layer in encoder.layers])).encode())
+    for variable in encoder.weights:
+        digest.update(np.ascontiguousarray(variable.numpy()).tobytes())
+    for path in paths:
+        stat = os.stat(path)
+        digest.update(f"{Path(path).resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def cached_features(encoder, paths, folder, name, batch_size=32, workers=tf.data.AUTOTUNE):
+    """The encoder's output for every image of ``paths``, from the cache or computed (then cached).
+
+    Args:
+        encoder: a ``keras.Model`` from ``(batch, size, size, 3)`` RGB 0..255 images to
+            ``(batch, features)``; frozen.
+        paths: image files.
+        folder: the cache folder (``RunDir.features``).
+        name: the image list's name in the file name (``"train"``).
+        batch_size: images per encoder call.
+
+    Returns:
+        ``(len(paths), features)`` float32 numpy array.
+    """
+    folder = Path(folder)
+    key = cache_key(encoder, paths)[:20]
+    path = folder / f"{name}-{key}.npy"
+    if path.is_file():
+        try:
+            features = np.load(path, mmap_mode=None, allow_pickle=False)
+            if features.shape[0] == len(paths):
+                logger.info("features of %d %s images read from the cache %s", len(paths), name, path)
+                return features
+        except (OSError, ValueError) as error:  # a damaged file is computed again
+            logger.warning("feature cache %s is unreadable (%s); computing it again", path, error)
+    logger.info("computing the backbone features of %d %s images once (cached in %s)", len(paths), name, path)
+    size = encoder.input_shape[1]
+    features = encoder.predict(image_dataset(paths, size, batch_size, workers), verbose=progress_verbosity())
+    features = np.asarray(features, dtype=np.float32)
+    for stale in folder.glob(f"{name}-*.npy"):
+        stale.unlink(missing_ok=True)
+    rundir.write_atomically(path, lambda partial: np.save(partial, features, allow_pickle=False))
+    return features
+

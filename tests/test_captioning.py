@@ -1,0 +1,374 @@
+"""captioning.py: model, masking, decoding, text, data formats, metrics, and whole runs on tiny
+captioned folders of real JPEGs (weights=None)."""
+
+import json
+import logging
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+from PIL import Image
+
+import captioning as cap
+from helpers import captions, rundir
+from helpers.captions import END_ID, PAD_ID, START_ID, UNK_ID
+from tests.conftest import Killed, kill_at_batch
+
+ROOT = Path(__file__).resolve().parents[1]
+COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30)}
+TINY = ["--weights", "none", "--image-size", "71", "--embedding-dim", "16", "--lstm-units", "16",
+        "--min-word-count", "1", "--max-length", "6", "--batch-size", "8", "--fine-tune-batch-size", "4"]
+
+
+def write_photo(path, colour, seed, size=72):
+    rng = np.random.default_rng(seed)
+    pixels = np.clip(rng.normal(COLOURS[colour], 25, (size, size, 3)), 0, 255).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path, format="JPEG", quality=90)
+    return path
+
+
+def colour_captions(colour):
+    return [f"A {colour} picture .", f"a {colour} image", f"The {colour} picture!", f"a {colour} square picture",
+            f"a very {colour} image"]
+
+
+def make_flickr8k(root, counts=(9, 3, 3), images="Flicker8k_Dataset"):
+    """Flickr8k's layout in miniature: token file, the three split files, an images folder."""
+    root = Path(root)
+    lines, names, n = [], {}, 0
+    for split, count in zip(captions.FLICKR8K_SPLITS.values(), counts):
+        names[split] = []
+        for _ in range(count):
+            colour = list(COLOURS)[n % 3]
+            name = f"{1000 + n}_{colour}.jpg"
+            write_photo(root / images / name, colour, n)
+            lines += [f"{name}#{k}\t{text}" for k, text in enumerate(colour_captions(colour))]
+            names[split].append(name)
+            n += 1
+    (root / captions.FLICKR8K_TOKENS).write_text("\n".join(lines) + "\n")
+    for split, listed in names.items():
+        (root / split).write_text("\n".join(listed) + "\n")
+    return root
+
+
+def make_coco(root, with_test=False):
+    root = Path(root)
+    for split, count in (("train2017", 6), ("val2017", 3)) + ((("test2017", 3),) if with_test else ()):
+        images, annotations = [], []
+        for i in range(count):
+            colour = list(COLOURS)[i % 3]
+            write_photo(root / split / f"{i:012d}.jpg", colour, i)
+            images.append({"id": i, "file_name": f"{i:012d}.jpg"})
+            annotations += [{"id": 10 * i + k, "image_id": i, "caption": text}
+                            for k, text in enumerate(colour_captions(colour)[:3])]
+        (root / "annotations").mkdir(parents=True, exist_ok=True)
+        (root / "annotations" / f"captions_{split}.json").write_text(
+            json.dumps({"images": images, "annotations": annotations}))
+    return root
+
+
+@pytest.fixture
+def flickr(tmp_path):
+    return make_flickr8k(tmp_path / "flickr8k")
+
+
+def tiny_captioner(inject="pre", vocabulary_size=12):
+    keras.utils.set_random_seed(0)
+    return cap.build_captioner(vocabulary_size=vocabulary_size, image_size=71, embedding_dim=8, lstm_units=8,
+                               inject=inject, dropout=0.0, weights=None, mixed_precision="off")
+
+
+# ----------------------------------------------------------------------------- model
+
+@pytest.mark.parametrize("inject", cap.INJECT)
+def test_shapes_and_padding_does_not_change_loss(inject):
+    model = tiny_captioner(inject)
+    cap.compile_captioner(model, keras.optimizers.Adam())
+    images = np.random.default_rng(0).uniform(0, 255, (2, 71, 71, 3)).astype(np.float32)
+    tokens = np.array([[START_ID, 5, 6, 7], [START_ID, 8, 9, 0]], np.int32)
+    targets = np.array([[5, 6, 7, END_ID], [8, 9, END_ID, 0]], np.int32)
+    assert model.predict([images, tokens], verbose=0).shape == (2, 4, 12)
+    loss, accuracy = model.evaluate([images, tokens], targets, verbose=0)
+    padded_tokens, padded_targets = np.pad(tokens, ((0, 0), (0, 5))), np.pad(targets, ((0, 0), (0, 5)))
+    padded_loss, padded_accuracy = model.evaluate([images, padded_tokens], padded_targets, verbose=0)
+    assert padded_loss == pytest.approx(loss, rel=1e-5) and padded_accuracy == pytest.approx(accuracy)
+    # the loss is the mean over the 7 real words: a real word's target changed moves it
+    wrong = targets.copy()
+    wrong[0, 0] = 9
+    assert model.evaluate([images, tokens], wrong, verbose=0)[0] != pytest.approx(loss)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"vocabulary_size": 4}, "vocabulary_size=4"), ({"image_size": 64}, "image_size=64"),
+    ({"embedding_dim": 0}, "embedding_dim=0"), ({"lstm_units": 0}, "lstm_units=0"),
+    ({"inject": "post"}, "inject='post'"), ({"dropout": 1.0}, "dropout=1.0"),
+])
+def test_bad_model_arguments_are_refused_with_their_value(kwargs, message):
+    arguments = dict(vocabulary_size=12, image_size=71, weights=None) | kwargs
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        cap.build_captioner(**arguments)
+
+
+def test_saved_model_loads_in_safe_mode_in_a_fresh_process(tmp_path):
+    model = tiny_captioner("pre")
+    path = tmp_path / "captioner.keras"
+    model.save(path)
+    images = np.random.default_rng(1).uniform(0, 255, (1, 71, 71, 3)).astype(np.float32)
+    tokens = np.array([[START_ID, 5, 6]], np.int32)
+    np.save(tmp_path / "x.npy", images)
+    np.save(tmp_path / "expected.npy", model.predict([images, tokens], verbose=0))
+    code = (f"import numpy as np, keras, helpers.layers\n"
+            f"m = keras.saving.load_model({str(path)!r}, safe_mode=True)\n"
+            f"out = m.predict([np.load({str(tmp_path / 'x.npy')!r}), np.array([[{START_ID}, 5, 6]], 'int32')], verbose=0)\n"
+            f"assert np.allclose(out, np.load({str(tmp_path / 'expected.npy')!r}), atol=1e-6), abs(out).max()\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+# ----------------------------------------------------------------------------- decoding
+
+def markov_step(table):
+    """A step function whose next-word log-probabilities depend on the last word only."""
+    log_table = np.log(np.maximum(np.asarray(table, np.float64), 1e-30))
+
+    def step(tokens, state):
+        return log_table[tokens], state
+
+    return step
+
+
+def table(rows, vocabulary=6):
+    """``rows``: {word: {next word: probability}}; other entries get nothing."""
+    probabilities = np.zeros((vocabulary, vocabulary))
+    for word, nexts in rows.items():
+        for next_word, p in nexts.items():
+            probabilities[word, next_word] = p
+    return probabilities
+
+
+A, B = 4, 5
+TRAP = table({START_ID: {A: 0.6, B: 0.4}, A: {END_ID: 0.4, A: 0.3, B: 0.3}, B: {END_ID: 0.95, A: 0.05}})
+
+
+def test_beam_search_finds_a_more_probable_caption_than_greedy():
+    step = markov_step(TRAP)
+    greedy, greedy_logp = cap.greedy_search(step, (np.zeros((1, 1)),), 1, 5)
+    beam, beam_score = cap.beam_search(step, (np.zeros((1, 1)),), 1, 3, 5)
+    assert greedy == [[A, END_ID]] and greedy_logp[0] == pytest.approx(math.log(0.6 * 0.4))
+    assert beam == [[B, END_ID]] and beam_score[0] == pytest.approx(math.log(0.4 * 0.95) / 2)
+
+
+def test_beam_size_one_is_greedy_on_a_trained_shape_model():
+    model = tiny_captioner("pre", vocabulary_size=12)
+    decoder = cap.Decoder(model)
+    image_features = np.random.default_rng(3).normal(0, 3, (7, 2048)).astype(np.float32)
+    greedy = decoder.captions(image_features, beam_size=1, max_length=6)
+    state = decoder.start(image_features)
+    beam, _ = cap.beam_search(decoder.step, state, 7, 1, 6)
+    assert beam == greedy
+
+
+def test_decoding_never_emits_padding_start_or_unk_and_stops_at_end():
+    favours_specials = table({START_ID: {PAD_ID: 0.3, UNK_ID: 0.3, START_ID: 0.2, A: 0.2},
+                              A: {UNK_ID: 0.5, END_ID: 0.3, A: 0.2}, END_ID: {A: 1.0}})
+    step = markov_step(favours_specials)
+    for beam_size in (1, 2, 4):
+        found, _ = cap.beam_search(step, (np.zeros((2, 1)),), 2, beam_size, 10)
+        assert found == [[A, END_ID], [A, END_ID]]
+    greedy, _ = cap.greedy_search(step, (np.zeros((2, 1)),), 2, 10)
+    assert greedy == [[A, END_ID], [A, END_ID]]
+
+
+def test_without_end_the_best_unfinished_caption_is_returned():
+    never_ends = table({START_ID: {A: 0.7, B: 0.3}, A: {A: 0.5, B: 0.5}, B: {B: 1.0}})
+    found, score = cap.beam_search(markov_step(never_ends), (np.zeros((1, 1)),), 1, 3, 4)
+    assert found == [[A, B, B, B]] and score[0] == pytest.approx(math.log(0.7 * 0.5) / 4)
+    greedy, _ = cap.greedy_search(markov_step(never_ends), (np.zeros((1, 1)),), 1, 4)
+    assert greedy == [[A, A, A, A]]
+
+
+@pytest.mark.parametrize("inject", cap.INJECT)
+def test_step_decoding_carries_the_state_like_the_whole_model(inject):
+    """Greedy decoding step by step picks, at every step, the argmax of the full model run on the
+    words decoded so far (teacher forcing): the LSTM state is carried, not restarted."""
+    model = tiny_captioner(inject, vocabulary_size=12)
+    images = np.random.default_rng(4).uniform(0, 255, (3, 71, 71, 3)).astype(np.float32)
+    image_features = model.get_layer("encoder").predict(images, verbose=0)
+    found = cap.Decoder(model).captions(image_features, beam_size=1, max_length=5)
+    for row, words in enumerate(found):
+        tokens = np.array([[START_ID] + words[:-1]], np.int32)
+        probabilities = model.predict([images[row:row + 1], tokens], verbose=0)[0].astype(np.float64)
+        probabilities[:, [PAD_ID, START_ID, UNK_ID]] = 0
+        assert probabilities.argmax(axis=1).tolist() == words
+
+
+# ----------------------------------------------------------------------------- text
+
+def test_vocabulary_counts_training_words_and_round_trips(tmp_path):
+    train = ["A dog runs.", "a dog sits", "The DOG, a cat!", "zebra"]
+    vocabulary = captions.Vocabulary.from_captions(train, min_word_count=2, max_length=3)
+    assert vocabulary.tokens == ["", "<unk>", "<start>", "<end>", "a", "dog"]
+    ids, lengths = vocabulary.encode(["a dog sleeps here today", "Dog!"])
+    assert ids.tolist() == [[START_ID, 4, 5, UNK_ID, END_ID], [START_ID, 5, END_ID, 0, 0]]
+    assert lengths.tolist() == [5, 3]
+    assert vocabulary.decode([4, 5, END_ID, 4]) == "a dog"
+    vocabulary.save(tmp_path / "vocabulary.json")
+    loaded = captions.Vocabulary.load(tmp_path / "vocabulary.json")
+    assert loaded.tokens == vocabulary.tokens and loaded.max_length == 3
+    with pytest.raises(ValueError, match="min_word_count=0"):
+        captions.Vocabulary.from_captions(train, min_word_count=0)
+    with pytest.raises(ValueError, match="max_length=0"):
+        captions.Vocabulary.from_captions(train, max_length=0)
+
+
+# ----------------------------------------------------------------------------- data
+
+def test_flickr8k_layout_is_read_with_its_official_split(flickr):
+    splits = captions.load_caption_splits(flickr)
+    assert {name: len(split) for name, split in splits.items()} == {"train": 9, "val": 3, "test": 3}
+    assert splits["val"].paths[0].name == "1009_red.jpg"
+    assert splits["train"].captions[1] == colour_captions("blue")
+
+
+def test_coco_layout_is_read(tmp_path):
+    splits = captions.load_caption_splits(make_coco(tmp_path / "coco", with_test=True))
+    assert {name: len(split) for name, split in splits.items()} == {"train": 6, "val": 3, "test": 3}
+    assert splits["train"].captions[2] == colour_captions("green")[:3]
+    assert splits["val"].paths[0] == tmp_path / "coco" / "val2017" / "000000000000.jpg"
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda root: _edit(root / captions.FLICKR8K_TOKENS, 3, "1000_red.jpg#3 a caption without tab"),
+     r"Flickr8k.token.txt:4: no tab"),
+    (lambda root: _edit(root / captions.FLICKR8K_TOKENS, 0, "#0\tno image name"), r"Flickr8k.token.txt:1: no image name"),
+    (lambda root: (root / "Flicker8k_Dataset" / "1010_blue.jpg").unlink(),
+     r"Flickr_8k.devImages.txt:2: image 1010_blue.jpg is listed but not in"),
+    (lambda root: _edit(root / "Flickr_8k.testImages.txt", 0, "9999_x.jpg"),
+     r"Flickr_8k.testImages.txt:1: image 9999_x.jpg has no caption"),
+    (lambda root: (root / "Flickr_8k.devImages.txt").write_text("\n"), r"Flickr_8k.devImages.txt: the val split is empty"),
+])
+def test_bad_flickr8k_input_is_refused_naming_file_and_line(flickr, damage, message):
+    damage(flickr)
+    with pytest.raises(captions.DatasetError, match=message):
+        captions.load_caption_splits(flickr)
+
+
+def _edit(path, line, text):
+    lines = path.read_text().splitlines()
+    lines[line] = text
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_coco_without_annotations_is_refused(tmp_path):
+    root = make_coco(tmp_path / "coco")
+    path = root / "annotations" / "captions_val2017.json"
+    path.write_text(json.dumps({"images": []}))
+    with pytest.raises(captions.DatasetError, match="captions_val2017.json: no 'annotations' list"):
+        captions.load_caption_splits(root)
+
+
+def test_nothing_is_trained_on_an_undecodable_image(flickr, tmp_path, caplog):
+    (flickr / "Flicker8k_Dataset" / "1004_blue.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    out = tmp_path / "run"
+    assert cap.main(["--data-dir", str(flickr), "--output-dir", str(out), *TINY]) == 1
+    assert "1004_blue.jpg" in caplog.text and "cannot be decoded" in caplog.text
+    assert not any(out.glob("*_log.csv"))
+
+
+# ----------------------------------------------------------------------------- metrics
+
+def test_caption_scores_match_hand_computed_bleu():
+    # candidate "a dog runs on the grass" vs "a dog runs on grass": 1- to 4-gram precisions
+    # 5/6, 3/5, 2/4, 1/3, no brevity penalty (6 words > 5).
+    scores = captions.caption_scores([["a dog runs on grass"], ["a cat sits on the mat"]],
+                                     ["a dog runs on the grass", "a cat sits on the mat"], meteor=False)
+    # corpus-level: the clipped n-gram counts of both images are summed
+    p = [(5 + 6) / (6 + 6), (3 + 5) / (5 + 5), (2 + 4) / (4 + 4), (1 + 3) / (3 + 3)]
+    expected = [math.exp(sum(math.log(x) for x in p[:n]) / n) for n in range(1, 5)]
+    assert [scores[f"bleu{n}"] for n in range(1, 5)] == pytest.approx(expected, abs=1e-6)
+    assert scores["cider_d"] > 0 and scores["meteor"] is None
+    perfect = captions.caption_scores([["a dog runs"]], ["a dog runs"], meteor=False)
+    assert perfect["bleu1"] == pytest.approx(1.0) and perfect["bleu3"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="equal length"):
+        captions.caption_scores([["a"]], [])
+
+
+# ----------------------------------------------------------------------------- whole runs
+
+def test_two_phase_run_writes_every_output_then_evaluate_and_caption(flickr, tmp_path, caplog, capsys):
+    out = tmp_path / "run"
+    args = ["--data-dir", str(flickr), "--output-dir", str(out), *TINY, "--epochs", "2", "--fine-tune-epochs", "1"]
+    assert cap.main(args) == 0
+    run = rundir.RunDir(out)
+    for phase in ("phase1", "phase2"):
+        assert run.best(phase).is_file() and run.done(phase).is_file() and run.curves(phase).is_file()
+        assert len(rundir.read_history(run.log(phase))["val_loss"]) == (2 if phase == "phase1" else 1)
+    assert sorted(p.name.split("-")[0] for p in run.features.glob("*.npy")) == ["train", "val"]
+    assert json.loads(run.args.read_text())["inject"] == "pre"
+    vocabulary = captions.Vocabulary.load(run.vocabulary)
+    assert {"red", "blue", "green", "picture"} <= set(vocabulary.tokens)
+    metrics = json.loads(run.metrics.read_text())
+    for decoding in ("greedy", "beam"):
+        for key in ("bleu1", "bleu4", "cider_d", "distinct_captions", "vocabulary_used", "bleu4_shuffled"):
+            assert 0 <= metrics[decoding][key] < 11
+    assert metrics["split"] == "test" and metrics["num_images"] == 3
+    generated = json.loads(run.captions.read_text())
+    assert len(generated) == 3 and set(generated[0]) == {"image", "greedy", "beam", "references"}
+    with Image.open(run.captions_grid) as grid:
+        assert grid.size[0] > 200
+    # phase 1's model is the whole captioner (its best checkpoint takes images)
+    assert keras.saving.load_model(run.best("phase1")).name == "captioner"
+
+    capsys.readouterr()
+    assert cap.main(["evaluate", "--model", str(run.best("phase2")), "--data-dir", str(flickr),
+                     "--json", str(tmp_path / "m.json")]) == 0
+    again = json.loads((tmp_path / "m.json").read_text())
+    assert again["beam"]["bleu4"] == pytest.approx(metrics["beam"]["bleu4"], abs=1e-6)
+    assert "BLEU-4" in capsys.readouterr().out
+    assert cap.main(["caption", "--model", str(run.best("phase2")), "--beam-size", "2",
+                     str(flickr / "Flicker8k_Dataset" / "1000_red.jpg"), str(flickr / "Flicker8k_Dataset")]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 16 and lines[0].startswith(str(flickr / "Flicker8k_Dataset" / "1000_red.jpg") + ":")
+    words = {w for line in lines for w in line.rsplit(":", 1)[1].split()}
+    assert words <= set(vocabulary.tokens[4:])
+
+
+def test_interrupted_run_resumes_reuses_features_and_refuses_other_flags(flickr, tmp_path, monkeypatch, caplog):
+    out = tmp_path / "run"
+    args = ["--data-dir", str(flickr), "--output-dir", str(out), *TINY, "--epochs", "3", "--fine-tune-epochs", "0",
+            "--skip-image-check"]
+    kill_at_batch(monkeypatch, 12)  # 6 batches per epoch (bucketed): inside epoch 2
+    with pytest.raises(Killed):
+        cap.main(args)
+    monkeypatch.undo()
+    assert rundir.read_history(out / "phase1_log.csv")["epoch"] == [0.0]
+    caplog.set_level(logging.INFO)
+    assert cap.main([*args, "--lstm-units", "32"]) == 1
+    assert "--lstm-units 16 -> 32" in caplog.text
+    caplog.clear()
+    assert cap.main(args) == 0
+    assert "read from the cache" in caplog.text and "resuming after 1 completed epochs" in caplog.text
+    assert rundir.read_history(out / "phase1_log.csv")["epoch"] == [0.0, 1.0, 2.0]
+    assert json.loads((out / "metrics.json").read_text())["num_images"] == 3
+
+
+def test_coco_format_trains_and_evaluates_on_val_without_test(tmp_path, caplog):
+    out = tmp_path / "run"
+    assert cap.main(["--data-dir", str(make_coco(tmp_path / "coco")), "--output-dir", str(out), *TINY,
+                     "--epochs", "1", "--fine-tune-epochs", "0", "--beam-size", "2"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["split"] == "val"
+    assert "no test split" in caplog.text
+
+
+def test_help_answers_without_tensorflow():
+    code = ("import sys, runpy; sys.argv = ['captioning.py', 'train', '--help']\n"
+            "try:\n    runpy.run_path('captioning.py', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+            "assert 'tensorflow' not in sys.modules, 'tensorflow imported'\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0 and "--beam-size" in result.stdout, result.stderr[-1000:]
