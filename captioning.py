@@ -71,6 +71,9 @@ def parse_args(argv=None):
                        help="Xception's top layers trained in phase 2, 0..132 (default: 17, blocks 13 and 14)")
     cli.add_training_arguments(train_parser, epochs=10, fine_tune_epochs=1, batch_size=64, fine_tune_batch_size=32,
                                learning_rate=1e-3, fine_tune_learning_rate=1e-5)
+    train_parser.add_argument("--lr-schedule", choices=("cosine", "constant"), default="cosine",
+                              help="each phase's learning rate: cosine decay to 0 over the phase, or constant "
+                              "(default: cosine)")
     _add_decoding_arguments(train_parser)
     cli.add_performance_arguments(train_parser, distribute=False)
     cli.add_output_arguments(train_parser)
@@ -202,8 +205,18 @@ def compile_captioner(model, optimizer, jit_compile=False):
                   metrics=["accuracy"], jit_compile=jit_compile)
 
 
-def adam(learning_rate):
-    """Adam with gradient-norm clipping at 5, usual for LSTM language models."""
+def adam(learning_rate, schedule="cosine", steps=None):
+    """Adam with gradient-norm clipping at 5, usual for LSTM language models.
+
+    Args:
+        learning_rate: the initial learning rate.
+        schedule: ``"cosine"``: decayed to 0 over ``steps`` batches (the phase's epochs times its
+            batches per epoch; ``keras.optimizers.schedules.CosineDecay``, whose position is the
+            optimizer's step count, so a resumed phase continues it); ``"constant"``: not decayed.
+        steps: the phase's batches in all, for ``"cosine"``.
+    """
+    if schedule == "cosine" and steps:
+        learning_rate = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=steps)
     return keras.optimizers.Adam(learning_rate=learning_rate, clipnorm=5.0)
 
 
@@ -335,24 +348,26 @@ def train(args):
         # Phase 1: Xception frozen; the decoder learns from its features, computed once per image.
         training.set_backbone_trainable(model, BACKBONE, False)
         model.summary(print_fn=logger.info, line_length=110, expand_nested=False)
-        compile_captioner(decoder, adam(args.learning_rate), args.jit_compile)
+        phase1 = (None, None)
         if args.epochs and not run.phase_complete("phase1"):
             cached = {name: features.cached_features(encoder, splits[name].paths, run.features, name)
                       for name in ("train", "val")}
             phase1 = (feature_dataset(cached["train"], tables["train"], args.batch_size, shuffle=True, seed=args.seed),
                       feature_dataset(cached["val"], tables["val"], args.batch_size))
-        else:
-            phase1 = (None, None)
+        compile_captioner(decoder, adam(args.learning_rate, args.lr_schedule, _steps(phase1[0], args, args.epochs)),
+                          args.jit_compile)
         best = trainer.fit(decoder, "phase1", *phase1, epochs=args.epochs, monitor="val_loss", save=model,
                            title="phase 1: Xception frozen, decoder on cached features")
 
         # Phase 2: from phase 1's best, Xception's top layers and the decoder trained together, from images.
         model = training.best_model(best, model)
-        training.set_backbone_trainable(model, BACKBONE, True, top_layers=args.fine_tune_layers)
-        compile_captioner(model, adam(args.fine_tune_learning_rate), args.jit_compile)
+        training.set_backbone_trainable(model, BACKBONE, True, train_batchnorm=args.train_batchnorm,
+                                        top_layers=args.fine_tune_layers)
         phase2 = [image_dataset(splits[name], tables[name], args.image_size, args.fine_tune_batch_size,
                                 shuffle=name == "train", seed=args.seed, workers=args.workers)
                   for name in ("train", "val")]
+        compile_captioner(model, adam(args.fine_tune_learning_rate, args.lr_schedule,
+                                      _steps(phase2[0], args, args.fine_tune_epochs)), args.jit_compile)
         best = trainer.fit(model, "phase2", *phase2, epochs=args.fine_tune_epochs, monitor="val_loss",
                            title=f"phase 2: Xception's top {args.fine_tune_layers} layers and the decoder") or best
 
@@ -362,6 +377,13 @@ def train(args):
         model = keras.saving.load_model(best)
         metrics, generated = evaluate_model(model, vocabulary, split, args.beam_size, args.batch_size, args.workers)
         save_evaluation(run, metrics, generated, split, best)
+
+
+def _steps(dataset, args, epochs):
+    """A phase's batches in all: its epochs times ``--steps-per-epoch`` or the dataset's batches."""
+    if dataset is None:
+        return None
+    return epochs * (args.steps_per_epoch or int(dataset.cardinality()))
 
 
 # ----------------------------------------------------------------------------- decoding

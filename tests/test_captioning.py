@@ -273,6 +273,17 @@ def test_coco_without_annotations_is_refused(tmp_path):
         captions.load_caption_splits(root)
 
 
+def test_failed_download_names_the_offline_option(monkeypatch, tmp_path, caplog):
+    def no_internet(*args, **kwargs):
+        raise OSError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(keras.utils, "get_file", no_internet)
+    assert cap.main(["--download", "--output-dir", str(tmp_path / "run"), *TINY]) == 1
+    assert "Could not download" in caplog.text and "--data-dir" in caplog.text
+    assert cap.main(["--output-dir", str(tmp_path / "run"), *TINY]) == 1
+    assert "Pass --data-dir DIR" in caplog.text
+
+
 def test_nothing_is_trained_on_an_undecodable_image(flickr, tmp_path, caplog):
     (flickr / "Flicker8k_Dataset" / "1004_blue.jpg").write_bytes(b"\xff\xd8 not a jpeg")
     out = tmp_path / "run"
