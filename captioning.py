@@ -517,7 +517,7 @@ class Decoder:
         self.merge = decoder.get_layer("merge_dense") if "merge_dense" in names else None
         self.head = decoder.get_layer("next_word")
 
-    @tf.function(input_signature=[tf.TensorSpec((None, None), tf.float32)])
+    @tf.function(input_signature=[tf.TensorSpec((None, None), tf.float32)], autograph=False)
     def _start(self, image_features):
         image = self.image_embedding(image_features)
         if self.pre_inject:
@@ -526,7 +526,8 @@ class Decoder:
             h = c = tf.zeros((tf.shape(image)[0], self.lstm.units))
         return h, c, image
 
-    @tf.function(input_signature=[tf.TensorSpec((None,), tf.int32)] + [tf.TensorSpec((None, None), tf.float32)] * 3)
+    @tf.function(input_signature=[tf.TensorSpec((None,), tf.int32)] + [tf.TensorSpec((None, None), tf.float32)] * 3,
+                 autograph=False)
     def _step(self, tokens, h, c, image):
         outputs, h, c = self.lstm(self.embedding(tokens[:, None]), initial_state=[h, c])
         outputs = outputs[:, 0]
