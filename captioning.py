@@ -70,7 +70,7 @@ def parse_args(argv=None):
     model.add_argument("--fine-tune-layers", type=int, default=17,
                        help="Xception's top layers trained in phase 2, 0..132 (default: 17, blocks 13 and 14)")
     cli.add_training_arguments(train_parser, epochs=10, fine_tune_epochs=1, batch_size=64, fine_tune_batch_size=32,
-                               learning_rate=1e-3, fine_tune_learning_rate=1e-5)
+                               learning_rate=1e-3, fine_tune_learning_rate=1e-4)
     train_parser.add_argument("--lr-schedule", choices=("cosine", "constant"), default="cosine",
                               help="each phase's learning rate: cosine decay to 0 over the phase, or constant "
                               "(default: cosine)")
