@@ -185,7 +185,7 @@ def plot_captions(paths, generated, references, path, title, columns=4):
     from PIL import Image
 
     rows = max(1, -(-len(paths) // columns))
-    figure, axes = plt.subplots(rows, columns, figsize=(4 * columns, 4.6 * rows), squeeze=False)
+    figure, axes = plt.subplots(rows, columns, figsize=(4 * columns, 5.2 * rows), squeeze=False)
     for axis in axes.ravel():
         axis.axis("off")
     for axis, image_path, ours, reference in zip(axes.ravel(), paths, generated, references):
