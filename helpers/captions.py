@@ -312,7 +312,7 @@ class Vocabulary:
         """Reads a saved vocabulary.
 
         Raises:
-            MissingFileError-like ``DatasetError``: the file is missing or not a vocabulary.
+            DatasetError: the file is missing (a model's run folder holds it) or is not a vocabulary.
         """
         path = Path(path)
         if not path.is_file():

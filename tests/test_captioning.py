@@ -4,7 +4,6 @@ captioned folders of real JPEGs (weights=None)."""
 import json
 import logging
 import math
-import shutil
 import subprocess
 import sys
 from pathlib import Path
