@@ -339,7 +339,7 @@ def train(args):
             data.check_images([p for split in splits.values() for p in split.paths])
         cli.save_args(args, args.output_dir)
         vocabulary.save(run.vocabulary)
-        tables = {name: CaptionTable(split, vocabulary) for name, split in splits.items()}
+        tables = {name: CaptionTable(splits[name], vocabulary) for name in ("train", "val")}  # what trains
         keras.utils.set_random_seed(args.seed)
         model = build_captioner(vocabulary_size=len(vocabulary), weights=args.weights,
                                 **cli.model_arguments(args, MODEL_ARGUMENTS))
