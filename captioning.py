@@ -47,7 +47,7 @@ INJECT = ("pre", "merge")
 def parse_args(argv=None):
     parser, train_parser, evaluate_parser, caption_parser = cli.parser_with_commands(
         "Xception + LSTM image captioning (seed 004; Show and Tell), trained in two phases.",
-        predict=("caption", "print a caption for each image file or folder"))
+        predict=("caption", "print a caption for each image file or folder"), export=False)
     data = cli.add_data_arguments(train_parser, require_data=False)
     data.description = ("--data-dir: Flickr8k (Flickr8k.token.txt, the Flickr_8k.*Images.txt split files, the "
                         "images folder) or COCO captions (captions_<split>.json and the images)")
@@ -70,10 +70,8 @@ def parse_args(argv=None):
     model.add_argument("--fine-tune-layers", type=int, default=17,
                        help="Xception's top layers trained in phase 2, 0..132 (default: 17, blocks 13 and 14)")
     cli.add_training_arguments(train_parser, epochs=10, fine_tune_epochs=1, batch_size=64, fine_tune_batch_size=32,
-                               learning_rate=1e-3, fine_tune_learning_rate=1e-4)
-    train_parser.add_argument("--lr-schedule", choices=("cosine", "constant"), default="cosine",
-                              help="each phase's learning rate: cosine decay to 0 over the phase, or constant "
-                              "(default: cosine)")
+                               learning_rate=1e-3, fine_tune_learning_rate=1e-4, lr_schedule="cosine",
+                               class_weight=False)
     _add_decoding_arguments(train_parser)
     cli.add_performance_arguments(train_parser, distribute=False)
     cli.add_output_arguments(train_parser)
@@ -205,18 +203,12 @@ def compile_captioner(model, optimizer, jit_compile=False):
                   metrics=["accuracy"], jit_compile=jit_compile)
 
 
-def adam(learning_rate, schedule="cosine", steps=None):
+def adam(learning_rate):
     """Adam with gradient-norm clipping at 5, usual for LSTM language models.
 
     Args:
-        learning_rate: the initial learning rate.
-        schedule: ``"cosine"``: decayed to 0 over ``steps`` batches (the phase's epochs times its
-            batches per epoch; ``keras.optimizers.schedules.CosineDecay``, whose position is the
-            optimizer's step count, so a resumed phase continues it); ``"constant"``: not decayed.
-        steps: the phase's batches in all, for ``"cosine"``.
+        learning_rate: a float or a schedule (``helpers.training.Trainer.learning_rate``).
     """
-    if schedule == "cosine" and steps:
-        learning_rate = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=steps)
     return keras.optimizers.Adam(learning_rate=learning_rate, clipnorm=5.0)
 
 
@@ -331,7 +323,7 @@ def train(args):
     splits, vocabulary = load_data(args)
     check_model_arguments(len(vocabulary), args.image_size, args.embedding_dim, args.lstm_units, args.inject,
                           args.dropout)
-    with training.Trainer(args.output_dir, steps_per_epoch=args.steps_per_epoch) as trainer:
+    with training.Trainer(args.output_dir, **cli.trainer_arguments(args)) as trainer:
         run = trainer.run
         cli.check_resumable(args, MODEL_ARGUMENTS + TEXT_ARGUMENTS, vocabulary.tokens,
                             labels=(rundir.VOCABULARY, "tokens"))
@@ -354,7 +346,7 @@ def train(args):
                       for name in ("train", "val")}
             phase1 = (feature_dataset(cached["train"], tables["train"], args.batch_size, shuffle=True, seed=args.seed),
                       feature_dataset(cached["val"], tables["val"], args.batch_size))
-        compile_captioner(decoder, adam(args.learning_rate, args.lr_schedule, _steps(phase1[0], args, args.epochs)),
+        compile_captioner(decoder, adam(trainer.learning_rate(args.learning_rate, args.epochs, phase1[0])),
                           args.jit_compile)
         best = trainer.fit(decoder, "phase1", *phase1, epochs=args.epochs, monitor="val_loss", save=model,
                            title="phase 1: Xception frozen, decoder on cached features")
@@ -366,8 +358,8 @@ def train(args):
         phase2 = [image_dataset(splits[name], tables[name], args.image_size, args.fine_tune_batch_size,
                                 shuffle=name == "train", seed=args.seed, workers=args.workers)
                   for name in ("train", "val")]
-        compile_captioner(model, adam(args.fine_tune_learning_rate, args.lr_schedule,
-                                      _steps(phase2[0], args, args.fine_tune_epochs)), args.jit_compile)
+        compile_captioner(model, adam(trainer.learning_rate(args.fine_tune_learning_rate, args.fine_tune_epochs,
+                                                            phase2[0])), args.jit_compile)
         best = trainer.fit(model, "phase2", *phase2, epochs=args.fine_tune_epochs, monitor="val_loss",
                            title=f"phase 2: Xception's top {args.fine_tune_layers} layers and the decoder") or best
 
@@ -377,13 +369,6 @@ def train(args):
         model = keras.saving.load_model(best)
         metrics, generated = evaluate_model(model, vocabulary, split, args.beam_size, args.batch_size, args.workers)
         save_evaluation(run, metrics, generated, split, best)
-
-
-def _steps(dataset, args, epochs):
-    """A phase's batches in all: its epochs times ``--steps-per-epoch`` or the dataset's batches."""
-    if dataset is None:
-        return None
-    return epochs * (args.steps_per_epoch or int(dataset.cardinality()))
 
 
 # ----------------------------------------------------------------------------- decoding

@@ -21,6 +21,9 @@ Usage::
     python cnn_rnn_classifier.py [train] --data-dir DATA --output-dir runs/x [--weights imagenet|none|PATH]
     python cnn_rnn_classifier.py evaluate --model runs/x/phase2_best.keras --data-dir DATA [--json FILE]
     python cnn_rnn_classifier.py predict --model runs/x/phase2_best.keras [--top-k 5] IMAGE_OR_DIR...
+    python cnn_rnn_classifier.py export --model runs/x/phase2_best.keras --output DIR [--format saved_model|tflite]
+
+In Python, ``classify(model_or_path, images, top_k=5)`` returns what ``predict`` prints.
 
 A saved model loads in safe mode with ``keras.saving.load_model(path)`` once this
 module (or ``helpers.layers``) has been imported.
@@ -332,8 +335,10 @@ def train(args):
     splits = data.load_splits(args.data_dir)
     class_names = splits["train"].class_names
     check_model_arguments(len(class_names), args.image_size, args.rnn_timesteps, args.rnn_units)
+    class_weight = (training.balanced_class_weights(splits["train"].labels, len(class_names))
+                    if args.class_weight == "balanced" else None)
     # The run directory's lock is held from here on: a second run on it stops at once.
-    with training.Trainer(args.output_dir, strategy, steps_per_epoch=args.steps_per_epoch) as trainer:
+    with training.Trainer(args.output_dir, strategy, **cli.trainer_arguments(args)) as trainer:
         cli.check_resumable(args, MODEL_ARGUMENTS, class_names)
         if not args.skip_image_check:
             logger.info("checking that all %d images decode", sum(map(len, splits.values())))
@@ -351,18 +356,21 @@ def train(args):
             # Phase 1: Xception frozen (BatchNormalization in inference mode), RMSprop; best by val loss.
             training.set_backbone_trainable(model, BACKBONE, False)
             model.summary(print_fn=logger.info, line_length=110)
-            compile_classifier(model, keras.optimizers.RMSprop(learning_rate=args.learning_rate), args.jit_compile)
-            best = trainer.fit(model, "phase1", *training_data(splits, args, args.batch_size, strategy),
-                               epochs=args.epochs, monitor="val_loss", title="phase 1: Xception frozen")
+            train_data, val_data = training_data(splits, args, args.batch_size, strategy)
+            compile_classifier(model, keras.optimizers.RMSprop(
+                learning_rate=trainer.learning_rate(args.learning_rate, args.epochs, train_data)), args.jit_compile)
+            best = trainer.fit(model, "phase1", train_data, val_data, epochs=args.epochs, monitor="val_loss",
+                               class_weight=class_weight, title="phase 1: Xception frozen")
 
             # Phase 2: from phase 1's best, everything but BatchNormalization statistics trains,
             # Adam(1e-4); best by val accuracy.
             model = training.best_model(best, model)
             training.set_backbone_trainable(model, BACKBONE, True, train_batchnorm=args.train_batchnorm)
-            compile_classifier(model, keras.optimizers.Adam(learning_rate=args.fine_tune_learning_rate),
-                               args.jit_compile)
-            best = trainer.fit(model, "phase2", *training_data(splits, args, args.fine_tune_batch_size, strategy),
-                               epochs=args.fine_tune_epochs, monitor="val_accuracy",
+            train_data, val_data = training_data(splits, args, args.fine_tune_batch_size, strategy)
+            compile_classifier(model, keras.optimizers.Adam(learning_rate=trainer.learning_rate(
+                args.fine_tune_learning_rate, args.fine_tune_epochs, train_data)), args.jit_compile)
+            best = trainer.fit(model, "phase2", train_data, val_data, epochs=args.fine_tune_epochs,
+                               monitor="val_accuracy", class_weight=class_weight,
                                title="phase 2: fine-tuning") or best
 
         if not trainer.chief:  # the chief evaluates and reports
@@ -413,28 +421,60 @@ def evaluate(args):
         reports.write_json(args.json, metrics)
 
 
+def classify(model, inputs, top_k=5, class_names=None, batch_size=32):
+    """The ``top_k`` most probable classes of each image: the Python API ``predict`` prints.
+
+    Args:
+        model: a saved ``.keras`` classifier (its class names from the ``classes.json``
+            beside it) or a loaded ``keras.Model``.
+        inputs: image files and/or arrays ``(height, width, 3)`` RGB 0..255 (uint8 or
+            float) of any size (``data.load_image``: files are decoded and resized
+            bilinearly, as the training generator reads them).
+        top_k: classes per image (capped at the number of classes).
+        class_names: the classes in index order (default: the run's ``classes.json``,
+            else ``"0"``, ``"1"``, ...).
+        batch_size: images per forward pass.
+
+    Returns:
+        Per input, ``[(class_name, probability), ...]``, most probable first.
+
+    Raises:
+        helpers.errors.UsageError: a bad ``top_k``/``batch_size``, model or array;
+        helpers.data.DatasetError: an image that cannot be decoded.
+    """
+    if top_k < 1 or batch_size < 1:
+        raise UsageError(f"top_k and batch_size must be >= 1. Received: {top_k}, {batch_size}")
+    model, names, _ = training.model_and_classes(model, class_names)
+    size = model.input_shape[1]
+    ranked = []
+    for start in range(0, len(inputs), batch_size):
+        images = np.stack([data.load_image(item, size) for item in inputs[start:start + batch_size]])
+        probabilities = model.predict(keras.applications.xception.preprocess_input(images), verbose=0)
+        ranked += [reports.top_k(row, names, top_k) for row in probabilities]
+    return ranked
+
+
 def predict(args):
-    """The ``predict`` command: prints the top-k classes of each image."""
-    if args.top_k < 1 or args.batch_size < 1:
-        raise UsageError(f"--top-k and --batch-size must be >= 1. Received: {args.top_k}, {args.batch_size}")
-    model, classes = training.load_checkpoint(args.model)
+    """The ``predict`` command: prints the top-k classes of each image (``classify``)."""
+    model, names, descriptions = training.model_and_classes(args.model)
     paths = data.image_files(args.inputs)
     data.check_images(paths)
-    size = model.input_shape[1]
-    for start in range(0, len(paths), args.batch_size):
-        chunk = paths[start:start + args.batch_size]
-        images = np.stack([
-            keras.utils.img_to_array(keras.utils.load_img(p, target_size=(size, size), interpolation="bilinear"))
-            for p in chunk
-        ])
-        scores = model.predict(keras.applications.xception.preprocess_input(images), verbose=0)
-        for path, row in zip(chunk, scores):
-            reports.print_top_k(path, row, classes, args.top_k)
+    for path, ranked in zip(paths, classify(model, paths, args.top_k, names, args.batch_size)):
+        reports.print_ranked(path, ranked, descriptions)
+
+
+def export(args):
+    """The ``export`` command: a SavedModel or TFLite model taking raw RGB pixels 0..255 (``helpers.export``)."""
+    from helpers import export as exporting
+    from helpers.layers import XceptionPreprocess
+
+    exporting.export_command(args, preprocess=XceptionPreprocess(name="xception_preprocess"))
 
 
 def main(argv=None, args=None):
     """Runs a command: ``argv`` (default: ``sys.argv[1:]``) or already parsed ``args``."""
-    return cli.run(args or parse_args(argv), {"train": train, "evaluate": evaluate, "predict": predict})
+    return cli.run(args or parse_args(argv), {"train": train, "evaluate": evaluate, "predict": predict,
+                                               "export": export})
 
 
 if __name__ == "__main__":

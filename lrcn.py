@@ -18,6 +18,9 @@ Usage::
     python lrcn.py [train] --data-dir DATA --output-dir runs/lrcn (--frames 16 | --variable-length) [--weights imagenet|none|PATH]
     python lrcn.py evaluate --model runs/lrcn/phase2_best.keras --data-dir DATA [--json FILE]
     python lrcn.py predict --model runs/lrcn/phase2_best.keras [--top-k 5] FRAME_FOLDER_OR_VIDEO...
+    python lrcn.py export --model runs/lrcn/phase2_best.keras --output DIR [--format saved_model|tflite]
+
+In Python, ``classify(model_or_path, clips, top_k=5)`` returns what ``predict`` prints.
 """
 
 import dataclasses
@@ -49,6 +52,9 @@ def parse_args(argv=None):
     model.add_argument("--recurrent-dropout", type=float, default=0.5,
                        help="GRU recurrent dropout; above 0 rules out the fast cuDNN kernel on a GPU (default: 0.5)")
     model.add_argument("--per-frame", action="store_true", help="a label per frame (default: one per sequence)")
+    train_parser.add_argument("--augment", action="store_true",
+                              help="a random crop (80-100%% of the side) and horizontal flip per training clip, the "
+                              "same for all its frames (default: off)")
     cli.add_training_arguments(train_parser, epochs=10, fine_tune_epochs=10, batch_size=8, fine_tune_batch_size=8,
                                learning_rate=0.01, fine_tune_learning_rate=0.001)
     cli.add_performance_arguments(train_parser)
@@ -194,7 +200,8 @@ def _sharded_input(splits, args, batch_size):
         shard = dataclasses.replace(split, samples=split.samples[first::every], labels=split.labels[first::every])
         per_replica = context.get_per_replica_batch_size(batch_size)
         reader = sequences.FrameSequences(shard, args.image_size, per_replica, args.frames, shuffle=training,
-                                          seed=args.seed + first, workers=args.workers)
+                                          seed=args.seed + first, workers=args.workers,
+                                          augment=training and args.augment)
 
         def batches():
             while True:
@@ -219,9 +226,10 @@ def training_data(splits, args, batch_size, strategy=None):
     ``--distribute multi-worker``, each worker's shards."""
     if multiworker.is_multi_worker(strategy):
         return _sharded_input(splits, args, batch_size)
-    return tuple(sequences.FrameSequences(splits[name], args.image_size, batch_size, args.frames, shuffle=shuffle,
-                                          seed=args.seed, per_frame=args.per_frame, workers=args.workers)
-                 for name, shuffle in (("train", True), ("val", False)))
+    return tuple(sequences.FrameSequences(splits[name], args.image_size, batch_size, args.frames, shuffle=fitting,
+                                          seed=args.seed, per_frame=args.per_frame, workers=args.workers,
+                                          augment=fitting and args.augment)
+                 for name, fitting in (("train", True), ("val", False)))
 
 
 def train(args):
@@ -237,6 +245,9 @@ def train(args):
             loss; reported by ``main`` as one line.
     """
     cli.check_training_arguments(args)
+    if args.class_weight != "none" and args.per_frame:
+        raise UsageError("--class-weight needs one label per sequence: Keras weighs classes of 2-D targets only, "
+                         "not --per-frame labels.")
     if args.distribute == "multi-worker" and (not args.frames or args.per_frame):
         raise UsageError("--distribute multi-worker needs --frames N and one label per sequence (not "
                          "--variable-length or --per-frame): every worker must run the same number of equal steps.")
@@ -248,8 +259,10 @@ def train(args):
             splits[name] = sequences.list_sequences(args.data_dir / name, names)
     check_model_arguments(len(names), args.frames, args.image_size, args.dense_units, args.gru_units,
                           args.fine_tune_layers, args.recurrent_dropout)
+    class_weight = (training.balanced_class_weights(splits["train"].labels, len(names))
+                    if args.class_weight == "balanced" else None)
     # The run directory's lock is held from here on: a second run on it stops at once.
-    with training.Trainer(args.output_dir, strategy, steps_per_epoch=args.steps_per_epoch) as trainer:
+    with training.Trainer(args.output_dir, strategy, **cli.trainer_arguments(args)) as trainer:
         cli.check_resumable(args, MODEL_ARGUMENTS, names)
         if not args.skip_image_check:
             for split in splits.values():
@@ -264,16 +277,19 @@ def train(args):
             # Phase 1: VGG16 frozen, SGD; best by val loss.
             training.set_backbone_trainable(model, BACKBONE, False)
             model.summary(print_fn=logger.info, line_length=110)
-            compile_lrcn(model, sgd(args.learning_rate), args.jit_compile)
-            best = trainer.fit(model, "phase1", *training_data(splits, args, args.batch_size, strategy),
-                               epochs=args.epochs, monitor="val_loss", title="phase 1: VGG16 frozen")
+            train_data, val_data = training_data(splits, args, args.batch_size, strategy)
+            compile_lrcn(model, sgd(trainer.learning_rate(args.learning_rate, args.epochs, train_data)), args.jit_compile)
+            best = trainer.fit(model, "phase1", train_data, val_data, epochs=args.epochs, monitor="val_loss",
+                               class_weight=class_weight, title="phase 1: VGG16 frozen")
 
             # Phase 2: from phase 1's best, VGG16's top layers fine-tuned too; best by val accuracy.
             model = training.best_model(best, model)
             training.set_backbone_trainable(model, BACKBONE, True, top_layers=args.fine_tune_layers)
-            compile_lrcn(model, sgd(args.fine_tune_learning_rate), args.jit_compile)
-            best = trainer.fit(model, "phase2", *training_data(splits, args, args.fine_tune_batch_size, strategy),
-                               epochs=args.fine_tune_epochs, monitor="val_accuracy",
+            train_data, val_data = training_data(splits, args, args.fine_tune_batch_size, strategy)
+            compile_lrcn(model, sgd(trainer.learning_rate(args.fine_tune_learning_rate, args.fine_tune_epochs,
+                                                          train_data)), args.jit_compile)
+            best = trainer.fit(model, "phase2", train_data, val_data, epochs=args.fine_tune_epochs,
+                               monitor="val_accuracy", class_weight=class_weight,
                                title=f"phase 2: VGG16's top {args.fine_tune_layers} layers fine-tuned") or best
 
         if not trainer.chief:  # the chief evaluates and reports
@@ -337,32 +353,71 @@ def evaluate(args):
         reports.write_json(args.json, metrics)
 
 
-def predict(args):
-    """The ``predict`` command: top-k classes of frame folders or video files."""
+def classify(model, clips, top_k=5, class_names=None, max_frames=None):
+    """The ``top_k`` most probable classes of each clip: the Python API ``predict`` prints.
+
+    Args:
+        model: a saved ``.keras`` LRCN (its class names from the ``classes.json`` beside
+            it) or a loaded ``keras.Model``.
+        clips: frame folders, video files (``helpers.extract_frames.read_video``) and/or
+            arrays ``(frames, height, width, 3)`` RGB 0..255 of any frame size (resized
+            bilinearly). A fixed-length model samples its frames evenly
+            (``sequences.sample_indices``); a variable-length one reads them all.
+        top_k: classes per clip (capped at the number of classes).
+        class_names: the classes in index order (default: the run's ``classes.json``).
+        max_frames: frames read from a video at most (default: all).
+
+    Returns:
+        Per clip, ``[(class_name, probability), ...]``, most probable first; a per-frame
+        model's clip probabilities are the mean over its frames.
+
+    Raises:
+        helpers.errors.UsageError, helpers.data.DatasetError, helpers.extract_frames.VideoError:
+            a bad argument, an empty or undecodable frame folder, an unreadable video.
+    """
     from helpers import extract_frames
 
-    if args.top_k < 1:
-        raise UsageError(f"--top-k must be >= 1. Received: {args.top_k}")
-    model, classes = training.load_checkpoint(args.model)
+    if top_k < 1:
+        raise UsageError(f"top_k must be >= 1. Received: {top_k}")
+    model, names, _ = training.model_and_classes(model, class_names)
     frames, size = model.input_shape[1], model.input_shape[2]
-    for item in map(Path, args.inputs):
-        if item.is_dir():
+    ranked = []
+    for item in clips:
+        if isinstance(item, (str, os.PathLike)) and Path(item).is_dir():
             paths = sequences.frame_files(item)
             if not paths:
                 raise data.DatasetError(f"{item} holds no frames.")
             data.check_images(paths)
             clip = sequences.load_frames(paths, size)
+        elif isinstance(item, (str, os.PathLike)):
+            clip = extract_frames.read_video(item, size=size, max_frames=max_frames).astype(np.float32)
         else:
-            clip = extract_frames.read_video(item, size=size, max_frames=args.max_frames).astype(np.float32)
+            clip = np.stack([data.load_image(frame, size) for frame in np.asarray(item)])
         if frames:
             clip = clip[sequences.sample_indices(len(clip), frames)]
         scores = model.predict(clip[None], verbose=0)[0]
-        reports.print_top_k(item, scores.mean(axis=0) if scores.ndim == 2 else scores, classes, args.top_k)
+        ranked.append(reports.top_k(scores.mean(axis=0) if scores.ndim == 2 else scores, names, top_k))
+    return ranked
+
+
+def predict(args):
+    """The ``predict`` command: top-k classes of frame folders or video files (``classify``)."""
+    model, names, descriptions = training.model_and_classes(args.model)
+    for item, ranked in zip(args.inputs, classify(model, args.inputs, args.top_k, names, args.max_frames)):
+        reports.print_ranked(item, ranked, descriptions)
+
+
+def export(args):
+    """The ``export`` command: a SavedModel or TFLite model taking raw RGB frames 0..255 (``helpers.export``)."""
+    from helpers import export as exporting
+
+    exporting.export_command(args)
 
 
 def main(argv=None, args=None):
     """Runs a command: ``argv`` (default: ``sys.argv[1:]``) or already parsed ``args``."""
-    return cli.run(args or parse_args(argv), {"train": train, "evaluate": evaluate, "predict": predict})
+    return cli.run(args or parse_args(argv), {"train": train, "evaluate": evaluate, "predict": predict,
+                                               "export": export})
 
 
 if __name__ == "__main__":

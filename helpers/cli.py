@@ -17,7 +17,7 @@ from helpers.errors import ProjectError, UsageError
 
 logger = logging.getLogger(__name__)
 
-COMMANDS = ("train", "evaluate", "predict", "caption")
+COMMANDS = ("train", "evaluate", "predict", "caption", "export")
 
 
 def with_default_command(argv, default="train"):
@@ -47,7 +47,8 @@ def add_weights_argument(group, backbone):
 
 
 def add_training_arguments(parser, epochs=30, fine_tune_epochs=30, batch_size=32, fine_tune_batch_size=16,
-                           learning_rate=1e-3, fine_tune_learning_rate=1e-4):
+                           learning_rate=1e-3, fine_tune_learning_rate=1e-4, lr_schedule="constant", class_weight=True):
+    """The training group; ``class_weight=False`` leaves out ``--class-weight`` (captioning: words, not classes)."""
     group = parser.add_argument_group("training")
     group.add_argument("--epochs", type=int, default=epochs,
                        help=f"phase 1 epochs, backbone frozen; 0 skips it (default: {epochs})")
@@ -67,6 +68,19 @@ def add_training_arguments(parser, epochs=30, fine_tune_epochs=30, batch_size=32
     group.add_argument("--steps-per-epoch", type=int, default=None,
                        help="batches per epoch (default: the whole training set)")
     group.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    group.add_argument("--lr-schedule", choices=options.LR_SCHEDULES, default=lr_schedule,
+                       help="each phase's learning rate: constant; cosine: decayed to 0 over the phase's steps; "
+                       f"plateau: divided by 5 after 2 epochs without improvement (default: {lr_schedule})")
+    group.add_argument("--warmup-epochs", type=int, default=0,
+                       help="linear warm-up from 0 over each phase's first N epochs (constant and cosine) "
+                       "(default: 0)")
+    group.add_argument("--early-stopping", type=int, default=None, metavar="N",
+                       help="stop a phase after N epochs without improvement of the metric its best checkpoint "
+                       "follows; the best checkpoint is kept (default: off)")
+    if class_weight:
+        group.add_argument("--class-weight", choices=options.CLASS_WEIGHTS, default="none",
+                           help="balanced: weight each class's loss by samples / (classes x its training samples) "
+                           "(default: none)")
     return group
 
 
@@ -123,6 +137,26 @@ def check_training_arguments(args):
             raise UsageError(f"--{flag.replace('_', '-')} must be a positive number. Received: {value}")
     if args.epochs == 0 and args.fine_tune_epochs == 0:
         raise UsageError("--epochs and --fine-tune-epochs are both 0: there is nothing to train.")
+    if args.warmup_epochs < 0 or (args.warmup_epochs and args.lr_schedule == "plateau"):
+        raise UsageError(f"--warmup-epochs must be >= 0, and works with --lr-schedule constant or cosine. "
+                         f"Received: --warmup-epochs {args.warmup_epochs} --lr-schedule {args.lr_schedule}")
+    for flag, epochs in (("epochs", args.epochs), ("fine_tune_epochs", args.fine_tune_epochs)):
+        if args.warmup_epochs and 0 < epochs <= args.warmup_epochs:
+            raise UsageError(f"--warmup-epochs {args.warmup_epochs} leaves nothing after the warm-up of a phase of "
+                             f"--{flag.replace('_', '-')} {epochs}; use fewer warm-up epochs.")
+    if args.early_stopping is not None and args.early_stopping < 1:
+        raise UsageError(f"--early-stopping must be >= 1 epoch. Received: {args.early_stopping}")
+    if getattr(args, "class_weight", "none") != "none" and getattr(args, "distribute", "none") == "multi-worker":
+        raise UsageError("--class-weight is not available with --distribute multi-worker (its training loop is "
+                         "the project's own); use --distribute mirrored or none.")
+
+
+def trainer_arguments(args):
+    """The keyword arguments of ``helpers.training.Trainer`` that come from flags: the one place
+    the training controls (``--steps-per-epoch``, ``--lr-schedule``, ``--warmup-epochs``,
+    ``--early-stopping``) reach the training core."""
+    return {"steps_per_epoch": args.steps_per_epoch, "lr_schedule": args.lr_schedule,
+            "warmup_epochs": args.warmup_epochs, "early_stopping": args.early_stopping}
 
 
 def model_arguments(args, names):
@@ -246,15 +280,27 @@ def evaluation_split_name(args):
     return name
 
 
-def parser_with_commands(description, predict=("predict", "top-k classes of image files or folders")):
-    """A parser with train / evaluate / ``predict`` sub-parsers, returned as a tuple.
+def parser_with_commands(description, predict=("predict", "top-k classes of image files or folders"), export=True):
+    """A parser with train / evaluate / ``predict`` (/ export) sub-parsers, returned as a tuple
+    ``(parser, train, evaluate, predict)``; the export sub-parser is complete.
 
     Args:
         predict: ``(name, help)`` of the third command (captioning's is ``caption``).
+        export: add the ``export`` command (``helpers.export``).
     """
     parser = argparse.ArgumentParser(description=description)
-    commands = parser.add_subparsers(dest="command", metavar="{train,evaluate," + predict[0] + "}")
+    names = ["train", "evaluate", predict[0]] + (["export"] if export else [])
+    commands = parser.add_subparsers(dest="command", metavar="{" + ",".join(names) + "}")
     train = commands.add_parser("train", help="train both phases, then evaluate (default command)")
     evaluate = commands.add_parser("evaluate", help="score a saved model on a labelled split")
     third = commands.add_parser(predict[0], help=predict[1])
+    if export:
+        exporter = commands.add_parser("export", help="write a saved model for serving: raw RGB pixels 0..255 in, "
+                                       "class probabilities out (TensorFlow SavedModel or TFLite)")
+        _add_saved_model_arguments(exporter)
+        exporter.add_argument("--output", required=True, type=Path,
+                              help="the folder to create (must not exist or be empty); required")
+        exporter.add_argument("--format", choices=options.EXPORT_FORMATS, default="saved_model",
+                              help="saved_model: TensorFlow SavedModel with signatures serve (float32) and "
+                              "serve_uint8; tflite: OUTPUT/model.tflite (default: saved_model)")
     return parser, train, evaluate, third

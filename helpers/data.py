@@ -27,6 +27,7 @@ import logging
 import os
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 from helpers.errors import UsageError
@@ -252,3 +253,36 @@ def image_files(inputs):
         else:
             raise DatasetError(f"{item} does not exist.")
     return paths
+
+
+def load_image(item, size):
+    """One image at ``size x size`` as float32 RGB 0..255: ``(size, size, 3)``.
+
+    Args:
+        item: an image file (decoded by PIL, converted to RGB, bilinear resize, as the
+            training generator reads it) or an array ``(height, width, 3)`` or
+            ``(height, width)`` (grayscale) of RGB values in 0..255, uint8 or float. An
+            array already at ``size`` is used as it is; another is rounded to uint8
+            and resized like a file.
+
+    Raises:
+        UsageError: an array of another shape; DatasetError: a file that cannot be decoded.
+    """
+    if isinstance(item, (str, os.PathLike)):
+        try:
+            with Image.open(item) as image:
+                return np.asarray(image.convert("RGB").resize((size, size), Image.BILINEAR), np.float32)
+        except OSError as error:
+            raise DatasetError(f"{item} cannot be decoded as an image ({error}).") from error
+    array = np.asarray(item)
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim == 2:
+        array = np.repeat(array[..., None], 3, axis=-1)
+    if array.ndim != 3 or array.shape[-1] != 3:
+        raise UsageError(f"an image array must be (height, width, 3) RGB or (height, width) grayscale. "
+                         f"Received shape {array.shape}")
+    if array.shape[:2] == (size, size):
+        return array.astype(np.float32)
+    image = Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8), "RGB")
+    return np.asarray(image.resize((size, size), Image.BILINEAR), np.float32)

@@ -3,3 +3,6 @@ parsed (and ``--help`` answers) before TensorFlow is imported."""
 
 MIXED_PRECISION = ("auto", "off", "bfloat16", "float16")  # helpers.precision.resolve
 DISTRIBUTE = ("none", "mirrored", "multi-worker")  # helpers.distribute.make_strategy
+LR_SCHEDULES = ("constant", "cosine", "plateau")  # helpers.training.Trainer.learning_rate
+CLASS_WEIGHTS = ("none", "balanced")  # helpers.training.balanced_class_weights
+EXPORT_FORMATS = ("saved_model", "tflite")  # helpers.export.export_model

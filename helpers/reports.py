@@ -154,22 +154,29 @@ def save_evaluation(output_dir, metrics, model_path, display_names):
     print(f"outputs in {run.path}")
 
 
-def print_top_k(name, scores, classes, top_k):
-    """Prints ``name`` and its ``top_k`` classes with their scores, one per line.
+def top_k(probabilities, class_names, k):
+    """The ``k`` most probable classes of one input, most probable first.
 
     Args:
-        name: what was classified (a path).
-        scores: ``(num_classes,)`` probabilities.
-        classes: the ``classes.json`` of the model (``class_names``, optional
-            ``descriptions``), or ``{}`` to show class indices.
-        top_k: classes shown (capped at the number of classes).
+        probabilities: ``(num_classes,)`` probabilities.
+        class_names: the class names in index order.
+        k: classes returned (capped at the number of classes).
+
+    Returns:
+        ``[(class_name, probability), ...]``, probabilities as Python floats in [0, 1].
     """
-    names = classes.get("class_names") or [str(i) for i in range(len(scores))]
-    descriptions = classes.get("descriptions", {})
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    return [(class_names[i], float(probabilities[i])) for i in np.argsort(-probabilities, kind="stable")[:k]]
+
+
+def print_ranked(name, ranked, descriptions=None):
+    """Prints ``name`` and its ranked ``(class_name, probability)`` pairs (``top_k``), one per line,
+    each class with its description (``classes.json``'s ``descriptions``) when there is one."""
+    descriptions = descriptions or {}
     print(name)
-    for rank, index in enumerate(np.argsort(-np.asarray(scores))[:top_k], 1):
-        label = names[index] + (f" ({descriptions[names[index]]})" if names[index] in descriptions else "")
-        print(f"  {rank}. {label}: {scores[index]:.4f}")
+    for rank, (label, probability) in enumerate(ranked, 1):
+        label += f" ({descriptions[label]})" if label in descriptions else ""
+        print(f"  {rank}. {label}: {probability:.4f}")
 
 
 def plot_captions(paths, generated, references, path, title, columns=4):

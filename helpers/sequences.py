@@ -156,13 +156,17 @@ class FrameSequences(keras.utils.PyDataset):
     Yields ``(x, y)``: x ``(batch, frames, image_size, image_size, 3)`` float32 RGB 0..255
     (padding ``PAD_VALUE``); y ``(batch, num_classes)`` one-hot float32, or with
     ``per_frame`` ``(batch, frames, num_classes)``.
+
+    With ``augment`` each clip gets a random crop and flip, the same for all its frames
+    (``augment_clip``), drawn anew every epoch from ``(seed, epoch, sample)``.
     """
 
     def __init__(self, split, image_size, batch_size, frames=None, shuffle=False, seed=0, per_frame=False,
-                 workers=2, **kwargs):
+                 workers=2, augment=False, **kwargs):
         super().__init__(workers=workers, use_multiprocessing=False, **kwargs)
         self.split, self.image_size, self.frames = split, image_size, frames
         self.batch_size, self.shuffle, self.per_frame = batch_size, shuffle, per_frame
+        self.seed, self.augment, self.epoch = seed, augment, 0
         self.rng = np.random.default_rng(seed)
         self.num_classes = len(split.class_names)
         self._make_batches()
@@ -181,6 +185,7 @@ class FrameSequences(keras.utils.PyDataset):
         return len(self.batches)
 
     def on_epoch_end(self):
+        self.epoch += 1
         self._make_batches()
 
     def sample_paths(self, index):
@@ -192,6 +197,9 @@ class FrameSequences(keras.utils.PyDataset):
     def __getitem__(self, batch_index):
         indices = self.batches[batch_index]
         clips = [load_frames(self.sample_paths(i), self.image_size) for i in indices]
+        if self.augment:  # a generator per clip: worker threads share no random state
+            clips = [augment_clip(clip, np.random.default_rng([self.seed, self.epoch, int(i)]))
+                     for clip, i in zip(clips, indices)]
         length = max(len(c) for c in clips)
         x = np.full((len(clips), length, self.image_size, self.image_size, 3), PAD_VALUE, np.float32)
         for row, clip in enumerate(clips):
@@ -205,6 +213,29 @@ class FrameSequences(keras.utils.PyDataset):
     def labels(self):
         """Class index of every sample, in batch order (for evaluation without shuffling)."""
         return [self.split.labels[i] for batch in self.batches for i in batch]
+
+
+def augment_clip(clip, rng, min_scale=0.8):
+    """A random square crop of ``min_scale``..1 of the side, resized back, and a horizontal
+    flip with probability 1/2: the same crop and flip for every frame, so motion between
+    frames is kept (per-clip consistent augmentation, as for action recognition).
+
+    Args:
+        clip: ``(frames, size, size, 3)`` float32 RGB 0..255.
+        rng: a ``numpy.random.Generator``.
+
+    Returns:
+        The augmented clip, same shape and dtype, values in the input's range.
+    """
+    size = clip.shape[1]
+    side = int(round(size * rng.uniform(min_scale, 1.0)))
+    top, left = (int(v) for v in rng.integers(0, size - side + 1, size=2))
+    out = clip[:, top:top + side, left:left + side]
+    if side != size:
+        out = keras.ops.convert_to_numpy(keras.ops.image.resize(out, (size, size), interpolation="bilinear"))
+    if rng.random() < 0.5:
+        out = out[:, :, ::-1]
+    return np.ascontiguousarray(out, dtype=np.float32)
 
 
 def check_sequences(split):

@@ -133,14 +133,60 @@ class Trainer:
             the chief writes there and the other workers into their ``worker_dir``.
         strategy: a ``tf.distribute`` strategy (``helpers.distribute``) or ``None``.
         steps_per_epoch: batches per epoch (default: the whole training set).
+        lr_schedule: each phase's learning rate (``learning_rate``): ``"constant"``,
+            ``"cosine"`` or ``"plateau"`` (``keras.callbacks.ReduceLROnPlateau`` on the
+            phase's monitored metric: divided by 5 after 2 epochs without improvement).
+        warmup_epochs: linear warm-up from 0 over each phase's first epochs
+            (``"constant"`` and ``"cosine"``).
+        early_stopping: stop a phase after this many epochs without improvement of
+            its monitored metric (``keras.callbacks.EarlyStopping``); ``None``: off.
     """
 
-    def __init__(self, output_dir, strategy=None, steps_per_epoch=None):
+    PLATEAU_FACTOR, PLATEAU_PATIENCE = 0.2, 2
+
+    def __init__(self, output_dir, strategy=None, steps_per_epoch=None, lr_schedule="constant", warmup_epochs=0,
+                 early_stopping=None):
         self.strategy = strategy
         self.multi_worker = multiworker.is_multi_worker(strategy)
         self.chief = multiworker.is_chief_process(strategy)
         self.run = rundir.RunDir(multiworker.worker_dir(output_dir) if self.multi_worker else output_dir)
         self.steps_per_epoch = steps_per_epoch
+        self.lr_schedule, self.warmup_epochs, self.early_stopping = lr_schedule, warmup_epochs, early_stopping
+
+    def learning_rate(self, base, epochs, train_data):
+        """A phase's ``learning_rate`` for its optimizer, as ``lr_schedule`` asks.
+
+        ``"constant"`` and ``"plateau"`` give ``base`` (a float; plateau lowers it from a
+        callback); ``"cosine"`` a ``keras.optimizers.schedules.CosineDecay`` from ``base``
+        to 0 over the phase's batches. With ``warmup_epochs`` the rate first rises
+        linearly from 0 to ``base`` over those epochs' batches (``CosineDecay``'s
+        ``warmup_target``; for ``"constant"`` with ``alpha=1``, no decay after it).
+        A schedule's position is the optimizer's step count, which the epoch backups
+        hold, so a resumed phase continues it where it stopped.
+
+        Args:
+            base: the phase's learning rate (> 0).
+            epochs: the phase's epochs.
+            train_data: the phase's training input (its batches per epoch, unless
+                ``steps_per_epoch`` is set), or ``None`` when the phase will not run (``base``).
+
+        Raises:
+            UsageError: a schedule needs the batches per epoch and the input does not
+                know them (then give ``--steps-per-epoch``).
+        """
+        if (self.lr_schedule == "plateau" or (self.lr_schedule == "constant" and not self.warmup_epochs)
+                or train_data is None or epochs <= 0):
+            return base
+        steps = self.steps_per_epoch or _batches(train_data)
+        if not steps:
+            raise UsageError(f"--lr-schedule {self.lr_schedule} needs the batches per epoch, which this input does "
+                             "not know; give --steps-per-epoch.")
+        warmup = self.warmup_epochs * steps
+        alpha = 1.0 if self.lr_schedule == "constant" else 0.0
+        if not warmup:
+            return keras.optimizers.schedules.CosineDecay(base, decay_steps=epochs * steps, alpha=alpha)
+        return keras.optimizers.schedules.CosineDecay(0.0, decay_steps=max(1, (epochs - self.warmup_epochs) * steps),
+                                                      alpha=alpha, warmup_target=base, warmup_steps=warmup)
 
     def scope(self):
         """The strategy's scope (a no-op without one): build, load and compile inside it."""
@@ -155,7 +201,7 @@ class Trainer:
     def __exit__(self, *exc_info):
         return self._lock.__exit__(*exc_info)
 
-    def fit(self, model, phase, train_data, val_data, *, epochs, monitor, title=None, save=None):
+    def fit(self, model, phase, train_data, val_data, *, epochs, monitor, title=None, save=None, class_weight=None):
         """Fits one phase: ``model.fit`` with the project's callbacks, resumable.
 
         Each epoch is logged to ``<phase>_log.csv`` and TensorBoard; the best epoch by
@@ -178,6 +224,7 @@ class Trainer:
             save: the model the best checkpoint holds (default: ``model``): a larger model
                 sharing ``model``'s layers, e.g. the whole captioner while its decoder is
                 fitted on cached backbone features.
+            class_weight: ``{class index: loss weight}`` for ``model.fit`` (``balanced_class_weights``).
 
         Returns:
             The path of the best checkpoint, or ``None`` when the phase did not run
@@ -198,12 +245,24 @@ class Trainer:
         best_so_far = (min if "loss" in monitor else max)(past) if past and run.best(phase).is_file() else None
         callbacks = [
             StopOnNaN(phase),
+            LogLearningRate(),
             BestCheckpoint(run.best(phase), monitor, best=best_so_far, save=save),
             keras.callbacks.CSVLogger(str(run.log(phase)), append=True),
             keras.callbacks.TensorBoard(str(run.tensorboard(phase))),
         ]
+        if self.lr_schedule == "plateau":
+            callbacks.append(ResumableReduceLROnPlateau(past, monitor=monitor, factor=self.PLATEAU_FACTOR,
+                                                        patience=self.PLATEAU_PATIENCE))
+        if self.early_stopping:
+            stopper = ResumableEarlyStopping(past, monitor=monitor, patience=self.early_stopping)
+            if stopper.replay() and run.best(phase).is_file():  # stopped before a kill; only the marker is missing
+                logger.info("%s: already stopped early after %d epochs", phase, len(past))
+                return self._finish(save or model, phase, epochs, first_epoch=len(past), title=title)
+            callbacks.append(stopper)
         try:
             if self.multi_worker:  # model.fit fails there (keras-team/keras#20585): fit's loop
+                if class_weight:
+                    raise UsageError("class weights are not available with multi-worker training.")
                 first = multiworker.fit(model, train_data, val_data, epochs, callbacks, self.strategy,
                                         run.backup(phase), self.steps_per_epoch,
                                         verbose=progress_verbosity() if self.chief else 0, name=phase)
@@ -221,12 +280,15 @@ class Trainer:
                     epochs=epochs,
                     steps_per_epoch=self.steps_per_epoch,
                     callbacks=[*callbacks, EpochBackup(run.backup(phase))],
+                    class_weight=class_weight,
                     verbose=progress_verbosity(),
                 )
         except Exception as error:
             if rundir.is_disk_full(error):
                 raise rundir.DiskFullError(run.path, needed_bytes=4 * saved_bytes(model)) from error
             raise
+        if model.stop_training:
+            logger.info("%s: stopped early: %s did not improve for %d epochs", phase, monitor, self.early_stopping)
         return self._finish(save or model, phase, epochs, first_epoch=first, title=title)
 
     def _finish(self, model, phase, epochs, first_epoch, title):
@@ -235,14 +297,16 @@ class Trainer:
         run = self.run
         best = run.best(phase)
         if not best.is_file():  # e.g. every validation loss was NaN
-            rundir.write_atomically(best, model.save)
+            rundir.write_atomically(best, lambda path: save_lean(model, path))
         check_checkpoint(best)
+        history = rundir.read_history(run.log(phase))
+        completed = min(epochs, len(history.get("epoch", []))) or epochs  # fewer when stopped early
         rundir.write_text(run.done(phase), json.dumps(
-            {"epochs": epochs, "epochs_run": epochs - first_epoch, "first_epoch": first_epoch}, indent=1))
+            {"epochs": epochs, "epochs_completed": completed, "epochs_run": completed - first_epoch,
+             "first_epoch": first_epoch, "stopped_early": completed < epochs}, indent=1))
         shutil.rmtree(run.backup(phase), ignore_errors=True)
         if run.backup_root.is_dir() and not any(run.backup_root.iterdir()):
             shutil.rmtree(run.backup_root, ignore_errors=True)
-        history = rundir.read_history(run.log(phase))
         if history:
             reports.plot_history(history, run.curves(phase), title or phase)
         return best
@@ -275,7 +339,125 @@ class BestCheckpoint(keras.callbacks.Callback):
         if self.best is None or self.better(float(value), self.best):
             logger.debug("epoch %d: %s improved to %.4f, saving %s", epoch + 1, self.monitor, value, self.path)
             self.best = float(value)
-            rundir.write_atomically(self.path, (self.saved_model or self.model).save)
+            rundir.write_atomically(self.path, lambda path: save_lean(self.saved_model or self.model, path))
+
+
+def save_lean(model, path):
+    """Saves ``model`` as a ``.keras`` file for inference: architecture and weights, without
+    any optimizer state or compile configuration (with Adam, a third of the size).
+
+    Keras 3 ignores ``include_optimizer=False`` for ``.keras`` files and also writes the
+    optimizer of a compiled nested model (the captioner's decoder), so every optimizer in
+    ``model`` is detached for the write and put back after it. A loaded lean model
+    predicts at once; training it needs ``compile`` (as each phase does).
+    """
+    compiled = [m for m in _models_in(model) if getattr(m, "optimizer", None) is not None or getattr(m, "compiled", False)]
+    saved = [(m, m.optimizer, m.compiled) for m in compiled]
+    try:
+        for m in compiled:
+            m.optimizer, m.compiled = None, False
+        keras.saving.save_model(model, path)
+    finally:
+        for m, optimizer, was_compiled in saved:
+            m.optimizer, m.compiled = optimizer, was_compiled
+
+
+def _models_in(model):
+    """``model`` and every ``keras.Model`` nested in it, at any depth."""
+    found, stack = [], [model]
+    while stack:
+        layer = stack.pop()
+        if isinstance(layer, keras.Model) and all(layer is not m for m in found):
+            found.append(layer)
+            stack.extend(layer.layers)
+    return found
+
+
+class LogLearningRate(keras.callbacks.Callback):
+    """Adds the optimizer's current learning rate to each epoch's logs (``learning_rate``),
+    so the CSV log and TensorBoard record it; for a schedule, its value at the epoch's end."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None and self.model.optimizer is not None:
+            logs["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+
+
+def _mode(monitor):
+    return "min" if "loss" in monitor else "max"
+
+
+class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
+    """``keras.callbacks.EarlyStopping`` that goes on counting after a resume: the phase's
+    earlier epochs (``past``, the monitored values from its CSV log) are replayed when
+    training begins, so a killed and resumed phase stops at the same epoch as one that ran
+    through. The best checkpoint (``BestCheckpoint``) keeps the best epoch's model."""
+
+    def __init__(self, past, monitor, patience):
+        super().__init__(monitor=monitor, patience=patience, mode=_mode(monitor))
+        self.past = [float(v) for v in past]
+
+    def replay(self):
+        """Counts the past epochs; returns True when they had already used up the patience."""
+        self.wait, self.best, self.stopped_epoch = 0, None, 0
+        if self.monitor_op is None:
+            self._set_monitor_op()
+        for value in self.past:
+            self.wait += 1
+            if self._is_improvement(value, self.best):
+                self.best, self.wait = value, 0
+        return len(self.past) > 1 and self.wait >= self.patience
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        self.replay()
+
+
+class ResumableReduceLROnPlateau(keras.callbacks.ReduceLROnPlateau):
+    """``keras.callbacks.ReduceLROnPlateau`` that goes on counting after a resume: the
+    phase's earlier epochs (``past``) are replayed for its best value and wait count; the
+    learning rate itself comes back with the optimizer's state from the epoch backup."""
+
+    def __init__(self, past, monitor, factor, patience):
+        super().__init__(monitor=monitor, factor=factor, patience=patience, mode=_mode(monitor), min_delta=0)
+        self.past = [float(v) for v in past]
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        if self.monitor_op is None:
+            self._set_monitor_op()
+        for value in self.past:
+            if self._is_improvement(value, self.best):
+                self.best, self.wait = value, 0
+            else:
+                self.wait += 1
+                if self.wait >= self.patience:  # it lowered the rate then
+                    self.wait = 0
+
+
+def balanced_class_weights(labels, num_classes):
+    """``{class: samples / (num_classes * samples of class)}``: each class weighs as much in
+    the loss as the others in all (scikit-learn's ``"balanced"``); a class without training
+    samples gets 1.
+
+    Args:
+        labels: the training split's class index per sample, in ``[0, num_classes)``.
+        num_classes: the number of classes.
+    """
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes)
+    return {c: float(len(labels) / (num_classes * n)) if n else 1.0 for c, n in enumerate(counts)}
+
+
+def _batches(data):
+    """Batches per epoch of a phase's input, or ``None`` when it does not know."""
+    if isinstance(data, tf.data.Dataset):
+        count = int(data.cardinality())
+        return count if count > 0 else None
+    if isinstance(data, multiworker.ShardedInput):
+        return data.steps
+    try:
+        return len(data)
+    except TypeError:
+        return None
 
 
 class EpochBackup(keras.callbacks.Callback):
@@ -368,6 +550,28 @@ def load_checkpoint(path):
         first_line = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
         raise UsageError(f"{path} is not a model this script can load ({first_line}); was it saved by this "
                          "script?") from error
+
+
+def model_and_classes(model, class_names=None):
+    """``(keras_model, class_names, descriptions)`` for prediction from a saved model or a loaded one.
+
+    Args:
+        model: the path of a saved ``.keras`` model (``load_checkpoint``; its class names
+            and descriptions from the ``classes.json`` beside it) or a ``keras.Model``.
+        class_names: the model's classes in index order; default: the ``classes.json``
+            beside a path, else ``"0"``, ``"1"``, ...
+
+    Raises:
+        MissingFileError, UsageError: as ``load_checkpoint``; ``class_names`` of the wrong length.
+    """
+    classes = {}
+    if not isinstance(model, keras.Model):
+        model, classes = load_checkpoint(model)
+    count = model.output_shape[-1]
+    names = list(class_names or classes.get("class_names") or [str(i) for i in range(count)])
+    if len(names) != count:
+        raise UsageError(f"the model predicts {count} classes; {len(names)} class names were given.")
+    return model, names, classes.get("descriptions", {})
 
 
 def progress_verbosity():

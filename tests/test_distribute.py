@@ -214,7 +214,7 @@ def test_two_loopback_workers_train_identically_and_only_the_chief_writes(tmp_pa
     chief = outputs[0]
     assert (chief / "phase1_best.keras").is_file() and (chief / "metrics.json").is_file()
     rows = (chief / "phase1_log.csv").read_text().splitlines()
-    assert rows[0].startswith("epoch,accuracy,loss") and len(rows) == 3
+    assert rows[0].startswith("epoch,accuracy,learning_rate,loss") and len(rows) == 3  # the rate logged here too
     assert not outputs[1].exists()  # the other worker wrote only to its own temporary folder, now removed
 
 

@@ -40,11 +40,11 @@ def test_kill_during_checkpoint_write_keeps_the_previous_best(tmp_path, monkeypa
     saved = [w.copy() for w in keras.saving.load_model(path).get_weights()]
     model.set_weights([w + 1 for w in model.get_weights()])
 
-    def save_half_then_die(self, filepath, *args, **kwargs):
+    def save_half_then_die(model, filepath, *args, **kwargs):
         Path(filepath).write_bytes(b"PK\x03\x04 cut short")
         raise Killed()
 
-    monkeypatch.setattr(keras.Model, "save", save_half_then_die)
+    monkeypatch.setattr(keras.saving, "save_model", save_half_then_die)
     with pytest.raises(Killed):
         checkpoint.on_epoch_end(1, {"val_loss": 0.5})  # an improvement: the write starts, and dies
     monkeypatch.undo()
@@ -59,16 +59,16 @@ def test_killed_checkpoint_write_then_the_same_command_finishes(class_folders, t
     out = tmp_path / "run"
     args = train_args(class_folders, out, *SHORT)
     calls = {"n": 0}
-    real_save = keras.Model.save
+    real_save = keras.saving.save_model
 
-    def die_in_second_save(self, filepath, *a, **k):
+    def die_in_second_save(model, filepath, *a, **k):
         calls["n"] += 1
         if calls["n"] == 2:
             Path(filepath).write_bytes(b"PK\x03\x04 cut short")
             raise Killed()
-        return real_save(self, filepath, *a, **k)
+        return real_save(model, filepath, *a, **k)
 
-    monkeypatch.setattr(keras.Model, "save", die_in_second_save)
+    monkeypatch.setattr(keras.saving, "save_model", die_in_second_save)
     with pytest.raises(Killed):
         crc.main(args)
     monkeypatch.undo()

@@ -1,0 +1,337 @@
+"""From a trained run to something users ship (issue 14): export for serving, lean
+checkpoints, the ``classify`` API and the training controls of the shared core."""
+
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import h5py
+import keras
+import numpy as np
+import pytest
+from PIL import Image
+
+import cnn_rnn_classifier as crc
+import lrcn
+from helpers import rundir, sequences, training
+from helpers.errors import UsageError
+from tests.conftest import Killed, write_jpeg
+from tests.test_cnn_rnn_classifier import TINY
+
+# ---------------------------------------------------------------- training controls
+
+
+class Batches(keras.utils.PyDataset):
+    """A fixed regression problem: y = x @ w (train) or its opposite (val: the better the
+    fit, the worse the validation loss, so early stopping and the plateau schedule fire)."""
+
+    def __init__(self, sign, batches=4):
+        super().__init__()
+        rng = np.random.default_rng(0)
+        self.x = rng.normal(size=(batches, 8, 3)).astype("float32")
+        self.y = sign * self.x @ np.array([[1.0], [-2.0], [0.5]], "float32")
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, index):
+        return self.x[index], self.y[index]
+
+
+def regression(learning_rate):
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((3,))
+    model = keras.Model(inputs, keras.layers.Dense(1, name="dense")(inputs))
+    model.compile(keras.optimizers.SGD(learning_rate), "mse")
+    return model
+
+
+def fit_regression(folder, epochs=6, **controls):
+    trainer = training.Trainer(folder, **controls)
+    train = Batches(1.0)
+    model = regression(trainer.learning_rate(0.05, epochs, train))
+    with trainer:
+        trainer.fit(model, "phase1", train, Batches(-1.0), epochs=epochs, monitor="val_loss")
+    return rundir.read_history(rundir.RunDir(folder).log("phase1"))
+
+
+def test_schedules_step_by_step(tmp_path):
+    batches = list(range(4))  # 4 batches per epoch
+    cosine = training.Trainer(tmp_path, lr_schedule="cosine", warmup_epochs=1).learning_rate(0.1, 3, batches)
+    values = [float(cosine(step)) for step in (0, 2, 4, 8, 12, 20)]
+    # warm-up 0 -> 0.1 over 4 steps, then a cosine from 0.1 to 0 over the other 8
+    np.testing.assert_allclose(values, [0.0, 0.05, 0.1, 0.05, 0.0, 0.0], atol=1e-7)
+    constant = training.Trainer(tmp_path, lr_schedule="constant", warmup_epochs=1).learning_rate(0.1, 3, batches)
+    np.testing.assert_allclose([float(constant(s)) for s in (0, 1, 4, 9, 12)], [0, 0.025, 0.1, 0.1, 0.1], atol=1e-7)
+    plain = training.Trainer(tmp_path, lr_schedule="cosine").learning_rate(0.1, 2, batches)
+    np.testing.assert_allclose([float(plain(s)) for s in (0, 4, 8)], [0.1, 0.05, 0.0], atol=1e-7)
+    assert training.Trainer(tmp_path, lr_schedule="constant").learning_rate(0.1, 3, batches) == 0.1
+    assert training.Trainer(tmp_path, lr_schedule="plateau").learning_rate(0.1, 3, batches) == 0.1
+    assert float(training.Trainer(tmp_path, lr_schedule="cosine", steps_per_epoch=2).learning_rate(0.1, 2, batches)(2)) \
+        == pytest.approx(0.05)
+
+
+def test_learning_rate_logged_and_cosine_resumed_where_it_stopped(tmp_path, monkeypatch):
+    through = fit_regression(tmp_path / "through", epochs=4, lr_schedule="cosine")
+    # the logged rate is the schedule's at each epoch's end (4 batches an epoch, 16 in all)
+    np.testing.assert_allclose(through["learning_rate"],
+                               [0.05 * 0.5 * (1 + np.cos(np.pi * 4 * (e + 1) / 16)) for e in range(4)], atol=1e-7)
+    real = training.EpochBackup.on_epoch_end
+
+    def die_after_second_epoch(self, epoch, logs=None):
+        real(self, epoch, logs)
+        if epoch == 1:
+            raise Killed()
+
+    monkeypatch.setattr(training.EpochBackup, "on_epoch_end", die_after_second_epoch)
+    with pytest.raises(Killed):
+        fit_regression(tmp_path / "killed", epochs=4, lr_schedule="cosine")
+    monkeypatch.undo()
+    resumed = fit_regression(tmp_path / "killed", epochs=4, lr_schedule="cosine")
+    np.testing.assert_allclose(resumed["learning_rate"], through["learning_rate"], atol=1e-7)
+
+
+def test_early_stopping_epoch_count_and_resume(tmp_path, monkeypatch):
+    # val loss rises from the first epoch on: epoch 1 is the best, patience 2 stops after epoch 3
+    history = fit_regression(tmp_path / "through", epochs=8, early_stopping=2)
+    assert len(history["val_loss"]) == 3 and np.argmin(history["val_loss"]) == 0
+    done = json.loads(rundir.RunDir(tmp_path / "through").done("phase1").read_text())
+    assert done["epochs_run"] == 3
+    real = training.EpochBackup.on_epoch_end
+
+    def die_after_second_epoch(self, epoch, logs=None):
+        real(self, epoch, logs)
+        if epoch == 1:
+            raise Killed()
+
+    monkeypatch.setattr(training.EpochBackup, "on_epoch_end", die_after_second_epoch)
+    with pytest.raises(Killed):
+        fit_regression(tmp_path / "killed", epochs=8, early_stopping=2)
+    monkeypatch.undo()
+    resumed = fit_regression(tmp_path / "killed", epochs=8, early_stopping=2)
+    assert len(resumed["val_loss"]) == 3  # the same stop after the resume, not 2 more epochs
+
+
+def test_plateau_divides_the_rate_and_resumes(tmp_path, monkeypatch):
+    history = fit_regression(tmp_path / "through", epochs=6, lr_schedule="plateau")
+    # best at epoch 1; no improvement in epochs 2 and 3 -> x0.2 from epoch 4; again after 5 and 6
+    np.testing.assert_allclose(history["learning_rate"], [0.05, 0.05, 0.05, 0.01, 0.01, 0.002], rtol=1e-5)
+    real = training.EpochBackup.on_epoch_end
+
+    def die_after_fourth_epoch(self, epoch, logs=None):
+        real(self, epoch, logs)
+        if epoch == 3:
+            raise Killed()
+
+    monkeypatch.setattr(training.EpochBackup, "on_epoch_end", die_after_fourth_epoch)
+    with pytest.raises(Killed):
+        fit_regression(tmp_path / "killed", epochs=6, lr_schedule="plateau")
+    monkeypatch.undo()
+    resumed = fit_regression(tmp_path / "killed", epochs=6, lr_schedule="plateau")
+    np.testing.assert_allclose(resumed["learning_rate"], history["learning_rate"], rtol=1e-5)
+
+
+def test_balanced_class_weights_reach_fit(tmp_path, monkeypatch):
+    weights = training.balanced_class_weights([0, 0, 0, 1, 2, 2], 3)
+    assert weights == pytest.approx({0: 6 / 9, 1: 2.0, 2: 1.0})
+    seen = {}
+    real_fit = keras.Model.fit
+
+    def spy(self, *args, **kwargs):
+        seen["class_weight"] = kwargs.get("class_weight")
+        return real_fit(self, *args, **kwargs)
+
+    monkeypatch.setattr(keras.Model, "fit", spy)
+    out = tmp_path / "run"
+    root = tmp_path / "data"
+    for split, counts in (("train", (6, 2)), ("val", (2, 2))):
+        for name, count in zip(("cat", "dog"), counts):
+            for i in range(count):
+                write_jpeg(root / split / name / f"{i}.jpg", seed=hash((split, name, i)) % 1000)
+    args = ["--data-dir", str(root), "--output-dir", str(out), "--weights", "none", "--image-size", "71",
+            "--rnn-timesteps", "71", "--rnn-units", "8", "--batch-size", "4", "--epochs", "1",
+            "--fine-tune-epochs", "0", "--skip-image-check", "--class-weight", "balanced"]
+    assert crc.main(args) == 0
+    assert seen["class_weight"] == pytest.approx({0: 8 / 12, 1: 2.0})
+
+
+def test_control_flags_are_checked(tmp_path, caplog):
+    base = ["--data-dir", str(tmp_path), "--output-dir", str(tmp_path / "o"), "--weights", "none"]
+    for extra, words in ((["--warmup-epochs", "1", "--lr-schedule", "plateau"], "--warmup-epochs"),
+                         (["--epochs", "2", "--warmup-epochs", "2"], "leaves nothing"),
+                         (["--early-stopping", "0"], "--early-stopping")):
+        caplog.clear()
+        assert crc.main(base + extra) == 1
+        assert words in caplog.text
+    assert not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------- LRCN augmentation
+
+def test_augmentation_is_the_same_for_every_frame_of_a_clip():
+    rng = np.random.default_rng(0)
+    clip = rng.uniform(0, 255, (5, 20, 20, 3)).astype("float32")
+    for seed in range(6):
+        whole = sequences.augment_clip(clip, np.random.default_rng(seed))
+        assert whole.shape == clip.shape and whole.dtype == np.float32
+        assert 0 <= whole.min() and whole.max() <= 255
+        for t in range(len(clip)):  # frame t alone, with the same draws: the same crop and flip
+            alone = sequences.augment_clip(clip[t:t + 1], np.random.default_rng(seed))[0]
+            np.testing.assert_allclose(whole[t], alone, atol=1e-4)
+    changed = [not np.allclose(sequences.augment_clip(clip, np.random.default_rng(s)), clip) for s in range(6)]
+    assert sum(changed) >= 5
+
+
+def test_augment_changes_batches_per_clip_and_epoch_not_labels(tmp_path):
+    rng = np.random.default_rng(1)
+    for name in ("a", "b"):
+        for clip in range(2):
+            folder = tmp_path / "train" / name / f"c{clip}"
+            folder.mkdir(parents=True)
+            for t in range(3):
+                Image.fromarray(rng.uniform(0, 255, (16, 16, 3)).astype("uint8")).save(folder / f"{t}.png")
+    split = sequences.list_sequences(tmp_path / "train")
+    plain = sequences.FrameSequences(split, 16, 4, frames=3, workers=1)
+    augmented = sequences.FrameSequences(split, 16, 4, frames=3, workers=1, augment=True, seed=3)
+    (x, y), (xa, ya) = plain[0], augmented[0]
+    np.testing.assert_array_equal(y, ya)
+    assert xa.shape == x.shape and not np.allclose(xa, x)
+    augmented.on_epoch_end()
+    assert not np.allclose(augmented[0][0], xa)  # new draws each epoch
+
+
+# ---------------------------------------------------------------- lean checkpoints
+
+def optimizer_groups(path):
+    """The names of the optimizer variables stored in a ``.keras`` file, at any depth."""
+    names = []
+    with zipfile.ZipFile(path) as archive, archive.open("model.weights.h5") as handle, h5py.File(handle) as weights:
+        weights.visititems(lambda name, item: names.append(name) if "optimizer" in name and
+                           isinstance(item, h5py.Dataset) else None)
+    return names
+
+
+def test_best_checkpoint_holds_no_optimizer_state(tmp_path):
+    model = regression(0.1)
+    model.compile(keras.optimizers.Adam(0.1), "mse")
+    model.fit(np.ones((4, 3)), np.ones((4, 1)), verbose=0)
+    full = tmp_path / "full.keras"
+    model.save(full)
+    checkpoint = training.BestCheckpoint(tmp_path / "phase1_best.keras", "val_loss")
+    checkpoint.set_model(model)
+    checkpoint.on_epoch_end(0, {"val_loss": 1.0})
+    assert optimizer_groups(full) and not optimizer_groups(tmp_path / "phase1_best.keras")
+    loaded = keras.saving.load_model(tmp_path / "phase1_best.keras")
+    for a, b in zip(loaded.get_weights(), model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    assert model.optimizer is not None and model.compiled  # put back after the write
+    # a compiled model nested in the saved one (the captioner's decoder during phase 1)
+    inputs = keras.Input((3,))
+    outer = keras.Model(inputs, model(inputs), name="outer")
+    outer.save(tmp_path / "nested_full.keras")
+    checkpoint = training.BestCheckpoint(tmp_path / "nested.keras", "val_loss", save=outer)
+    checkpoint.set_model(model)
+    checkpoint.on_epoch_end(0, {"val_loss": 1.0})
+    assert optimizer_groups(tmp_path / "nested_full.keras") and not optimizer_groups(tmp_path / "nested.keras")
+    assert (tmp_path / "nested.keras").stat().st_size < (tmp_path / "nested_full.keras").stat().st_size
+
+
+# ---------------------------------------------------------------- export and classify
+
+SERVE = """
+import json, sys
+import numpy as np
+import tensorflow as tf
+from PIL import Image
+export, images, out = sys.argv[1], sys.argv[2].split(","), sys.argv[3]
+pixels = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in images])
+if len(sys.argv) > 4:
+    pixels = pixels[None]  # one clip of frames
+served = tf.saved_model.load(export)
+results = {"float32": served.serve(tf.constant(pixels, tf.float32)).numpy().tolist(),
+           "uint8": served.serve_uint8(tf.constant(pixels, tf.uint8)).numpy().tolist(),
+           "signatures": sorted(served.signatures)}
+interpreter = tf.lite.Interpreter(model_path=export + "_tflite/model.tflite")
+runner = interpreter.get_signature_runner()
+name = list(runner.get_input_details())[0]
+results["tflite"] = [list(runner(**{name: item[None].astype(np.float32)}).values())[0][0].tolist()
+                     for item in pixels]  # one image (or clip) per call
+assert not any(m == "helpers" or m.startswith("helpers.") or m in ("cnn_rnn_classifier", "lrcn") for m in sys.modules)
+json.dump(results, open(out, "w"))
+"""
+
+
+def served(tmp_path, export, images, clip=False):
+    script = tmp_path / "serve.py"
+    script.write_text(SERVE)
+    out = tmp_path / "served.json"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    command = [sys.executable, str(script), str(export), ",".join(map(str, images)), str(out)] + (["clip"] if clip else [])
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return json.loads(out.read_text())
+
+
+def test_classifier_export_serves_raw_pixels_like_classify(tmp_path):
+    keras.utils.set_random_seed(0)
+    model = crc.build_cnn_rnn_classifier(num_classes=3, **TINY)
+    run = tmp_path / "run"
+    run.mkdir()
+    model.save(run / "phase2_best.keras")
+    names = ["cat", "dog", "fox"]
+    (run / rundir.CLASSES).write_text(json.dumps({"class_names": names}))
+    images = [write_jpeg(tmp_path / f"{i}.jpg", seed=i, size=71) for i in range(3)]
+    ranked = crc.classify(run / "phase2_best.keras", images, top_k=3)
+    assert [len(r) for r in ranked] == [3, 3, 3] and all(n in names for r in ranked for n, _ in r)
+    expected = np.array([[dict(r)[n] for n in names] for r in ranked])
+    np.testing.assert_allclose(expected.sum(axis=1), 1, rtol=1e-5)
+    arrays = crc.classify(model, [np.asarray(Image.open(p)) for p in images], top_k=1, class_names=names)
+    assert [r[0][0] for r in arrays] == [r[0][0] for r in ranked]
+
+    for fmt, folder in (("saved_model", tmp_path / "export"), ("tflite", tmp_path / "export_tflite")):
+        assert crc.main(["export", "--model", str(run / "phase2_best.keras"), "--output", str(folder),
+                         "--format", fmt]) == 0
+        assert json.loads((folder / rundir.CLASSES).read_text())["class_names"] == names
+    result = served(tmp_path, tmp_path / "export", images)
+    assert {"serve", "serve_uint8", "serving_default"} <= set(result["signatures"])
+    for key in ("float32", "uint8"):  # the same pixels, decoded by PIL on both sides
+        np.testing.assert_allclose(result[key], expected, atol=1e-5)
+    np.testing.assert_allclose(result["tflite"], expected, atol=1e-4)
+    # an export never overwrites
+    assert crc.main(["export", "--model", str(run / "phase2_best.keras"), "--output", str(tmp_path / "export")]) == 1
+
+
+def test_lrcn_export_serves_raw_frames_like_classify(tmp_path):
+    keras.utils.set_random_seed(0)
+    model = lrcn.build_lrcn(num_classes=2, frames=3, image_size=32, dense_units=8, gru_units=4, weights=None)
+    run = tmp_path / "run"
+    run.mkdir()
+    model.save(run / "phase2_best.keras")
+    (run / rundir.CLASSES).write_text(json.dumps({"class_names": ["jump", "run"]}))
+    clip = tmp_path / "clip"
+    frames = [write_jpeg(clip / f"frame_{t:03d}.jpg", seed=t, size=32) for t in range(3)]
+    ranked = lrcn.classify(run / "phase2_best.keras", [clip], top_k=2)[0]
+    expected = np.array([[dict(ranked)[n] for n in ("jump", "run")]])
+    array_ranked = lrcn.classify(model, [np.stack([np.asarray(Image.open(f)) for f in frames])], top_k=2,
+                                 class_names=["jump", "run"])[0]
+    np.testing.assert_allclose([p for _, p in array_ranked], [p for _, p in ranked], atol=1e-6)
+    for fmt, folder in (("saved_model", tmp_path / "export"), ("tflite", tmp_path / "export_tflite")):
+        assert lrcn.main(["export", "--model", str(run / "phase2_best.keras"), "--output", str(folder),
+                          "--format", fmt]) == 0
+    result = served(tmp_path, tmp_path / "export", frames, clip=True)
+    for key in ("float32", "uint8"):
+        np.testing.assert_allclose(result[key], expected, atol=1e-5)
+    np.testing.assert_allclose(result["tflite"], expected, atol=1e-4)
+
+
+def test_classify_refuses_bad_input(tmp_path):
+    model = crc.build_cnn_rnn_classifier(num_classes=3, **TINY)
+    with pytest.raises(UsageError, match="top_k"):
+        crc.classify(model, [np.zeros((71, 71, 3))], top_k=0)
+    with pytest.raises(UsageError, match="class names"):
+        crc.classify(model, [np.zeros((71, 71, 3))], class_names=["a", "b"])
+    with pytest.raises(UsageError, match=r"\(4, 4, 4\)"):
+        crc.classify(model, [np.zeros((4, 4, 4))])
