@@ -3,15 +3,27 @@
 
     python -m helpers.extract_frames VIDEO... --output DATA/train [--layout class-folders --label walk]
         [--fps 10] [--max-frames 64] [--size 224]
+    python -m helpers.extract_frames VIDEOS_DIR --output DATA [--val-fraction 0.2 --test-fraction 0.3]
+        [--fps 10] [--max-frames 64] [--size 224]
 
 Each video becomes one sample folder of ``frame_00000.jpg``, ``frame_00001.jpg``, ...:
 
 - ``--layout seed``: ``OUT/<label>_<video name>/`` (the seed's layout; ``--label`` is a number from 1);
 - ``--layout class-folders``: ``OUT/<label>/<video name>/``.
+
+A folder argument is read as class folders of videos (``VIDEOS_DIR/<class>/*.mp4``, the
+class from each folder's name): the whole dataset in one call, with a progress bar. With
+``--val-fraction``/``--test-fraction`` it is split into ``OUT/train|val|test/<class>/<video>/``
+**by group**: UCF101 names its clips ``v_<Class>_g<group>_c<clip>``, and clips of one group
+share actor and scene, so a group never spans two splits (a video without ``_g<N>_`` is a
+group of its own). A video that cannot be decoded is named in the log and skipped; the run
+ends with the count of skipped videos (exit code 0 when at least one video per class was
+written, else 1).
 """
 
 import argparse
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -87,26 +99,150 @@ def sample_folder(output, layout, label, video):
     return Path(output) / (f"{label}_{name}" if layout == "seed" else Path(str(label)) / name)
 
 
+VIDEO_EXTENSIONS = (".avi", ".mkv", ".mov", ".mp4", ".mpeg", ".mpg", ".webm", ".wmv")
+GROUP = re.compile(r"_g(\d+)_c\d+$")  # UCF101: v_<Class>_g<group>_c<clip>
+
+
+def videos_by_class(root):
+    """``{class: [video paths]}`` of a folder of class folders of videos, both sorted.
+
+    Raises:
+        UsageError: no class folder holds a video file.
+    """
+    classes = {}
+    for folder in sorted(p for p in Path(root).iterdir() if p.is_dir()):
+        videos = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS)
+        if videos:
+            classes[folder.name] = videos
+    if not classes:
+        raise UsageError(f"{root} holds no class folders of videos ({', '.join(VIDEO_EXTENSIONS)}).")
+    return classes
+
+
+def group_of(video):
+    """A video's group: UCF101's ``g<N>`` from ``v_<Class>_g<N>_c<M>``, else the video's own name."""
+    match = GROUP.search(Path(video).stem)
+    return f"g{int(match.group(1)):02d}" if match else Path(video).stem
+
+
+def split_by_group(videos, val_fraction, test_fraction, seed=0):
+    """Assigns one class's videos to ``train``/``val``/``test`` by whole groups.
+
+    The groups are taken in a random order (``seed``); each goes to test while that brings
+    test closer to ``test_fraction * videos`` videos, else to val likewise, else to train.
+
+    Returns:
+        ``{video: split}``.
+
+    Raises:
+        UsageError: train would get no video (too few groups for the fractions).
+    """
+    groups = {}
+    for video in videos:
+        groups.setdefault(group_of(video), []).append(video)
+    order = sorted(groups)
+    np.random.default_rng(seed).shuffle(order)
+    wanted = {"test": test_fraction * len(videos), "val": val_fraction * len(videos)}
+    assigned, taken = {}, {"test": 0, "val": 0}
+    for group in order:
+        size = len(groups[group])
+        closer = [s for s in ("test", "val") if abs(taken[s] + size - wanted[s]) < abs(taken[s] - wanted[s])]
+        split = closer[0] if closer else "train"
+        taken[split] = taken.get(split, 0) + size
+        assigned.update({video: split for video in groups[group]})
+    if "train" not in assigned.values():
+        raise UsageError(f"{Path(videos[0]).parent}: {len(groups)} groups are too few for --val-fraction "
+                         f"{val_fraction} and --test-fraction {test_fraction}: none is left for training.")
+    return assigned
+
+
+def extract_dataset(root, output, fps=None, max_frames=None, size=None, val_fraction=0.0, test_fraction=0.0,
+                    seed=0):
+    """Writes the frame folders of every video of a folder of class folders (one call).
+
+    Args:
+        root: ``<root>/<class>/<video>``.
+        output: ``<output>/<class>/<video>/frame_*.jpg``, or with a split,
+            ``<output>/<split>/<class>/<video>/frame_*.jpg`` (``split_by_group``).
+        fps, max_frames, size: as for ``read_video``.
+
+    Returns:
+        ``(written, skipped)``: the count of videos written, and the ``(video, reason)``
+        of each one skipped because it could not be decoded.
+
+    Raises:
+        UsageError: no videos, too few groups for the split, or a class left without a
+            training video after the skips.
+    """
+    import keras  # the progress bar; imported here, the single-file mode does without it
+
+    classes = videos_by_class(root)
+    split = val_fraction > 0 or test_fraction > 0
+    plan = []
+    for name, videos in classes.items():
+        assigned = split_by_group(videos, val_fraction, test_fraction, seed) if split else {}
+        plan += [(name, video, assigned.get(video)) for video in videos]
+    progress = keras.utils.Progbar(len(plan), unit_name="video")
+    written, skipped, trained = 0, [], set()
+    for name, video, part in plan:
+        try:
+            frames = read_video(video, fps, max_frames, size)
+        except VideoError as error:
+            logger.warning("skipped: %s", error)
+            skipped.append((video, str(error)))
+        else:
+            write_frames(frames, Path(output, *(part,) if part else (), name, video.stem))
+            written += 1
+            if part in (None, "train"):
+                trained.add(name)
+        progress.add(1)
+    missing = sorted(set(classes) - trained)
+    if missing:
+        raise UsageError(f"no training video of {', '.join(missing)} could be decoded ({len(skipped)} skipped).")
+    return written, skipped
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Extract video frames into LRCN sample folders.")
-    parser.add_argument("videos", nargs="+", type=Path, help="video files (mp4, avi, ...)")
-    parser.add_argument("--output", required=True, type=Path, help="split folder to write into; required")
+    parser.add_argument("videos", nargs="+", type=Path,
+                        help="video files (mp4, avi, ...), or one folder of class folders of videos")
+    parser.add_argument("--output", required=True, type=Path,
+                        help="split folder to write into (a dataset root for a folder of class folders); required")
     parser.add_argument("--layout", choices=("seed", "class-folders"), default="class-folders",
                         help="seed: OUT/<label>_<video>/; class-folders: OUT/<label>/<video>/ (default: class-folders)")
-    parser.add_argument("--label", required=True, help="the videos' label (a number from 1 for --layout seed); required")
+    parser.add_argument("--label", help="the video files' label (a number from 1 for --layout seed); required "
+                        "for video files")
     parser.add_argument("--fps", type=float, default=None, help="frames kept per second (default: all)")
     parser.add_argument("--max-frames", type=int, default=None, help="frames per video at most (default: all)")
     parser.add_argument("--size", type=int, default=None, help="resize frames to SIZE x SIZE (default: keep)")
+    parser.add_argument("--val-fraction", type=float, default=0.0,
+                        help="folder of class folders: share of each class's videos for val/, whole groups "
+                        "(default: 0, no split)")
+    parser.add_argument("--test-fraction", type=float, default=0.0,
+                        help="likewise for test/ (default: 0)")
+    parser.add_argument("--seed", type=int, default=0, help="the order groups are assigned in (default: 0)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if args.layout == "seed" and not (args.label.isdigit() and int(args.label) >= 1):
-        parser.error(f"--layout seed needs a numeric --label from 1. Received: {args.label}")
+    if not (0 <= args.val_fraction < 1 and 0 <= args.test_fraction < 1 and args.val_fraction + args.test_fraction < 1):
+        parser.error(f"--val-fraction and --test-fraction must be in [0, 1) with a sum below 1. "
+                     f"Received: {args.val_fraction}, {args.test_fraction}")
     try:
+        if len(args.videos) == 1 and args.videos[0].is_dir():
+            written, skipped = extract_dataset(args.videos[0], args.output, args.fps, args.max_frames, args.size,
+                                               args.val_fraction, args.test_fraction, args.seed)
+            logger.info("%d videos written to %s; %d skipped%s", written, args.output, len(skipped),
+                        "".join(f"\n  {video}: {reason}" for video, reason in skipped))
+            return 0
+        if args.label is None:
+            parser.error("--label is required for video files (a folder of class folders takes its classes from "
+                         "the folder names)")
+        if args.layout == "seed" and not (args.label.isdigit() and int(args.label) >= 1):
+            parser.error(f"--layout seed needs a numeric --label from 1. Received: {args.label}")
         for video in args.videos:
             frames = read_video(video, args.fps, args.max_frames, args.size)
             folder = sample_folder(args.output, args.layout, args.label, video)
             logger.info("%s: %d frames -> %s", video, write_frames(frames, folder), folder)
-    except (VideoError, OSError) as error:
+    except (UsageError, OSError) as error:
         logger.error("error: %s", error)
         return 1
     return 0
