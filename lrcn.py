@@ -6,12 +6,16 @@ Recognition and Description", CVPR 2015, as the seed write-ups ``002_*.txt`` /
 ``003_*.txt`` build it in Keras::
 
     frames (batch, frames, 224, 224, 3), RGB 0..255
-      -> per frame: VGG16 preprocessing -> VGG16 (no top) -> Flatten -> Dense(2048) -> Dropout(0.5)
-      -> GRU(1024, orthogonal kernel, bias ones, dropout 0.5, recurrent dropout 0.5)
-      -> Dense(num_classes, softmax)            (per_frame: one label per frame)
+      -> per frame (frame_backbone): VGG16 preprocessing -> VGG16 (no top) -> Flatten
+      -> head (lrcn_head): Dense(2048) -> Dropout -> GRU(1024, orthogonal kernel) -> Dense(num_classes, softmax)
 
-Phase 1 trains with VGG16 frozen, phase 2 fine-tunes VGG16's top ``fine_tune_layers``
-layers (the seed's 5), both with SGD(momentum 0.9) and gradient clipping.
+``--recipe seed`` is the seed's head and optimizer: linear Dense on the raw features,
+dropout 0.5 on it and on the GRU's input and state, GRU bias ones, SGD(momentum 0.9,
+clipnorm 1). The default ``--recipe small-data`` is what a few dozen real clips need (the
+README's diagnosis): layer-normalised features, ReLU Dense, dropout 0.2, no recurrent
+dropout, GRU bias zeros, Adam. Phase 1 trains the head with VGG16 frozen, on cached frame
+features when it can (``phase1_inputs``); phase 2 fine-tunes VGG16's top
+``fine_tune_layers`` layers (the seed's 5) too.
 
 Usage::
 
@@ -32,6 +36,19 @@ from pathlib import Path
 from helpers import cli
 
 
+# The head's settings and optimizer of each --recipe (README: "LRCN on real footage").
+# seed: the seed's (Donahue et al. as seeds 002/003 build it); small-data: what the diagnosis found
+# a few dozen real clips need.
+RECIPES = {
+    "small-data": {"feature_norm": True, "dense_activation": "relu", "dropout": 0.2, "recurrent_dropout": 0.0,
+                   "gru_bias": "zeros", "optimizer": "adam", "learning_rate": 1e-3, "fine_tune_learning_rate": 1e-4,
+                   "phase1_monitor": "val_accuracy"},
+    "seed": {"feature_norm": False, "dense_activation": None, "dropout": 0.5, "recurrent_dropout": 0.5,
+             "gru_bias": "ones", "optimizer": "sgd", "learning_rate": 0.01, "fine_tune_learning_rate": 0.001,
+             "phase1_monitor": "val_loss"},
+}
+
+
 def parse_args(argv=None):
     parser, train_parser, evaluate_parser, predict_parser = cli.parser_with_commands(
         "LRCN (Donahue et al. 2015; seeds 002/003): per-frame VGG16 + GRU, trained in two phases."
@@ -49,14 +66,23 @@ def parse_args(argv=None):
     model.add_argument("--gru-units", type=int, default=1024, help="GRU units (default: 1024)")
     model.add_argument("--fine-tune-layers", type=int, default=5,
                        help="VGG16's top layers fine-tuned in phase 2, 0..19 (default: 5)")
-    model.add_argument("--recurrent-dropout", type=float, default=0.5,
-                       help="GRU recurrent dropout; above 0 rules out the fast cuDNN kernel on a GPU (default: 0.5)")
+    model.add_argument("--recipe", choices=tuple(RECIPES), default="small-data",
+                       help="small-data: layer-normalised frame features, ReLU Dense, dropout 0.2, GRU bias 0, "
+                       "Adam 1e-3 then 1e-4; seed: the seed's linear Dense, three dropouts of 0.5, GRU bias ones, "
+                       "SGD 0.01 then 0.001 (see the README's LRCN diagnosis) (default: small-data)")
+    model.add_argument("--recurrent-dropout", type=float, default=None,
+                       help="GRU recurrent dropout; above 0 rules out the fast cuDNN kernel on a GPU "
+                       "(default: the recipe's, 0 or the seed's 0.5)")
     model.add_argument("--per-frame", action="store_true", help="a label per frame (default: one per sequence)")
     train_parser.add_argument("--augment", action="store_true",
                               help="a random crop (80-100%% of the side) and horizontal flip per training clip, the "
                               "same for all its frames (default: off)")
-    cli.add_training_arguments(train_parser, epochs=10, fine_tune_epochs=10, batch_size=8, fine_tune_batch_size=8,
-                               learning_rate=0.01, fine_tune_learning_rate=0.001)
+    training_group = cli.add_training_arguments(train_parser, epochs=10, fine_tune_epochs=10, batch_size=8,
+                                                fine_tune_batch_size=8, learning_rate=None, fine_tune_learning_rate=None)
+    training_group.add_argument("--no-feature-cache", dest="feature_cache", action="store_false",
+                                help="phase 1: run VGG16 on every frame every epoch instead of once (default: the "
+                                "frames' VGG16 features are cached when VGG16 is frozen, --frames is fixed, "
+                                "--augment is off and --distribute is none)")
     cli.add_performance_arguments(train_parser)
     cli.add_output_arguments(train_parser)
 
@@ -65,7 +91,12 @@ def parse_args(argv=None):
     predict_parser.add_argument("--max-frames", type=int, default=None,
                                 help="frames read from a video at most (default: all)")
     cli.add_predict_arguments(predict_parser, "frame folders or video files (mp4, avi)")
-    return parser.parse_args(cli.with_default_command(argv))
+    args = parser.parse_args(cli.with_default_command(argv))
+    if args.command == "train":  # the recipe's values where no flag gave one
+        for name in ("recurrent_dropout", "learning_rate", "fine_tune_learning_rate"):
+            if getattr(args, name) is None:
+                setattr(args, name, RECIPES[args.recipe][name])
+    return args
 
 
 if __name__ == "__main__":  # parse before TensorFlow is imported: --help and flag errors answer at once
@@ -77,6 +108,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from helpers import data, distribute, multiworker, precision, reports, sequences, training  # noqa: E402
+from helpers import features as featurecache  # noqa: E402
 from helpers.backbones import pretrained_backbone  # noqa: E402
 from helpers.errors import UsageError  # noqa: E402
 from helpers.layers import FoldFrames, FrameMask, VGG16Preprocess  # noqa: E402
@@ -89,7 +121,7 @@ VGG16_LAYERS = 19  # keras.applications.VGG16(include_top=False): input, 13 conv
 # The builder's keyword arguments that come from flags of the same name: passed from here
 # (``cli.model_arguments``), and compared by the resume check.
 MODEL_ARGUMENTS = ("image_size", "frames", "dense_units", "gru_units", "fine_tune_layers", "per_frame",
-                   "recurrent_dropout", "mixed_precision")
+                   "recurrent_dropout", "mixed_precision", "recipe")
 
 
 def check_model_arguments(num_classes, frames, image_size, dense_units, gru_units, fine_tune_layers, recurrent_dropout):
@@ -110,62 +142,84 @@ def check_model_arguments(num_classes, frames, image_size, dense_units, gru_unit
 
 
 def build_lrcn(num_classes, frames=None, image_size=224, dense_units=2048, gru_units=1024, fine_tune_layers=5,
-               per_frame=False, weights="imagenet", recurrent_dropout=0.5, mixed_precision="off"):
-    """Builds the seed's LRCN.
+               per_frame=False, weights="imagenet", recurrent_dropout=None, mixed_precision="off", recipe="small-data"):
+    """Builds the LRCN: a per-frame VGG16 backbone and a recurrent head.
 
     Args:
         num_classes: number of classes, at least 2.
         frames: frames per sample, or ``None`` for variable-length input.
         image_size: frame height and width in pixels, at least 32 (VGG16's minimum).
-        dense_units: units of the per-frame ``Dense`` after Flatten (the seed's 2048; linear, as in the seed).
+        dense_units: units of the per-frame ``Dense`` after Flatten (the seed's 2048).
         gru_units: GRU units (the seed's 1024).
         fine_tune_layers: VGG16's top layers that phase 2 fine-tunes, in [0, 19]
             (the seed's 5: block4_pool and block5). All of VGG16 is frozen until then.
         per_frame: return a label per frame, ``(batch, frames, num_classes)``, the
             other LRCN output the seed mentions; else one per sequence.
         weights: VGG16 weights: ``"imagenet"``, ``None``/``"none"``, or a no-top weights file path.
-        recurrent_dropout: the GRU's recurrent dropout (the seed's 0.5). Any value
-            above 0 rules out the fused cuDNN GRU kernel on a GPU, which is several
-            times faster; 0 keeps the seed's input dropout and allows cuDNN (a warning
-            says so when a GPU is visible).
+        recurrent_dropout: the GRU's recurrent dropout; ``None``: the recipe's (seed 0.5,
+            small-data 0). Above 0 rules out the fused cuDNN GRU kernel on a GPU, which is
+            several times faster (a warning says so when a GPU is visible).
         mixed_precision: ``"off"``, ``"bfloat16"``, ``"float16"`` or ``"auto"``
             (``helpers.precision.resolve``): the compute dtype of VGG16 only; the
-            per-frame Dense, the GRU and the classifier stay float32.
+            head stays float32.
+        recipe: the head (``RECIPES``). ``"seed"``: linear ``Dense`` on the raw flattened
+            VGG16 features, dropout 0.5 on it and on the GRU's input, GRU bias ones (as the
+            seed). ``"small-data"``: the features layer-normalised first
+            (``feature_norm``), ReLU ``Dense``, dropout 0.2, GRU bias zeros.
 
     Returns:
-        A functional ``keras.Model``. Input ``(batch, frames, image_size, image_size, 3)``
-        float32 RGB in 0..255 (VGG16's preprocessing is inside the model); padded frames
-        hold ``helpers.layers.PAD_VALUE`` (-1) and are masked. Output
+        A functional ``keras.Model`` ``lrcn``. Input ``(batch, frames, image_size,
+        image_size, 3)`` float32 RGB in 0..255 (VGG16's preprocessing is inside the model);
+        padded frames hold ``helpers.layers.PAD_VALUE`` (-1) and are masked. Output
         ``(batch, num_classes)`` (or ``(batch, frames, num_classes)``) softmax float32.
-        Layers: ``vgg16`` (inside ``frame_encoder``, inside ``per_frame_cnn``), ``gru``, ``predictions``.
+        Inside: ``per_frame_cnn`` folds the frames through ``frame_backbone`` (VGG16
+        preprocessing, ``vgg16``, Flatten: ``(batch, frames, features)`` with
+        ``features = (image_size // 32)**2 * 512``), then ``lrcn_head`` (inputs
+        ``[features, mask]``; layers ``frame_dense``, ``gru``, ``predictions``), which
+        phase 1 trains alone on cached backbone features.
 
     Raises:
         helpers.errors.UsageError: an argument is out of range (a ``ValueError``; the
             message echoes it).
         helpers.errors.MissingFileError, helpers.backbones.WeightsUnavailableError: as for the weights.
     """
+    if recipe not in RECIPES:
+        raise UsageError(f"recipe must be one of {', '.join(RECIPES)}. Received: recipe={recipe!r}")
+    settings = RECIPES[recipe]
+    recurrent_dropout = settings["recurrent_dropout"] if recurrent_dropout is None else recurrent_dropout
     check_model_arguments(num_classes, frames, image_size, dense_units, gru_units, fine_tune_layers, recurrent_dropout)
     frame = keras.Input((image_size, image_size, 3), name="frame")
     backbone = pretrained_backbone(keras.applications.VGG16, weights, precision.resolve(mixed_precision),
                                    input_shape=(image_size, image_size, 3))
-    x = backbone(VGG16Preprocess(name="vgg16_preprocess")(frame))
-    x = keras.layers.Flatten(name="flatten")(x)
-    x = keras.layers.Dense(dense_units, name="frame_dense")(x)
-    x = keras.layers.Dropout(0.5, name="frame_dropout")(x)
-    frame_encoder = keras.Model(frame, x, name="frame_encoder")
+    flat = keras.layers.Flatten(name="flatten", dtype="float32")(backbone(VGG16Preprocess(name="vgg16_preprocess")(frame)))
+    frame_backbone = keras.Model(frame, flat, name="frame_backbone")
 
-    inputs = keras.Input((frames, image_size, image_size, 3), name="frames")
-    mask = FrameMask(name="frame_mask")(inputs)  # (batch, frames): False on padding
-    features = FoldFrames(frame_encoder, name="per_frame_cnn")(inputs)  # (batch, frames, dense_units)
+    features = keras.Input((frames, flat.shape[-1]), name="frame_features")
+    mask = keras.Input((frames,), dtype="bool", name="mask")
+    x = keras.layers.LayerNormalization(name="feature_norm")(features) if settings["feature_norm"] else features
+    x = keras.layers.Dense(dense_units, activation=settings["dense_activation"], name="frame_dense")(x)
+    x = keras.layers.Dropout(settings["dropout"], name="frame_dropout")(x)
     if recurrent_dropout and precision.gpu_compute_capability() is not None:
         logger.warning("recurrent_dropout=%g rules out the fused cuDNN GRU kernel on this GPU (several "
                        "times slower); --recurrent-dropout 0 allows it", recurrent_dropout)
-    sequence = keras.layers.GRU(
-        gru_units, kernel_initializer="orthogonal", bias_initializer="ones", dropout=0.5,
+    x = keras.layers.GRU(
+        gru_units, kernel_initializer="orthogonal", bias_initializer=settings["gru_bias"], dropout=settings["dropout"],
         recurrent_dropout=recurrent_dropout, return_sequences=per_frame, name="gru",
-    )(features, mask=mask)
-    outputs = keras.layers.Dense(num_classes, activation="softmax", name="predictions")(sequence)
-    return keras.Model(inputs, outputs, name="lrcn")
+    )(x, mask=mask)
+    outputs = keras.layers.Dense(num_classes, activation="softmax", name="predictions")(x)
+    head = keras.Model([features, mask], outputs, name="lrcn_head")
+
+    inputs = keras.Input((frames, image_size, image_size, 3), name="frames")
+    frame_mask = FrameMask(name="frame_mask")(inputs)  # (batch, frames): False on padding
+    per_frame_features = FoldFrames(frame_backbone, name="per_frame_cnn")(inputs)  # (batch, frames, features)
+    return keras.Model(inputs, head([per_frame_features, frame_mask]), name="lrcn")
+
+
+def optimizer(recipe, learning_rate):
+    """The recipe's optimizer: the seed's ``sgd``, or Adam with the same gradient clipping."""
+    if RECIPES[recipe]["optimizer"] == "sgd":
+        return sgd(learning_rate)
+    return keras.optimizers.Adam(learning_rate=learning_rate, clipnorm=1.0)
 
 
 def sgd(learning_rate):
@@ -232,13 +286,57 @@ def training_data(splits, args, batch_size, strategy=None):
                  for name, fitting in (("train", True), ("val", False)))
 
 
+def phase1_inputs(model, splits, args, trainer, strategy=None):
+    """``(fitted_model, train, val)`` for phase 1.
+
+    With VGG16 frozen, a fixed ``--frames``, no ``--augment`` and no ``--distribute``, every
+    sampled frame's ``frame_backbone`` output is computed once (``helpers.features``, the
+    cache the captioner uses: ``features/<split>-<key>.npy``, float32 ``(clips * frames,
+    (image_size // 32)**2 * 512)``, read the same way as the uncached path, PIL), and the
+    head ``lrcn_head`` trains on it: the same losses and weights as the whole model on the
+    same batches (tested). Otherwise (or with ``--no-feature-cache``) the whole model trains
+    from the frames (``training_data``); the log says which and why.
+    """
+    reasons = [reason for off, reason in (
+        (not args.feature_cache, "--no-feature-cache"), (not args.frames, "--variable-length"),
+        (args.augment, "--augment (each epoch's frames differ)"), (args.distribute != "none", "--distribute"),
+    ) if off]
+    if reasons or not args.epochs or trainer.run.phase_complete("phase1"):
+        if reasons and args.epochs:
+            logger.info("phase 1: VGG16 runs on every frame every epoch (feature cache off: %s)", ", ".join(reasons))
+        return (model, *training_data(splits, args, args.batch_size, strategy))
+    backbone = training.find_layer(model, "frame_backbone")
+    size = args.image_size
+
+    def load(paths):
+        return sequences.load_frames(paths, size)
+
+    datasets = []
+    for name in ("train", "val"):
+        split = splits[name]
+        paths = [p for sample in split.samples for p in sequences.sampled_paths(sample, args.frames)]
+        cached = featurecache.cached_features(backbone, paths, trainer.run.features, name, loader=load)
+        features = cached.reshape(len(split), args.frames, -1)
+        labels = np.eye(len(split.class_names), dtype=np.float32)[split.labels]
+        if args.per_frame:
+            labels = np.repeat(labels[:, None], args.frames, axis=1)
+        dataset = tf.data.Dataset.from_tensor_slices(((features, np.ones(features.shape[:2], bool)), labels))
+        if name == "train":
+            dataset = dataset.shuffle(len(split), seed=args.seed, reshuffle_each_iteration=True)
+        datasets.append(dataset.batch(args.batch_size).prefetch(2))
+    logger.info("phase 1: the head trains on cached VGG16 features of %d x %d frames (%s)", len(splits["train"]),
+                args.frames, trainer.run.features)
+    return (training.find_layer(model, "lrcn_head"), *datasets)
+
+
 def train(args):
     """The ``train`` command: two phases, then evaluation (and on shuffled frames) and the report.
 
-    Phase 1 freezes VGG16 and trains the per-frame Dense, the GRU and the classifier;
-    its best checkpoint is the lowest validation loss. Phase 2 starts from it and
+    Phase 1 freezes VGG16 and trains the head (per-frame Dense, GRU, classifier); its best
+    checkpoint is the highest validation accuracy (``--recipe seed``: the lowest validation
+    loss, which on a few dozen clips picks a nearly untrained epoch). Phase 2 starts from it and
     fine-tunes VGG16's top ``--fine-tune-layers`` layers too; best by validation
-    accuracy. Both use the seed's SGD (``sgd``).
+    accuracy. Both use the recipe's optimizer (``optimizer``).
 
     Raises:
         helpers.errors.ProjectError: bad input or flags, unavailable weights, a NaN
@@ -274,20 +372,24 @@ def train(args):
         with trainer.scope():
             model = build_lrcn(num_classes=len(names), weights=args.weights, **cli.model_arguments(args, MODEL_ARGUMENTS))
 
-            # Phase 1: VGG16 frozen, SGD; best by val loss.
+            # Phase 1: VGG16 frozen; the head trains, from each frame's VGG16 features computed once
+            # when they can be cached (phase1_inputs); best by the recipe's monitor (val accuracy, or
+            # the seed's val loss).
             training.set_backbone_trainable(model, BACKBONE, False)
             model.summary(print_fn=logger.info, line_length=110)
-            train_data, val_data = training_data(splits, args, args.batch_size, strategy)
-            compile_lrcn(model, sgd(trainer.learning_rate(args.learning_rate, args.epochs, train_data)), args.jit_compile)
-            best = trainer.fit(model, "phase1", train_data, val_data, epochs=args.epochs, monitor="val_loss",
-                               class_weight=class_weight, title="phase 1: VGG16 frozen")
+            fitted, train_data, val_data = phase1_inputs(model, splits, args, trainer, strategy)
+            compile_lrcn(fitted, optimizer(args.recipe, trainer.learning_rate(args.learning_rate, args.epochs,
+                                                                              train_data)), args.jit_compile)
+            best = trainer.fit(fitted, "phase1", train_data, val_data, epochs=args.epochs,
+                               monitor=RECIPES[args.recipe]["phase1_monitor"], class_weight=class_weight, save=model,
+                               title="phase 1: VGG16 frozen")
 
             # Phase 2: from phase 1's best, VGG16's top layers fine-tuned too; best by val accuracy.
             model = training.best_model(best, model)
             training.set_backbone_trainable(model, BACKBONE, True, top_layers=args.fine_tune_layers)
             train_data, val_data = training_data(splits, args, args.fine_tune_batch_size, strategy)
-            compile_lrcn(model, sgd(trainer.learning_rate(args.fine_tune_learning_rate, args.fine_tune_epochs,
-                                                          train_data)), args.jit_compile)
+            compile_lrcn(model, optimizer(args.recipe, trainer.learning_rate(
+                args.fine_tune_learning_rate, args.fine_tune_epochs, train_data)), args.jit_compile)
             best = trainer.fit(model, "phase2", train_data, val_data, epochs=args.fine_tune_epochs,
                                monitor="val_accuracy", class_weight=class_weight,
                                title=f"phase 2: VGG16's top {args.fine_tune_layers} layers fine-tuned") or best

@@ -59,9 +59,9 @@ def add_training_arguments(parser, epochs=30, fine_tune_epochs=30, batch_size=32
     group.add_argument("--fine-tune-batch-size", type=int, default=fine_tune_batch_size,
                        help=f"phase 2 batch size (default: {fine_tune_batch_size})")
     group.add_argument("--learning-rate", type=float, default=learning_rate,
-                       help=f"phase 1 learning rate (default: {learning_rate:g})")
+                       help=f"phase 1 learning rate (default: {_value_or_recipe(learning_rate)})")
     group.add_argument("--fine-tune-learning-rate", type=float, default=fine_tune_learning_rate,
-                       help=f"phase 2 learning rate (default: {fine_tune_learning_rate:g})")
+                       help=f"phase 2 learning rate (default: {_value_or_recipe(fine_tune_learning_rate)})")
     group.add_argument("--train-batchnorm", action="store_true",
                        help="in phase 2, also update the backbone's BatchNormalization statistics "
                        "(default: they stay frozen, in inference mode)")
@@ -82,6 +82,10 @@ def add_training_arguments(parser, epochs=30, fine_tune_epochs=30, batch_size=32
                            help="balanced: weight each class's loss by samples / (classes x its training samples) "
                            "(default: none)")
     return group
+
+
+def _value_or_recipe(value):
+    return "the --recipe's" if value is None else f"{value:g}"
 
 
 def add_performance_arguments(parser, distribute=True):

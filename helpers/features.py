@@ -42,12 +42,12 @@ def image_dataset(paths, image_size, batch_size, workers=tf.data.AUTOTUNE):
             .batch(batch_size).prefetch(2))
 
 
-def cache_key(encoder, paths):
-    """The SHA-256 (hex) of the encoder's weights, input shape and dtype policy, and of each file's
-    path, size and modification time."""
+def cache_key(encoder, paths, reader=""):
+    """The SHA-256 (hex) of the encoder's weights, input shape and dtype policy, of the image
+    reader's name, and of each file's path, size and modification time."""
     digest = hashlib.sha256()
     digest.update(repr((tuple(encoder.input_shape), encoder.dtype_policy.name,
-                        [layer.dtype_policy.name for layer in encoder.layers])).encode())
+                        [layer.dtype_policy.name for layer in encoder.layers], reader)).encode())
     for variable in encoder.weights:
         digest.update(np.ascontiguousarray(variable.numpy()).tobytes())
     for path in paths:
@@ -56,7 +56,7 @@ def cache_key(encoder, paths):
     return digest.hexdigest()
 
 
-def cached_features(encoder, paths, folder, name, batch_size=32, workers=tf.data.AUTOTUNE):
+def cached_features(encoder, paths, folder, name, batch_size=32, workers=tf.data.AUTOTUNE, loader=None):
     """The encoder's output for every image of ``paths``, from the cache or computed (then cached).
 
     Args:
@@ -66,12 +66,15 @@ def cached_features(encoder, paths, folder, name, batch_size=32, workers=tf.data
         folder: the cache folder (``RunDir.features``).
         name: the image list's name in the file name (``"train"``).
         batch_size: images per encoder call.
+        loader: ``loader(paths) -> (len(paths), size, size, 3)`` float32 RGB 0..255: the images
+            exactly as the uncached path reads them (LRCN: PIL); default: ``image_dataset``.
 
     Returns:
         ``(len(paths), features)`` float32 numpy array.
     """
     folder = Path(folder)
-    key = cache_key(encoder, paths)[:20]
+    reader = "" if loader is None else f"{loader.__module__}.{loader.__qualname__}"
+    key = cache_key(encoder, paths, reader)[:20]
     path = folder / f"{name}-{key}.npy"
     if path.is_file():
         try:
@@ -83,7 +86,11 @@ def cached_features(encoder, paths, folder, name, batch_size=32, workers=tf.data
             logger.warning("feature cache %s is unreadable (%s); computing it again", path, error)
     logger.info("computing the backbone features of %d %s images once (cached in %s)", len(paths), name, path)
     size = encoder.input_shape[1]
-    features = encoder.predict(image_dataset(paths, size, batch_size, workers), verbose=progress_verbosity())
+    if loader is None:
+        features = encoder.predict(image_dataset(paths, size, batch_size, workers), verbose=progress_verbosity())
+    else:
+        features = np.concatenate([encoder.predict(loader(paths[i:i + batch_size]), verbose=0)
+                                   for i in range(0, len(paths), batch_size)])
     features = np.asarray(features, dtype=np.float32)
     for stale in folder.glob(f"{name}-*.npy"):
         stale.unlink(missing_ok=True)

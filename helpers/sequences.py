@@ -142,6 +142,14 @@ def load_frames(paths, image_size):
     return out
 
 
+def sampled_paths(paths, frames):
+    """The frame files a sample is read from: ``frames`` of them spread evenly
+    (``sample_indices``), or all of them for ``frames=None``."""
+    if frames:
+        return [paths[i] for i in sample_indices(len(paths), frames)]
+    return list(paths)
+
+
 class FrameSequences(keras.utils.PyDataset):
     """Batches of frame sequences, read from disk by worker threads.
 
@@ -189,10 +197,7 @@ class FrameSequences(keras.utils.PyDataset):
         self._make_batches()
 
     def sample_paths(self, index):
-        paths = self.split.samples[index]
-        if self.frames:
-            return [paths[i] for i in sample_indices(len(paths), self.frames)]
-        return paths
+        return sampled_paths(self.split.samples[index], self.frames)
 
     def __getitem__(self, batch_index):
         indices = self.batches[batch_index]

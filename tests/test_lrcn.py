@@ -1,4 +1,5 @@
 import json
+import logging
 from pathlib import Path
 
 import cv2
@@ -38,11 +39,24 @@ def clips(tmp_path):
 
 # ---------------------------------------------------------------- model
 
-def test_seed_shapes_fixed_and_variable():
-    fixed = lrcn.build_lrcn(5, frames=16, weights=None)
+@pytest.mark.parametrize("recipe", ["seed", "small-data"])
+def test_seed_shapes_fixed_and_variable(recipe):
+    fixed = lrcn.build_lrcn(5, frames=16, weights=None, recipe=recipe)
     assert fixed.input_shape == (None, 16, 224, 224, 3) and fixed.output_shape == (None, 5)
-    assert fixed.get_layer("per_frame_cnn").output.shape == (None, 16, 2048)
-    assert fixed.get_layer("gru").output.shape == (None, 1024)
+    assert fixed.get_layer("per_frame_cnn").output.shape == (None, 16, 7 * 7 * 512)  # VGG16's flattened map
+    head = fixed.get_layer("lrcn_head")
+    assert head.get_layer("frame_dense").output.shape == (None, 16, 2048)
+    assert head.get_layer("gru").output.shape == (None, 1024)
+    names = {layer.name for layer in head.layers}
+    gru = head.get_layer("gru")
+    if recipe == "seed":  # the seed's head: linear Dense on raw features, dropouts 0.5, GRU bias ones
+        assert "feature_norm" not in names and head.get_layer("frame_dense").activation is keras.activations.linear
+        assert gru.cell.dropout == gru.cell.recurrent_dropout == 0.5
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(gru.cell.bias), 1.0)
+    else:
+        assert "feature_norm" in names and head.get_layer("frame_dense").activation is keras.activations.relu
+        assert gru.cell.dropout == 0.2 and gru.cell.recurrent_dropout == 0.0
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(gru.cell.bias), 0.0)
     variable = lrcn.build_lrcn(3, frames=None, per_frame=True, **TINY)
     assert variable.input_shape == (None, None, 32, 32, 3) and variable.output_shape == (None, None, 3)
     for frames in (1, 4):
@@ -85,7 +99,7 @@ def test_vgg16_preprocessing_inside_model():
 def test_per_frame_features_correct_after_another_length():
     """Catches the TimeDistributed bug: a new frame count after another was traced."""
     model = lrcn.build_lrcn(3, frames=None, **TINY)
-    encoder = training.find_layer(model, "frame_encoder")
+    encoder = training.find_layer(model, "frame_backbone")
     features = keras.Model(model.input, model.get_layer("per_frame_cnn").output)
     rng = np.random.default_rng(1)
     features.predict(rng.uniform(0, 255, (1, 7, 32, 32, 3)).astype("float32"), verbose=0)
@@ -93,7 +107,7 @@ def test_per_frame_features_correct_after_another_length():
         x = rng.uniform(0, 255, shape + (32, 32, 3)).astype("float32")
         got = features.predict(x, verbose=0)
         frame_by_frame = np.stack([encoder.predict(x[:, t], verbose=0) for t in range(shape[1])], axis=1)
-        assert got.shape == shape + (16,)
+        assert got.shape == shape + (512,)
         np.testing.assert_allclose(got, frame_by_frame, rtol=1e-4, atol=1e-4)
 
 
@@ -262,7 +276,7 @@ def test_model_flags_reach_the_builder(clips, tmp_path):
                       "--skip-image-check"]) == 0
     model = keras.saving.load_model(out / "phase1_best.keras")
     assert training.find_layer(model, "block5_conv3").dtype_policy.name == "mixed_bfloat16"
-    assert model.get_layer("gru").dtype_policy.name == "float32"
+    assert training.find_layer(model, "gru").dtype_policy.name == "float32"
 
 
 def test_cli_bad_inputs(clips, tmp_path, caplog):
@@ -302,3 +316,90 @@ def test_warns_when_recurrent_dropout_rules_out_cudnn(monkeypatch, caplog):
     caplog.clear()
     lrcn.build_lrcn(3, 2, 32, 8, 4, weights=None, recurrent_dropout=0.0)
     assert "cuDNN" not in caplog.text
+
+
+# ---------------------------------------------------------------- real footage (issue 15)
+
+def test_one_call_extraction_of_class_folders_split_by_group(tmp_path, caplog):
+    videos = tmp_path / "videos"
+    for name in ("Jump", "Run"):
+        for group, clip in ((1, 1), (1, 2), (2, 1), (3, 1), (4, 1)):
+            (videos / name).mkdir(parents=True, exist_ok=True)
+            write_video(videos / name / f"v_{name}_g{group:02d}_c{clip:02d}.avi", frames=6)
+    (videos / "Run" / "v_Run_g05_c01.mp4").write_bytes(b"not a video")  # named and skipped, counted
+    (videos / "Run" / "notes.txt").write_text("ignored")
+    out = tmp_path / "data"
+    with caplog.at_level(logging.INFO):
+        assert extract_frames.main([str(videos), "--output", str(out), "--size", "16", "--val-fraction", "0.2",
+                                    "--test-fraction", "0.2"]) == 0
+    assert "v_Run_g05_c01.mp4" in caplog.text and "1 skipped" in caplog.text
+    written = {split: sorted(p.relative_to(out / split).as_posix() for p in (out / split).glob("*/*"))
+               for split in ("train", "val", "test")}
+    assert sum(map(len, written.values())) == 10
+    for name in ("Jump", "Run"):
+        groups = {split: {extract_frames.group_of(p) for p in written[split] if p.startswith(name)} for split in written}
+        assert all(groups[a].isdisjoint(groups[b]) for a in groups for b in groups if a < b)  # a group in one split
+        assert groups["train"]
+    assert written["val"] and written["test"]
+    clip = next((out / "train" / "Jump").iterdir())
+    assert len(list(clip.glob("frame_*.jpg"))) == 6
+    assert sequences.list_sequences(out / "train").class_names == ["Jump", "Run"]
+    # too few groups for the split: one line naming the folder
+    assert extract_frames.main([str(videos), "--output", str(tmp_path / "x"), "--val-fraction", "0.45",
+                                "--test-fraction", "0.5"]) == 1
+    assert "none is left for training" in caplog.text
+
+
+@pytest.mark.parametrize("mixed_precision", ["off", "bfloat16"])
+def test_phase1_on_cached_features_equals_the_whole_model(tmp_path, mixed_precision):
+    """The head trained on cached frame features takes the same steps as the whole LRCN on the frames
+    (same losses and weights to float32 rounding: rtol 1e-5), with dropout, and with a bfloat16 VGG16."""
+    from helpers import features
+
+    clips = make_clips(tmp_path / "train", lengths=(4, 5, 3, 6))
+    split = sequences.list_sequences(clips)
+    paths = [sequences.sampled_paths(sample, 3) for sample in split.samples]
+    x = np.stack([sequences.load_frames(p, 32) for p in paths])
+    y = np.eye(3, dtype="float32")[split.labels]
+
+    def build():
+        keras.utils.set_random_seed(0)
+        model = lrcn.build_lrcn(3, frames=3, **TINY, mixed_precision=mixed_precision)
+        training.set_backbone_trainable(model, "vgg16", False)
+        return model
+
+    whole = build()
+    lrcn.compile_lrcn(whole, keras.optimizers.SGD(0.1))
+    whole_losses = [float(whole.train_on_batch(x, y)[0]) for _ in range(3)]
+
+    model = build()
+    head = model.get_layer("lrcn_head")
+    lrcn.compile_lrcn(head, keras.optimizers.SGD(0.1))
+    cached = features.cached_features(training.find_layer(model, "frame_backbone"), [p for c in paths for p in c],
+                                      tmp_path / "features", "train", loader=lambda chunk: sequences.load_frames(chunk, 32))
+    inputs = [cached.reshape(len(paths), 3, -1), np.ones((len(paths), 3), bool)]
+    head_losses = [float(head.train_on_batch(inputs, y)[0]) for _ in range(3)]
+
+    np.testing.assert_allclose(head_losses, whole_losses, rtol=1e-5)
+    assert whole_losses[0] != whole_losses[-1]  # it trained
+    for a, b in zip(head.get_weights(), whole.get_layer("lrcn_head").get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_default_recipe_trains_on_cached_features_and_the_seed_recipe_is_a_flag(clips, tmp_path, caplog):
+    for recipe, cached in (("small-data", True), ("seed", True), ("small-data", False)):
+        out = tmp_path / f"{recipe}-{cached}"
+        extra = ["--recipe", recipe] + ([] if cached else ["--no-feature-cache"])
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            assert lrcn.main(["--data-dir", str(clips), "--output-dir", str(out), "--frames", "3", *TINY_FLAGS,
+                              "--epochs", "2", "--fine-tune-epochs", "1", "--skip-image-check", *extra]) == 0
+        assert ("head trains on cached VGG16 features" in caplog.text) == cached
+        assert ("feature cache off: --no-feature-cache" in caplog.text) == (not cached)
+        assert len(list((out / "features").glob("*.npy"))) == (2 if cached else 0)
+        args = json.loads((out / "args.json").read_text())
+        assert args["learning_rate"] == lrcn.RECIPES[recipe]["learning_rate"]
+        history = rundir.read_history(out / "phase1_log.csv")
+        assert len(history["loss"]) == 2 and all(np.isfinite(history["loss"]))
+        model = keras.saving.load_model(out / "phase2_best.keras")
+        assert ("feature_norm" in {layer.name for layer in model.get_layer("lrcn_head").layers}) == (recipe != "seed")

@@ -4,7 +4,7 @@ import pytest
 
 import cnn_rnn_classifier as crc
 import lrcn
-from helpers import precision
+from helpers import precision, training
 
 RNG = np.random.default_rng(0)
 
@@ -81,7 +81,7 @@ def test_lrcn_mixed_precision_backbone():
     model = lrcn.build_lrcn(3, 4, 32, 16, 8, weights=None, mixed_precision="bfloat16")
     vgg16 = [layer for layer in precision.all_layers(model) if layer.name == "vgg16"][0]
     assert vgg16.dtype_policy.name == "mixed_bfloat16"
-    assert model.get_layer("gru").dtype_policy.name == "float32"
+    assert training.find_layer(model, "gru").dtype_policy.name == "float32"
     model.compile(optimizer=precision.loss_scaled(model, lrcn.sgd(0.01)), loss="categorical_crossentropy")
     loss = model.train_on_batch(RNG.uniform(0, 255, (2, 4, 32, 32, 3)).astype("float32"), np.eye(3)[[0, 1]])
     assert np.isfinite(loss)
