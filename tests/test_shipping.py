@@ -58,6 +58,23 @@ def fit_regression(folder, epochs=6, **controls):
     return rundir.read_history(rundir.RunDir(folder).log("phase1"))
 
 
+def killed_then_resumed(folder, monkeypatch, completed, **controls):
+    """``fit_regression`` killed right after its ``completed``-th epoch's backup, then run again
+    (the same command): the resumed run's CSV history."""
+    real = training.EpochBackup.on_epoch_end
+
+    def die(self, epoch, logs=None):
+        real(self, epoch, logs)
+        if epoch + 1 == completed:
+            raise Killed()
+
+    monkeypatch.setattr(training.EpochBackup, "on_epoch_end", die)
+    with pytest.raises(Killed):
+        fit_regression(folder, **controls)
+    monkeypatch.undo()
+    return fit_regression(folder, **controls)
+
+
 def test_schedules_step_by_step(tmp_path):
     batches = list(range(4))  # 4 batches per epoch
     cosine = training.Trainer(tmp_path, lr_schedule="cosine", warmup_epochs=1).learning_rate(0.1, 3, batches)
@@ -79,18 +96,7 @@ def test_learning_rate_logged_and_cosine_resumed_where_it_stopped(tmp_path, monk
     # the logged rate is the schedule's at each epoch's end (4 batches an epoch, 16 in all)
     np.testing.assert_allclose(through["learning_rate"],
                                [0.05 * 0.5 * (1 + np.cos(np.pi * 4 * (e + 1) / 16)) for e in range(4)], atol=1e-7)
-    real = training.EpochBackup.on_epoch_end
-
-    def die_after_second_epoch(self, epoch, logs=None):
-        real(self, epoch, logs)
-        if epoch == 1:
-            raise Killed()
-
-    monkeypatch.setattr(training.EpochBackup, "on_epoch_end", die_after_second_epoch)
-    with pytest.raises(Killed):
-        fit_regression(tmp_path / "killed", epochs=4, lr_schedule="cosine")
-    monkeypatch.undo()
-    resumed = fit_regression(tmp_path / "killed", epochs=4, lr_schedule="cosine")
+    resumed = killed_then_resumed(tmp_path / "killed", monkeypatch, 2, epochs=4, lr_schedule="cosine")
     np.testing.assert_allclose(resumed["learning_rate"], through["learning_rate"], atol=1e-7)
 
 
@@ -100,18 +106,7 @@ def test_early_stopping_epoch_count_and_resume(tmp_path, monkeypatch):
     assert len(history["val_loss"]) == 3 and np.argmin(history["val_loss"]) == 0
     done = json.loads(rundir.RunDir(tmp_path / "through").done("phase1").read_text())
     assert done["epochs_run"] == 3
-    real = training.EpochBackup.on_epoch_end
-
-    def die_after_second_epoch(self, epoch, logs=None):
-        real(self, epoch, logs)
-        if epoch == 1:
-            raise Killed()
-
-    monkeypatch.setattr(training.EpochBackup, "on_epoch_end", die_after_second_epoch)
-    with pytest.raises(Killed):
-        fit_regression(tmp_path / "killed", epochs=8, early_stopping=2)
-    monkeypatch.undo()
-    resumed = fit_regression(tmp_path / "killed", epochs=8, early_stopping=2)
+    resumed = killed_then_resumed(tmp_path / "killed", monkeypatch, 2, epochs=8, early_stopping=2)
     assert len(resumed["val_loss"]) == 3  # the same stop after the resume, not 2 more epochs
 
 
@@ -119,18 +114,7 @@ def test_plateau_divides_the_rate_and_resumes(tmp_path, monkeypatch):
     history = fit_regression(tmp_path / "through", epochs=6, lr_schedule="plateau")
     # best at epoch 1; no improvement in epochs 2 and 3 -> x0.2 from epoch 4; again after 5 and 6
     np.testing.assert_allclose(history["learning_rate"], [0.05, 0.05, 0.05, 0.01, 0.01, 0.002], rtol=1e-5)
-    real = training.EpochBackup.on_epoch_end
-
-    def die_after_fourth_epoch(self, epoch, logs=None):
-        real(self, epoch, logs)
-        if epoch == 3:
-            raise Killed()
-
-    monkeypatch.setattr(training.EpochBackup, "on_epoch_end", die_after_fourth_epoch)
-    with pytest.raises(Killed):
-        fit_regression(tmp_path / "killed", epochs=6, lr_schedule="plateau")
-    monkeypatch.undo()
-    resumed = fit_regression(tmp_path / "killed", epochs=6, lr_schedule="plateau")
+    resumed = killed_then_resumed(tmp_path / "killed", monkeypatch, 4, epochs=6, lr_schedule="plateau")
     np.testing.assert_allclose(resumed["learning_rate"], history["learning_rate"], rtol=1e-5)
 
 
