@@ -317,9 +317,7 @@ def phase1_inputs(model, splits, args, trainer, strategy=None):
         paths = [p for sample in split.samples for p in sequences.sampled_paths(sample, args.frames)]
         cached = featurecache.cached_features(backbone, paths, trainer.run.features, name, loader=load)
         features = cached.reshape(len(split), args.frames, -1)
-        labels = np.eye(len(split.class_names), dtype=np.float32)[split.labels]
-        if args.per_frame:
-            labels = np.repeat(labels[:, None], args.frames, axis=1)
+        labels = sequences.one_hot(split.labels, len(split.class_names), args.frames if args.per_frame else None)
         dataset = tf.data.Dataset.from_tensor_slices(((features, np.ones(features.shape[:2], bool)), labels))
         if name == "train":
             dataset = dataset.shuffle(len(split), seed=args.seed, reshuffle_each_iteration=True)

@@ -255,6 +255,18 @@ def image_files(inputs):
     return paths
 
 
+def read_rgb(path, size):
+    """Decodes an image file with PIL into ``(size, size, 3)`` float32 RGB 0..255: converted to
+    RGB and resized bilinearly, as Keras' ``load_img(target_size=..., interpolation="bilinear")``
+    (the training generator) reads it.
+
+    Raises:
+        OSError: the file cannot be decoded (PIL's ``UnidentifiedImageError`` is one).
+    """
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB").resize((size, size), Image.BILINEAR), np.float32)
+
+
 def load_image(item, size):
     """One image at ``size x size`` as float32 RGB 0..255: ``(size, size, 3)``.
 
@@ -270,8 +282,7 @@ def load_image(item, size):
     """
     if isinstance(item, (str, os.PathLike)):
         try:
-            with Image.open(item) as image:
-                return np.asarray(image.convert("RGB").resize((size, size), Image.BILINEAR), np.float32)
+            return read_rgb(item, size)
         except OSError as error:
             raise DatasetError(f"{item} cannot be decoded as an image ({error}).") from error
     array = np.asarray(item)

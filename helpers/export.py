@@ -25,7 +25,7 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
-from helpers import rundir
+from helpers import rundir, training
 from helpers.errors import UsageError
 
 logger = logging.getLogger(__name__)
@@ -110,8 +110,6 @@ def export_model(model, output, export_format="saved_model", preprocess=None, cl
 
 def export_command(args, preprocess=None):
     """The scripts' ``export`` command: loads ``--model`` and writes ``--output`` in ``--format``."""
-    from helpers import training
-
     model, _ = training.load_checkpoint(args.model)
     written = export_model(model, args.output, args.format, preprocess=preprocess,
                            classes_file=rundir.classes_beside(args.model))

@@ -17,9 +17,7 @@ from pathlib import Path
 
 import keras
 import numpy as np
-from PIL import Image
-
-from helpers.data import DatasetError, check_images, is_utf8_name
+from helpers.data import DatasetError, check_images, is_utf8_name, read_rgb
 from helpers.formats import IMAGE_EXTENSIONS
 from helpers.layers import PAD_VALUE
 
@@ -137,9 +135,15 @@ def load_frames(paths, image_size):
     """Decodes frames to ``(len(paths), image_size, image_size, 3)`` float32 RGB in 0..255 (bilinear resize)."""
     out = np.empty((len(paths), image_size, image_size, 3), np.float32)
     for i, path in enumerate(paths):
-        with Image.open(path) as image:
-            out[i] = np.asarray(image.convert("RGB").resize((image_size, image_size), Image.BILINEAR), np.float32)
+        out[i] = read_rgb(path, image_size)
     return out
+
+
+def one_hot(labels, num_classes, frames=None):
+    """One-hot float32 labels ``(samples, num_classes)``, or ``(samples, frames, num_classes)``
+    repeated over the frames for per-frame training."""
+    y = np.eye(num_classes, dtype=np.float32)[list(labels)]
+    return y if frames is None else np.repeat(y[:, None], frames, axis=1)
 
 
 def sampled_paths(paths, frames):
@@ -209,9 +213,7 @@ class FrameSequences(keras.utils.PyDataset):
         x = np.full((len(clips), length, self.image_size, self.image_size, 3), PAD_VALUE, np.float32)
         for row, clip in enumerate(clips):
             x[row, :len(clip)] = clip
-        y = np.eye(self.num_classes, dtype=np.float32)[[self.split.labels[i] for i in indices]]
-        if self.per_frame:
-            y = np.repeat(y[:, None], length, axis=1)
+        y = one_hot([self.split.labels[i] for i in indices], self.num_classes, length if self.per_frame else None)
         return x, y
 
     @property

@@ -32,7 +32,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from helpers import distribute, multiworker, reports, rundir
+from helpers import distribute, multiworker, precision, reports, rundir
 from helpers.errors import MissingFileError, NaNLossError, UsageError
 
 logger = logging.getLogger(__name__)
@@ -70,14 +70,9 @@ def find_layer(model, name):
     Raises:
         ValueError: no such layer (a programming error, not the user's).
     """
-    stack = [model]
-    while stack:
-        layer = stack.pop()
-        if layer.name == name and layer is not model:
-            return layer
-        stack.extend(getattr(layer, "layers", []))
-        if isinstance(layer, keras.layers.Wrapper):
-            stack.append(layer.layer)
+    found = next((layer for layer in precision.all_layers(model)[1:] if layer.name == name), None)
+    if found is not None:
+        return found
     raise ValueError(f"No layer named {name!r} in model {model.name!r}.")
 
 
@@ -351,26 +346,15 @@ def save_lean(model, path):
     ``model`` is detached for the write and put back after it. A loaded lean model
     predicts at once; training it needs ``compile`` (as each phase does).
     """
-    compiled = [m for m in _models_in(model) if getattr(m, "optimizer", None) is not None or getattr(m, "compiled", False)]
-    saved = [(m, m.optimizer, m.compiled) for m in compiled]
+    models = {id(m): m for m in precision.all_layers(model) if isinstance(m, keras.Model)}.values()
+    saved = [(m, m.optimizer, m.compiled) for m in models if getattr(m, "optimizer", None) is not None]  # compiled ones
     try:
-        for m in compiled:
+        for m, _, _ in saved:
             m.optimizer, m.compiled = None, False
         keras.saving.save_model(model, path)
     finally:
         for m, optimizer, was_compiled in saved:
             m.optimizer, m.compiled = optimizer, was_compiled
-
-
-def _models_in(model):
-    """``model`` and every ``keras.Model`` nested in it, at any depth."""
-    found, stack = [], [model]
-    while stack:
-        layer = stack.pop()
-        if isinstance(layer, keras.Model) and all(layer is not m for m in found):
-            found.append(layer)
-            stack.extend(layer.layers)
-    return found
 
 
 class LogLearningRate(keras.callbacks.Callback):
