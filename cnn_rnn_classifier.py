@@ -456,6 +456,8 @@ def classify(model, inputs, top_k=5, class_names=None, batch_size=32):
 
 def predict(args):
     """The ``predict`` command: prints the top-k classes of each image (``classify``)."""
+    if args.top_k < 1 or args.batch_size < 1:  # named by flag, before the model loads
+        raise UsageError(f"--top-k and --batch-size must be >= 1. Received: {args.top_k}, {args.batch_size}")
     model, names, descriptions = training.model_and_classes(args.model)
     paths = data.image_files(args.inputs)
     data.check_images(paths)

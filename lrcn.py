@@ -502,6 +502,8 @@ def classify(model, clips, top_k=5, class_names=None, max_frames=None):
 
 def predict(args):
     """The ``predict`` command: top-k classes of frame folders or video files (``classify``)."""
+    if args.top_k < 1:  # named by flag, before the model loads
+        raise UsageError(f"--top-k must be >= 1. Received: {args.top_k}")
     model, names, descriptions = training.model_and_classes(args.model)
     for item, ranked in zip(args.inputs, classify(model, args.inputs, args.top_k, names, args.max_frames)):
         reports.print_ranked(item, ranked, descriptions)
