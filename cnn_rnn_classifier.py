@@ -37,6 +37,9 @@ from pathlib import Path
 from helpers import cli
 
 
+XCEPTION_LAYERS = 133  # layers of keras.applications.Xception(include_top=False, pooling="avg")
+
+
 def parse_args(argv=None):
     parser, train_parser, evaluate_parser, predict_parser = cli.parser_with_commands(
         "Xception + LSTM image classifier (seed 000/001), trained in two phases."
@@ -55,7 +58,16 @@ def parse_args(argv=None):
                               "decoding and prefetch, for a GPU (default: generator)")
     model.add_argument("--cnn-only", action="store_true",
                        help="ablation: train the CNN branch alone, same classifier, no RNN branch (default: off)")
-    cli.add_training_arguments(train_parser)
+    train_parser.add_argument("--augment", action="store_true",
+                              help="random horizontal flips, shifts and zoom of up to 10%% of the training images "
+                              "(ImageDataGenerator's horizontal_flip, width/height_shift_range, zoom_range; the same "
+                              "ranges in the tf.data path); turns the feature cache off (default: off, as the seed)")
+    training_group = cli.add_training_arguments(train_parser)
+    training_group.add_argument("--fine-tune-layers", type=int, default=None, metavar="N",
+                                help=f"phase 2 fine-tunes only Xception's top N of its {XCEPTION_LAYERS} layers "
+                                "(7: block 14, 17: blocks 13-14), a CPU budget lever (default: all, as the seed)")
+    cli.add_feature_cache_argument(training_group, "Xception", "image",
+                                   "Xception is frozen, --augment is off and --distribute is none")
     cli.add_performance_arguments(train_parser)
     cli.add_output_arguments(train_parser)
 
@@ -75,6 +87,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from helpers import data, distribute, multiworker, precision, reports, training  # noqa: E402
+from helpers import features as featurecache  # noqa: E402
 from helpers.backbones import pretrained_backbone  # noqa: E402
 from helpers.errors import UsageError  # noqa: E402
 from helpers.layers import Grayscale  # noqa: E402
@@ -180,44 +193,139 @@ def build_cnn_rnn_classifier(
         keras.applications.Xception, weights, precision.resolve(mixed_precision),
         input_shape=(image_size, image_size, 3), pooling="avg",
     )
-    features = backbone(inputs)  # (batch, 2048)
+    head = {"predictions": keras.layers.Dense(num_classes, activation="softmax", name="predictions")}
     if not cnn_only:
-        gray = Grayscale(name="grayscale")(inputs)  # (batch, size, size, 1)
-        steps = keras.layers.Reshape((rnn_timesteps, image_size * image_size // rnn_timesteps), name="timesteps")(gray)
         lstm = FusedLSTM if fused_lstm else keras.layers.LSTM
-        sequence = lstm(rnn_units, return_sequences=True, name="rnn_lstm_1")(steps)
-        rnn_features = lstm(rnn_units, name="rnn_lstm_2")(sequence)  # (batch, rnn_units)
+        head.update(
+            grayscale=Grayscale(name="grayscale"),  # (batch, size, size, 1)
+            timesteps=keras.layers.Reshape((rnn_timesteps, image_size * image_size // rnn_timesteps), name="timesteps"),
+            rnn_lstm_1=lstm(rnn_units, return_sequences=True, name="rnn_lstm_1"),
+            rnn_lstm_2=lstm(rnn_units, name="rnn_lstm_2"),  # (batch, rnn_units)
+            merge=keras.layers.Multiply(name="merge"),
+        )
         if rnn_units != XCEPTION_FEATURES:
-            features = keras.layers.Dense(rnn_units, name="cnn_projection")(features)
-        features = keras.layers.Multiply(name="merge")([features, rnn_features])
-    outputs = keras.layers.Dense(num_classes, activation="softmax", name="predictions")(features)
+            head["cnn_projection"] = keras.layers.Dense(rnn_units, name="cnn_projection")
+    outputs = _apply_head(head, backbone(inputs), inputs)  # Xception's features: (batch, 2048)
     return keras.Model(inputs, outputs, name="cnn_classifier" if cnn_only else "cnn_rnn_classifier")
 
 
-def flow_from_split(split, image_size, batch_size, shuffle, seed=None, workers=1):
+HEAD_LAYERS = ("grayscale", "timesteps", "rnn_lstm_1", "rnn_lstm_2", "cnn_projection", "merge", "predictions")
+
+
+def _apply_head(layers, features, image):
+    """Calls the layers above Xception (``{name: layer}``, names from ``HEAD_LAYERS``; the RNN
+    branch's are absent in a ``cnn_only`` model) on Xception's ``features`` and the ``image``."""
+    if "rnn_lstm_1" in layers:
+        steps = layers["timesteps"](layers["grayscale"](image))
+        rnn_features = layers["rnn_lstm_2"](layers["rnn_lstm_1"](steps))
+        if "cnn_projection" in layers:
+            features = layers["cnn_projection"](features)
+        features = layers["merge"]([features, rnn_features])
+    return layers["predictions"](features)
+
+
+def classifier_head(model):
+    """Everything of a classifier above Xception, as a model of its own that shares ``model``'s layers.
+
+    Phase 1 trains it on cached Xception features (``phase1_inputs``): training the head
+    trains ``model``, whose Xception is frozen then.
+
+    Args:
+        model: a model from ``build_cnn_rnn_classifier``.
+
+    Returns:
+        A functional ``keras.Model`` named ``"classifier_head"``. Inputs: ``features``
+        ``(batch, 2048)`` float32 (Xception's pooled output) and, unless the model is
+        ``cnn_only``, ``image`` ``(batch, image_size, image_size, 3)`` float32 in [-1, 1]
+        (for the RNN branch); output ``(batch, num_classes)`` float32 softmax probabilities.
+    """
+    layers = {layer.name: layer for layer in model.layers if layer.name in HEAD_LAYERS}
+    features = keras.Input((XCEPTION_FEATURES,), name="features")
+    if "rnn_lstm_1" not in layers:
+        return keras.Model(features, _apply_head(layers, features, None), name="classifier_head")
+    image = keras.Input(model.input_shape[1:], name="image")
+    return keras.Model([features, image], _apply_head(layers, features, image), name="classifier_head")
+
+
+# --augment: the seed's own ImageDataGenerator arguments (the generator path); the tf.data path
+# applies the same ranges with Keras' preprocessing layers (``augmentation_layers``).
+AUGMENTATION = {"horizontal_flip": True, "width_shift_range": 0.1, "height_shift_range": 0.1, "zoom_range": 0.1,
+                "fill_mode": "nearest"}
+
+
+def flow_from_split(split, image_size, batch_size, shuffle, seed=None, workers=1, features=None, augment=False):
     """``CustomImageDataGenerator().flow_from_directory`` over a checked ``data.Split``.
 
-    ``workers`` threads build batches (``keras.utils.PyDataset.workers``).
+    Args:
+        split: a ``data.Split``.
+        image_size: output height and width in pixels.
+        batch_size: images per batch; the last batch may be smaller.
+        shuffle: reshuffle the images every epoch.
+        seed: shuffling (and augmentation) seed.
+        workers: threads building batches (``keras.utils.PyDataset.workers``).
+        features: ``(len(split), 2048)`` float32 cached Xception features of the images, in
+            ``split.paths`` order; each batch then carries its images' rows (``WithFeatures``).
+        augment: random flips, shifts and zoom (``AUGMENTATION``), drawn per image and epoch.
 
     Returns:
         A ``keras.utils.PyDataset`` of ``(images, one_hot_labels)``: ``(batch, image_size,
-        image_size, 3)`` float32 in [-1, 1] and ``(batch, num_classes)`` float32.
+        image_size, 3)`` float32 in [-1, 1] and ``(batch, num_classes)`` float32; with
+        ``features``, ``((features, images), one_hot_labels)``.
     """
-    iterator = CustomImageDataGenerator().flow_from_directory(
+    iterator = CustomImageDataGenerator(**(AUGMENTATION if augment else {})).flow_from_directory(
         str(split.directory), target_size=(image_size, image_size), classes=split.class_names,
         class_mode="categorical", batch_size=batch_size, shuffle=shuffle, seed=seed, interpolation="bilinear",
     )
     if len(iterator.filepaths) != len(split):  # our listing mirrors Keras'; never expected
         raise data.DatasetError(f"{split.directory}: Keras found {len(iterator.filepaths)} images, we listed {len(split)}.")
     iterator.workers = workers
-    return iterator
+    return iterator if features is None else WithFeatures(iterator, features)
+
+
+class WithFeatures(keras.utils.PyDataset):
+    """A ``flow_from_directory`` iterator's batches, each with its images' cached features in front.
+
+    The iterator keeps its own order and per-epoch shuffling; batch ``i`` is
+    ``((features[rows], images), labels)`` for the rows of the images it holds.
+    """
+
+    def __init__(self, iterator, features):
+        super().__init__(workers=iterator.workers)
+        if len(features) != len(iterator.filepaths):
+            raise ValueError(f"{len(features)} feature rows for {len(iterator.filepaths)} images")
+        self.iterator, self.features = iterator, features
+
+    def __len__(self):
+        return len(self.iterator)
+
+    def __getitem__(self, index):
+        iterator = self.iterator
+        if iterator.index_array is None:
+            iterator._set_index_array()  # the rows of batch ``index``, as the iterator's __getitem__ takes them
+        rows = iterator.index_array[index * iterator.batch_size:(index + 1) * iterator.batch_size]
+        images, labels = iterator._get_batches_of_transformed_samples(rows)
+        return (self.features[rows], images), labels
+
+    def on_epoch_end(self):
+        self.iterator.on_epoch_end()
+
+
+def augmentation_layers(seed=None):
+    """``AUGMENTATION`` as Keras preprocessing layers, for the tf.data path: a
+    ``keras.Sequential`` on ``(height, width, 3)`` images (any value range)."""
+    shift, zoom = AUGMENTATION["width_shift_range"], AUGMENTATION["zoom_range"]
+    return keras.Sequential([
+        keras.layers.RandomFlip("horizontal", seed=seed),
+        keras.layers.RandomTranslation(shift, shift, fill_mode=AUGMENTATION["fill_mode"], seed=seed),
+        keras.layers.RandomZoom((-zoom, zoom), (-zoom, zoom), fill_mode=AUGMENTATION["fill_mode"], seed=seed),
+    ], name="augmentation")
 
 
 TF_DATA_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")  # what tf.io.decode_image reads of IMAGE_EXTENSIONS
 
 
 def image_dataset(split, image_size, batch_size, shuffle, seed=None, workers=tf.data.AUTOTUNE, drop_remainder=False,
-                  shard=None):
+                  shard=None, features=None, augment=False):
     """The ``tf.data`` input path: parallel decoding, batching and prefetch.
 
     The same images, labels and preprocessing as the generator path:
@@ -236,10 +344,14 @@ def image_dataset(split, image_size, batch_size, shuffle, seed=None, workers=tf.
         drop_remainder: leave out the last, partial batch (for several replicas).
         shard: ``(count, index)``: only every ``count``-th file from ``index`` (one
             worker's share, before decoding).
+        features: ``(len(split), 2048)`` float32 cached Xception features, in
+            ``split.paths`` order, carried with each image.
+        augment: random flips, shifts and zoom (``augmentation_layers``), per image.
 
     Returns:
         A ``tf.data.Dataset`` of ``(images, one_hot_labels)``: ``(batch, image_size,
-        image_size, 3)`` float32 in [-1, 1] and ``(batch, num_classes)`` float32.
+        image_size, 3)`` float32 in [-1, 1] and ``(batch, num_classes)`` float32; with
+        ``features``, ``((features, images), one_hot_labels)``.
 
     Raises:
         data.DatasetError: a file format ``tf.io.decode_image`` does not read (PPM,
@@ -252,13 +364,19 @@ def image_dataset(split, image_size, batch_size, shuffle, seed=None, workers=tf.
                                 f"{', '.join(map(str, unreadable[:3]))}; use --input generator.")
     num_classes = len(split.class_names)
 
-    def load(path, label):
+    augmentation = augmentation_layers(seed) if augment else None
+
+    def load(path, label, *cached):
         image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
         image = tf.image.resize(image, (image_size, image_size), method="bilinear", antialias=True)
-        return keras.applications.xception.preprocess_input(image), tf.one_hot(label, num_classes)
+        if augmentation is not None:
+            image = augmentation(image, training=True)
+        image = keras.applications.xception.preprocess_input(image)
+        return (cached[0], image) if cached else image, tf.one_hot(label, num_classes)
 
     # File names as bytes: a name that is not valid UTF-8 is read like any other.
-    dataset = tf.data.Dataset.from_tensor_slices(([os.fsencode(p) for p in split.paths], list(split.labels)))
+    columns = ([os.fsencode(p) for p in split.paths], list(split.labels))
+    dataset = tf.data.Dataset.from_tensor_slices(columns if features is None else (*columns, features))
     if shard:
         dataset = dataset.shard(*shard)
     if shuffle:
@@ -273,7 +391,7 @@ def _sharded_input(splits, args, batch_size):
     def dataset_fn(training, context):
         dataset = image_dataset(splits["train" if training else "val"], args.image_size,
                                 context.get_per_replica_batch_size(batch_size), shuffle=training, seed=args.seed,
-                                workers=args.workers, drop_remainder=True,
+                                workers=args.workers, drop_remainder=True, augment=training and args.augment,
                                 shard=(context.num_input_pipelines, context.input_pipeline_id))
         return dataset.repeat() if training else dataset
 
@@ -289,15 +407,61 @@ def training_data(splits, args, batch_size, strategy=None):
     (``distribute.replica_safe`` does it for the generator)."""
     if multiworker.is_multi_worker(strategy):
         return _sharded_input(splits, args, batch_size)
-    replicas = strategy.num_replicas_in_sync if strategy else 1
+    drop_remainder = bool(strategy) and strategy.num_replicas_in_sync > 1
+    return (read_split(splits["train"], args, batch_size, True, drop_remainder=drop_remainder),
+            read_split(splits["val"], args, batch_size, False, drop_remainder=drop_remainder))
 
-    def read(split, shuffle):
-        if args.input == "tf.data":
-            return image_dataset(split, args.image_size, batch_size, shuffle, args.seed, args.workers,
-                                 drop_remainder=replicas > 1)
-        return flow_from_split(split, args.image_size, batch_size, shuffle, args.seed, args.workers)
 
-    return read(splits["train"], True), read(splits["val"], False)
+def read_split(split, args, batch_size, shuffle, features=None, drop_remainder=False):
+    """One split through the input path ``--input`` chooses, with ``--workers``; the training
+    split (``shuffle``) augmented under ``--augment``; with cached ``features`` (``flow_from_split``,
+    ``image_dataset``)."""
+    augment = shuffle and args.augment
+    if args.input == "tf.data":
+        return image_dataset(split, args.image_size, batch_size, shuffle, args.seed, args.workers,
+                             drop_remainder=drop_remainder, features=features, augment=augment)
+    return flow_from_split(split, args.image_size, batch_size, shuffle, args.seed, args.workers, features=features,
+                           augment=augment)
+
+
+def phase1_inputs(model, splits, args, trainer, strategy=None):
+    """``(fitted_model, train, val)`` for phase 1.
+
+    With Xception frozen, no ``--augment`` and no ``--distribute``, each image's Xception
+    features are computed once (``helpers.features``: ``features/<split>-<key>.npy``, float32
+    ``(images, 2048)``, read by the same input path as the uncached one) and
+    ``classifier_head`` trains on them and the images (for the RNN branch): the same losses
+    and weights as the whole model on the same batches (tested). Otherwise (or with
+    ``--no-feature-cache``) the whole model trains from the images (``training_data``); the
+    log says which and why.
+    """
+    reasons = [reason for off, reason in (
+        (not args.feature_cache, "--no-feature-cache"), (args.augment, "--augment (each epoch's images differ)"),
+        (args.distribute != "none", "--distribute"),
+    ) if off]
+    if reasons or not args.epochs or trainer.run.phase_complete("phase1"):
+        if reasons and args.epochs:
+            logger.info("phase 1: Xception runs on every image every epoch (feature cache off: %s)", ", ".join(reasons))
+        return (model, *training_data(splits, args, args.batch_size, strategy))
+    backbone = model.get_layer(BACKBONE)
+    head = classifier_head(model)
+    datasets = []
+    for name, shuffle in (("train", True), ("val", False)):
+        split = splits[name]
+        features = featurecache.cached_features(
+            backbone, split.paths, trainer.run.features, name, reader=args.input,
+            images=lambda: read_split(split, args, args.batch_size, shuffle=False))
+        if len(head.inputs) == 2:
+            datasets.append(read_split(split, args, args.batch_size, shuffle, features=features))
+        else:  # --cnn-only: the features are the whole input
+            dataset = tf.data.Dataset.from_tensor_slices(
+                (features, keras.utils.to_categorical(split.labels, len(split.class_names))))
+            if shuffle:
+                dataset = dataset.shuffle(len(split), seed=args.seed, reshuffle_each_iteration=True)
+            datasets.append(dataset.batch(args.batch_size).prefetch(2))
+    logger.info("phase 1: the head trains on cached Xception features of %d images (%s)", len(splits["train"]),
+                trainer.run.features)
+    return (head, *datasets)
 
 
 def compile_classifier(model, optimizer, jit_compile=False):
@@ -335,11 +499,13 @@ def train(args):
     splits = data.load_splits(args.data_dir)
     class_names = splits["train"].class_names
     check_model_arguments(len(class_names), args.image_size, args.rnn_timesteps, args.rnn_units)
+    if args.fine_tune_layers is not None and not 0 <= args.fine_tune_layers <= XCEPTION_LAYERS:
+        raise UsageError(f"--fine-tune-layers must be in [0, {XCEPTION_LAYERS}]. Received: {args.fine_tune_layers}")
     class_weight = (training.balanced_class_weights(splits["train"].labels, len(class_names))
                     if args.class_weight == "balanced" else None)
     # The run directory's lock is held from here on: a second run on it stops at once.
     with training.Trainer(args.output_dir, strategy, **cli.trainer_arguments(args)) as trainer:
-        cli.check_resumable(args, MODEL_ARGUMENTS, class_names)
+        cli.check_resumable(args, (*MODEL_ARGUMENTS, "fine_tune_layers"), class_names)  # phase 2's trainable weights
         if not args.skip_image_check:
             logger.info("checking that all %d images decode", sum(map(len, splits.values())))
             data.check_images([p for split in splits.values() for p in split.paths])
@@ -353,19 +519,22 @@ def train(args):
             model = build_cnn_rnn_classifier(num_classes=len(class_names), weights=args.weights,
                                              **cli.model_arguments(args, MODEL_ARGUMENTS))
 
-            # Phase 1: Xception frozen (BatchNormalization in inference mode), RMSprop; best by val loss.
+            # Phase 1: Xception frozen (BatchNormalization in inference mode), RMSprop; the layers above it
+            # train, from each image's Xception features computed once when they can be cached
+            # (phase1_inputs); best by val loss.
             training.set_backbone_trainable(model, BACKBONE, False)
             model.summary(print_fn=logger.info, line_length=110)
-            train_data, val_data = training_data(splits, args, args.batch_size, strategy)
-            compile_classifier(model, keras.optimizers.RMSprop(
+            fitted, train_data, val_data = phase1_inputs(model, splits, args, trainer, strategy)
+            compile_classifier(fitted, keras.optimizers.RMSprop(
                 learning_rate=trainer.learning_rate(args.learning_rate, args.epochs, train_data)), args.jit_compile)
-            best = trainer.fit(model, "phase1", train_data, val_data, epochs=args.epochs, monitor="val_loss",
-                               class_weight=class_weight, title="phase 1: Xception frozen")
+            best = trainer.fit(fitted, "phase1", train_data, val_data, epochs=args.epochs, monitor="val_loss",
+                               class_weight=class_weight, save=model, title="phase 1: Xception frozen")
 
-            # Phase 2: from phase 1's best, everything but BatchNormalization statistics trains,
-            # Adam(1e-4); best by val accuracy.
+            # Phase 2: from phase 1's best, everything (or Xception's top --fine-tune-layers) but
+            # BatchNormalization statistics trains, Adam(1e-4); best by val accuracy.
             model = training.best_model(best, model)
-            training.set_backbone_trainable(model, BACKBONE, True, train_batchnorm=args.train_batchnorm)
+            training.set_backbone_trainable(model, BACKBONE, True, train_batchnorm=args.train_batchnorm,
+                                            top_layers=args.fine_tune_layers)
             train_data, val_data = training_data(splits, args, args.fine_tune_batch_size, strategy)
             compile_classifier(model, keras.optimizers.Adam(learning_rate=trainer.learning_rate(
                 args.fine_tune_learning_rate, args.fine_tune_epochs, train_data)), args.jit_compile)

@@ -79,10 +79,8 @@ def parse_args(argv=None):
                               "same for all its frames (default: off)")
     training_group = cli.add_training_arguments(train_parser, epochs=10, fine_tune_epochs=10, batch_size=8,
                                                 fine_tune_batch_size=8, learning_rate=None, fine_tune_learning_rate=None)
-    training_group.add_argument("--no-feature-cache", dest="feature_cache", action="store_false",
-                                help="phase 1: run VGG16 on every frame every epoch instead of once (default: the "
-                                "frames' VGG16 features are cached when VGG16 is frozen, --frames is fixed, "
-                                "--augment is off and --distribute is none)")
+    cli.add_feature_cache_argument(training_group, "VGG16", "frame",
+                                   "VGG16 is frozen, --frames is fixed, --augment is off and --distribute is none")
     cli.add_performance_arguments(train_parser)
     cli.add_output_arguments(train_parser)
 

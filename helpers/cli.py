@@ -88,6 +88,15 @@ def _value_or_recipe(value):
     return "the --recipe's" if value is None else f"{value:g}"
 
 
+def add_feature_cache_argument(group, backbone, item, conditions):
+    """``--no-feature-cache`` (``args.feature_cache``): phase 1 trains on the ``backbone``'s
+    features of each ``item`` computed once (``helpers.features``) when the ``conditions`` hold."""
+    group.add_argument("--no-feature-cache", dest="feature_cache", action="store_false",
+                       help=f"phase 1: run {backbone} on every {item} every epoch instead of once (default: each "
+                       f"{item}'s {backbone} features are computed once and cached in the output directory when "
+                       f"{conditions})")
+
+
 def add_performance_arguments(parser, distribute=True):
     """The performance group; ``distribute=False`` leaves out ``--distribute`` and ``--devices``."""
     group = parser.add_argument_group("performance")

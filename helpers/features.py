@@ -56,7 +56,8 @@ def cache_key(encoder, paths, reader=""):
     return digest.hexdigest()
 
 
-def cached_features(encoder, paths, folder, name, batch_size=32, workers=tf.data.AUTOTUNE, loader=None):
+def cached_features(encoder, paths, folder, name, batch_size=32, workers=tf.data.AUTOTUNE, loader=None,
+                    images=None, reader=None):
     """The encoder's output for every image of ``paths``, from the cache or computed (then cached).
 
     Args:
@@ -68,12 +69,17 @@ def cached_features(encoder, paths, folder, name, batch_size=32, workers=tf.data
         batch_size: images per encoder call.
         loader: ``loader(paths) -> (len(paths), size, size, 3)`` float32 RGB 0..255: the images
             exactly as the uncached path reads them (LRCN: PIL); default: ``image_dataset``.
+        images: instead of ``loader``: ``images()`` returns the encoder's inputs for ``paths`` in
+            order, as anything ``encoder.predict`` takes (the classifier: its training input
+            path without shuffling), read by ``reader``; called only when the cache misses.
+        reader: the name of the image reader, part of the key (default: ``loader``'s name).
 
     Returns:
         ``(len(paths), features)`` float32 numpy array.
     """
     folder = Path(folder)
-    reader = "" if loader is None else f"{loader.__module__}.{loader.__qualname__}"
+    if reader is None:
+        reader = "" if loader is None else f"{loader.__module__}.{loader.__qualname__}"
     key = cache_key(encoder, paths, reader)[:20]
     path = folder / f"{name}-{key}.npy"
     if path.is_file():
@@ -86,7 +92,9 @@ def cached_features(encoder, paths, folder, name, batch_size=32, workers=tf.data
             logger.warning("feature cache %s is unreadable (%s); computing it again", path, error)
     logger.info("computing the backbone features of %d %s images once (cached in %s)", len(paths), name, path)
     size = encoder.input_shape[1]
-    if loader is None:
+    if images is not None:
+        features = encoder.predict(images(), verbose=progress_verbosity())
+    elif loader is None:
         features = encoder.predict(image_dataset(paths, size, batch_size, workers), verbose=progress_verbosity())
     else:
         features = np.concatenate([encoder.predict(loader(paths[i:i + batch_size]), verbose=0)
