@@ -1,5 +1,6 @@
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -381,3 +382,157 @@ def test_train_with_tf_data_input(class_folders, tmp_path):
                                "--workers", "1", "--mixed-precision", "off")) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["split"] == "test" and metrics["num_images"] == 9
+
+
+# ---------------------------------------------------------------- phase 1 on cached features, --augment (issue 13)
+
+def _input_args(input_path="generator", augment=False):
+    import argparse
+
+    return argparse.Namespace(input=input_path, image_size=71, seed=0, workers=1, augment=augment)
+
+
+@pytest.mark.parametrize("mixed_precision", ["off", "bfloat16"])
+def test_phase1_on_cached_features_equals_the_whole_model(class_folders, tmp_path, mixed_precision):
+    """classifier_head trained on cached Xception features (and the images, for the RNN branch) takes
+    the same steps as the whole model on the images: losses and weights within rtol 1e-5, float32 and
+    bfloat16 Xception."""
+    from helpers import data, features
+
+    split = data.list_split(class_folders / "train", None, "train")
+    args = _input_args()
+    x, y = crc.read_split(split, args, 6, shuffle=False)[0]
+
+    def build():
+        keras.utils.set_random_seed(0)
+        model = crc.build_cnn_rnn_classifier(3, **TINY, mixed_precision=mixed_precision)
+        training.set_backbone_trainable(model, "xception", False)
+        return model
+
+    whole = build()
+    crc.compile_classifier(whole, keras.optimizers.RMSprop(0.01))
+    whole_losses = [float(whole.train_on_batch(x, y)[0]) for _ in range(3)]
+
+    model = build()
+    head = crc.classifier_head(model)
+    assert [tuple(i.shape) for i in head.inputs] == [(None, 2048), (None, 71, 71, 3)]
+    cached = features.cached_features(model.get_layer("xception"), split.paths, tmp_path / "features", "train",
+                                      images=lambda: crc.read_split(split, args, 4, shuffle=False), reader="generator")
+    assert cached.shape == (len(split), 2048) and cached.dtype == np.float32
+    (batch_features, images), labels = crc.read_split(split, args, 6, shuffle=False, features=cached)[0]
+    np.testing.assert_array_equal(images, x)
+    np.testing.assert_array_equal(labels, y)
+    crc.compile_classifier(head, keras.optimizers.RMSprop(0.01))
+    head_losses = [float(head.train_on_batch([batch_features, images], y)[0]) for _ in range(3)]
+
+    np.testing.assert_allclose(head_losses, whole_losses, rtol=1e-5)
+    assert whole_losses[0] != whole_losses[-1]  # it trained
+    trained = [layer for layer in head.layers if layer.weights]
+    assert {layer.name for layer in trained} == {"rnn_lstm_1", "rnn_lstm_2", "cnn_projection", "predictions"}
+    for layer in trained:
+        for a, b in zip(layer.get_weights(), whole.get_layer(layer.name).get_weights()):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_cached_features_follow_the_shuffled_images_in_both_input_paths(class_folders):
+    from helpers import data
+
+    split = data.list_split(class_folders / "train", None, "train")
+    rows = np.arange(len(split), dtype="float32")[:, None] * np.ones((1, 2048), "float32")  # row i holds i
+    for input_path in ("generator", "tf.data"):
+        reader = crc.read_split(split, _input_args(input_path), 4, shuffle=True, features=rows)
+        plain = {p: crc.read_split(split, _input_args(input_path), len(split), shuffle=False)[0][0][i]
+                 if input_path == "generator" else None for i, p in enumerate(split.paths)}
+        batches = [reader[i] for i in range(len(reader))] if input_path == "generator" else list(reader)
+        seen = []
+        for (batch_features, images), labels in batches:
+            index = np.asarray(batch_features)[:, 0].astype(int)
+            np.testing.assert_array_equal(np.argmax(labels, 1), np.asarray(split.labels)[index])
+            if input_path == "generator":
+                for i, image in zip(index, np.asarray(images)):
+                    np.testing.assert_array_equal(image, plain[split.paths[i]])
+            seen += list(index)
+        assert sorted(seen) == list(range(len(split))) and seen != sorted(seen)  # all, shuffled
+
+
+def test_cnn_only_head_takes_only_the_features():
+    model = crc.build_cnn_rnn_classifier(3, **TINY, cnn_only=True)
+    head = crc.classifier_head(model)
+    assert [tuple(i.shape) for i in head.inputs] == [(None, 2048)]
+    assert [layer.name for layer in head.layers if layer.weights] == ["predictions"]
+
+
+def test_phase1_cache_is_on_by_default_and_a_flag_turns_it_off(class_folders, tmp_path, caplog):
+    import logging
+
+    for cached, extra in ((True, []), (False, ["--no-feature-cache"]), (False, ["--augment"])):
+        out = tmp_path / f"run{len(list(tmp_path.iterdir()))}"
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            assert crc.main(train_args(class_folders, out, "--epochs", "2", "--fine-tune-epochs", "0",
+                                       "--skip-image-check", *extra)) == 0
+        assert ("head trains on cached Xception features" in caplog.text) == cached
+        assert ("feature cache off: " + (extra[0] if extra else "") in caplog.text) == (not cached)
+        files = sorted(p.name.split("-")[0] for p in (out / "features").glob("*.npy")) if cached else []
+        assert files == (["train", "val"] if cached else [])
+        assert len(rundir.read_history(out / "phase1_log.csv")["loss"]) == 2
+        model = keras.saving.load_model(out / "phase1_best.keras")  # the whole model, not the head
+        assert model.name == "cnn_rnn_classifier" and model.input_shape == (None, 71, 71, 3)
+        if cached:  # the cache holds Xception's output for each image, in the split's order
+            from helpers import data
+
+            split = data.list_split(class_folders / "train", None, "train")
+            stored = np.load(next((out / "features").glob("train-*.npy")))
+            expected = model.get_layer("xception").predict(crc.read_split(split, _input_args(), 4, False), verbose=0)
+            np.testing.assert_allclose(stored, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_cache_is_reused_on_resume_and_computed_again_when_an_image_changes(class_folders, tmp_path, monkeypatch,
+                                                                            caplog):
+    import logging
+    import os
+
+    out = tmp_path / "run"
+    args = train_args(class_folders, out, "--epochs", "3", "--fine-tune-epochs", "0", "--steps-per-epoch", "2",
+                      "--skip-image-check")
+    for touch in (False, True):
+        kill_at_batch(monkeypatch, 3)
+        with pytest.raises(Killed):
+            crc.main(args)
+        monkeypatch.undo()
+        (out / "phase1_done.json").unlink(missing_ok=True)
+        before = {p.name for p in (out / "features").glob("*.npy")}
+        if touch:  # an image rewritten: its size and modification time change
+            image = next((class_folders / "train" / "cat").iterdir())
+            write_jpeg(image, seed=999)
+            os.utime(image, ns=(1, 1))
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            assert crc.main(args) == 0
+        after = {p.name for p in (out / "features").glob("*.npy")}
+        train_before, train_after = ({n for n in names if n.startswith("train-")} for names in (before, after))
+        assert len(train_after) == 1
+        assert ("features of 18 train images read from the cache" in caplog.text) == (not touch)
+        assert (train_after == train_before) == (not touch)
+        assert "resuming after 1 completed epochs" in caplog.text
+        for name in ("phase1_log.csv", "phase1_best.keras", "phase1_done.json"):
+            (out / name).unlink()
+        shutil.rmtree(out / "backup", ignore_errors=True)
+
+
+def test_augment_changes_images_not_labels_in_both_input_paths(class_folders):
+    from helpers import data
+
+    split = data.list_split(class_folders / "train", None, "train")
+    plain_images, plain_labels = crc.flow_from_split(split, 71, len(split), shuffle=False)[0]
+    augmented = crc.flow_from_split(split, 71, len(split), shuffle=False, augment=True)
+    tf_plain = next(iter(crc.image_dataset(split, 71, len(split), shuffle=False)))[0]
+    tf_augmented = crc.image_dataset(split, 71, len(split), shuffle=False, seed=0, augment=True)
+    epochs = [(np.asarray(augmented[0][0]), augmented[0][1]) for _ in range(2)]
+    epochs += [tuple(np.asarray(t) for t in next(iter(tf_augmented))) for _ in range(2)]
+    for i, (images, labels) in enumerate(epochs):
+        base = plain_images if i < 2 else np.asarray(tf_plain)
+        np.testing.assert_array_equal(labels, plain_labels)
+        assert images.shape == base.shape and images.min() >= -1.0 and images.max() <= 1.0
+        assert float(np.mean(np.abs(images - base))) > 0.01  # changed
+    assert not np.array_equal(epochs[0][0], epochs[1][0]) and not np.array_equal(epochs[2][0], epochs[3][0])
