@@ -29,6 +29,7 @@ Usage::
 
     python -m helpers.restructure_dataset SRC --output OUT [--holdout 50] [--classes 100]
     python -m helpers.restructure_dataset SRC --in-place [--dry-run]
+    python helpers/restructure_dataset.py SRC --output OUT ...     (the same, run as a file)
 
 or from Python: ``restructure(src, output=..., holdout=..., ...)``.
 
@@ -48,6 +49,8 @@ import shutil
 import sys
 from pathlib import Path
 
+if __package__ in (None, ""):  # run as a file (python helpers/restructure_dataset.py): the repository on the path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from helpers.formats import IMAGE_EXTENSIONS, read_text  # other files in an image folder are stray files
 
 logger = logging.getLogger(__name__)

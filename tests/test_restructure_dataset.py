@@ -236,3 +236,15 @@ def test_cli(tiny_imagenet, tmp_path, capsys):
     assert rd.main([str(tmp_path / "missing"), "--in-place"]) == 2
     with pytest.raises(SystemExit):
         rd.main([str(tiny_imagenet)])  # neither --output nor --in-place
+
+
+def test_runs_as_a_file_from_any_folder(tiny_imagenet, tmp_path):
+    """``python helpers/restructure_dataset.py`` (the seed's way of running it) works outside the repository."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "helpers" / "restructure_dataset.py"
+    done = subprocess.run([sys.executable, str(script), str(tiny_imagenet), "--output", str(tmp_path / "out"),
+                           "--holdout", "1"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in (tmp_path / "out" / "test").iterdir()) == ["n001", "n002", "n003"]
