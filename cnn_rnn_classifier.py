@@ -29,6 +29,7 @@ A saved model loads in safe mode with ``keras.saving.load_model(path)`` once thi
 module (or ``helpers.layers``) has been imported.
 """
 
+import functools
 import logging
 import os
 import sys
@@ -168,7 +169,10 @@ def build_cnn_rnn_classifier(
             the 2048 CNN features directly.
         mixed_precision: ``"off"`` (float32), ``"bfloat16"``, ``"float16"`` or
             ``"auto"`` (``helpers.precision.resolve``): the compute dtype of the
-            Xception backbone only; the LSTMs and the classifier stay float32.
+            Xception backbone. The LSTMs and the classifier keep float32 weights and
+            outputs; with bfloat16 the LSTMs' matmuls read bfloat16 copies of their
+            operands (``FusedLSTM``'s ``matmul_dtype``; states and gates float32), 2.2x
+            faster on this project's AMX CPU (README, training throughput).
         fused_lstm: ``False`` builds plain ``keras.layers.LSTM`` layers (same weights and
             results, slower on a CPU): the seed-faithful baseline of the benchmarks.
 
@@ -189,13 +193,16 @@ def build_cnn_rnn_classifier(
     """
     check_model_arguments(num_classes, image_size, rnn_timesteps, rnn_units)
     inputs = keras.Input((image_size, image_size, 3), name="image")
+    policy = precision.resolve(mixed_precision)
     backbone = pretrained_backbone(
-        keras.applications.Xception, weights, precision.resolve(mixed_precision),
-        input_shape=(image_size, image_size, 3), pooling="avg",
+        keras.applications.Xception, weights, policy, input_shape=(image_size, image_size, 3), pooling="avg",
     )
     head = {"predictions": keras.layers.Dense(num_classes, activation="softmax", name="predictions")}
     if not cnn_only:
-        lstm = FusedLSTM if fused_lstm else keras.layers.LSTM
+        if fused_lstm:  # bfloat16 matmuls (float32 weights, states and gates) where the backbone is bfloat16
+            lstm = functools.partial(FusedLSTM, matmul_dtype="bfloat16" if policy == "mixed_bfloat16" else None)
+        else:
+            lstm = keras.layers.LSTM
         head.update(
             grayscale=Grayscale(name="grayscale"),  # (batch, size, size, 1)
             timesteps=keras.layers.Reshape((rnn_timesteps, image_size * image_size // rnn_timesteps), name="timesteps"),

@@ -122,6 +122,50 @@ def child_classifier(config):
     return {"images_per_s": _fit_throughput(model, flow, config["steps"], batch)}
 
 
+def child_phase1_whole(config):
+    """A whole phase 1 (``config["epochs"]`` epochs over the images, no validation, no
+    checkpoints) at the seed configuration, seconds from the first image read to the last
+    step. ``seed``: the seed's way (a plain ``ImageDataGenerator`` subclass, ``keras.layers.LSTM``,
+    float32, Xception run on every image every epoch). ``cached``: what ``cnn_rnn_classifier.py
+    train`` does with its default flags (``phase1_inputs``): each image's Xception features
+    computed once (mixed_bfloat16 Xception where the CPU has it), then ``classifier_head``
+    (``FusedLSTM``) trained on them and the images."""
+    import keras
+    import tensorflow as tf
+
+    import cnn_rnn_classifier as crc
+    from helpers import data, training
+    from helpers import features as featurecache
+
+    batch, epochs = 16, config["epochs"]
+    start = time.perf_counter()
+    if config["path"] == "seed":
+        class SeedGenerator(tf.keras.preprocessing.image.ImageDataGenerator):
+            def standardize(self, x):
+                return keras.applications.xception.preprocess_input(super().standardize(x))
+
+        flow = SeedGenerator().flow_from_directory(config["data"], target_size=(299, 299), batch_size=batch, seed=0)
+        model = crc.build_cnn_rnn_classifier(flow.num_classes, weights=None, fused_lstm=False)
+        training.set_backbone_trainable(model, "xception", False)
+        model.compile(optimizer=keras.optimizers.RMSprop(), loss="categorical_crossentropy", metrics=["accuracy"])
+        model.fit(flow, epochs=epochs, verbose=0)
+        return {"seconds": time.perf_counter() - start}
+    args = crc.parse_args(["train", "--data-dir", config["data"], "--batch-size", str(batch), "--weights", "none"])
+    split = data.list_split(Path(config["data"]), None, "train")
+    model = crc.build_cnn_rnn_classifier(len(split.class_names), weights=None,
+                                         **crc.cli.model_arguments(args, crc.MODEL_ARGUMENTS))
+    training.set_backbone_trainable(model, "xception", False)
+    head = crc.classifier_head(model)
+    with tempfile.TemporaryDirectory() as cache:
+        features = featurecache.cached_features(model.get_layer("xception"), split.paths, cache, "train",
+                                                images=lambda: crc.read_split(split, args, batch, False),
+                                                reader=args.input)
+    extracted = time.perf_counter() - start
+    crc.compile_classifier(head, keras.optimizers.RMSprop())
+    head.fit(crc.read_split(split, args, batch, True, features=features), epochs=epochs, verbose=0)
+    return {"seconds": time.perf_counter() - start, "extraction_seconds": extracted}
+
+
 def child_lrcn(config):
     """LRCN phase 1 as ``lrcn.py train --frames 16`` builds and compiles it (the baseline with
     ``--mixed-precision off``), clips/s."""
@@ -234,25 +278,28 @@ def child_flops(config):
 
 
 def child_peak(config):
-    """Best of 5 timings of a 2048x2048 matmul in float32 and bfloat16, FLOP/s."""
+    """Best of 5 timings of a 4096x4096 matmul in float32 and bfloat16, FLOP/s (4096: large
+    enough for oneDNN to engage AMX in bfloat16; 2048 x 2048 measured well below it here)."""
     import tensorflow as tf
 
+    size = 4096
+
     def peak(dtype):
-        a = tf.cast(tf.random.uniform((2048, 2048)), dtype)
+        a = tf.cast(tf.random.uniform((size, size)), dtype)
         matmul = tf.function(lambda m: tf.matmul(m, m))
         matmul(a).numpy()
         best = 0.0
         for _ in range(5):
             start = time.perf_counter()
-            for _ in range(10):
+            for _ in range(3):
                 matmul(a).numpy()
-            best = max(best, 2 * 2048 ** 3 * 10 / (time.perf_counter() - start))
+            best = max(best, 2 * size ** 3 * 3 / (time.perf_counter() - start))
         return best
 
     return {"float32_matmul_peak": peak(tf.float32), "bfloat16_matmul_peak": peak(tf.bfloat16)}
 
 
-CHILDREN = {"classifier": child_classifier, "lrcn": child_lrcn, "input": child_input, "flops": child_flops,
+CHILDREN = {"classifier": child_classifier, "phase1_whole": child_phase1_whole, "lrcn": child_lrcn, "input": child_input, "flops": child_flops,
             "peak": child_peak, "components": child_components}
 
 
@@ -273,7 +320,9 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=4, help="timed steps per training measurement (default: 4)")
     parser.add_argument("--quick", action="store_true", help="skip the seed configuration and LRCN (default: off)")
     parser.add_argument("--markdown", type=Path, default=None, help="also write the table here (default: print only)")
-    parser.add_argument("--only", choices=("classifier", "input", "lrcn"), default=None,
+    parser.add_argument("--cache-images", type=int, default=96,
+                        help="images of the whole-phase-1 measurement (--only cache) (default: 96)")
+    parser.add_argument("--only", choices=("classifier", "cache", "input", "lrcn"), default=None,
                         help="run only these measurements (default: all)")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -309,7 +358,20 @@ def main(argv=None):
                            "peak_rss_mib": round(result["peak_rss_mib"])}
                     print(json.dumps(row), flush=True)
                     rows.append(row)
-        print(json.dumps({"measurement": "matmul peak (2048x2048)",
+        if not args.quick and args.only in (None, "cache"):
+            write_images(scratch / "cache_images", classes=4, per_class=args.cache_images // 4)
+            seconds = {}
+            for path in ("seed", "cached"):
+                result = run_child("phase1_whole", {"data": str(scratch / "cache_images"), "path": path, "epochs": 3})
+                seconds[path] = result["seconds"]
+                row = {"measurement": f"classifier seed phase 1, whole, 3 epochs of {args.cache_images} images ({path})",
+                       "seconds": round(result["seconds"], 1), "peak_rss_mib": round(result["peak_rss_mib"])}
+                if "extraction_seconds" in result:
+                    row["extraction_seconds"] = round(result["extraction_seconds"], 1)
+                    row["speedup"] = round(seconds["seed"] / seconds["cached"], 2)
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+        print(json.dumps({"measurement": "matmul peak (4096x4096)",
                           "float32_gflop_per_s": round(peaks["float32_matmul_peak"] / 1e9, 1),
                           "bfloat16_gflop_per_s": round(peaks["bfloat16_matmul_peak"] / 1e9, 1)}), flush=True)
         for path in ("generator", "tf.data") if args.only in (None, "input") else ():
@@ -335,14 +397,16 @@ def main(argv=None):
                     rows.append(row)
 
     machine = f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}"
-    table = [f"Machine: {machine}. Matmul peak (2048x2048, best of 5): float32 "
-             f"{peaks['float32_matmul_peak'] / 1e9:.0f} GFLOP/s, bfloat16 {peaks['bfloat16_matmul_peak'] / 1e9:.0f} GFLOP/s.", "", "| measurement | throughput | GFLOP/image | of fp32 peak | peak RSS |",
-             "| --- | --- | --- | --- | --- |"]
+    table = [f"Machine: {machine}. Matmul peak (4096x4096, best of 5): float32 "
+             f"{peaks['float32_matmul_peak'] / 1e9:.0f} GFLOP/s, bfloat16 {peaks['bfloat16_matmul_peak'] / 1e9:.0f} GFLOP/s.", "", "| measurement | throughput | GFLOP/image | of fp32 peak | of bf16 peak | peak RSS |",
+             "| --- | --- | --- | --- | --- | --- |"]
     for row in rows:
         speed = (f"{row['images_per_s']} images/s" if "images_per_s" in row else f"{row['clips_per_s']} clips/s"
-                 if "clips_per_s" in row else f"{row['seconds_per_batch_of_16']} s per batch of 16")
+                 if "clips_per_s" in row else f"{row['seconds']} s" + (f" ({row['speedup']}x)" if "speedup" in row else "")
+                 if "seconds" in row else f"{row['seconds_per_batch_of_16']} s per batch of 16")
         table.append(f"| {row['measurement']} | {speed} | {row.get('train_gflop_per_image', '')} | "
-                     f"{row.get('fraction_of_float32_peak', '')} | {row.get('peak_rss_mib', '')} |")
+                     f"{row.get('fraction_of_float32_peak', '')} | {row.get('fraction_of_bfloat16_peak', '')} | "
+                     f"{row.get('peak_rss_mib', '')} |")
     print("\n".join(table))
     if args.markdown:
         args.markdown.write_text("\n".join(table) + "\n")

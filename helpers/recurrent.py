@@ -15,7 +15,11 @@ gradients one timestep at a time: at the classifier's seed configuration (batch 
   bias's gradients follow from the hoisted projection by ordinary autodiff).
 
 Same weights, same configuration, same results as ``keras.layers.LSTM`` (tested to
-float32 rounding); it is a subclass, so a ``FusedLSTM`` checkpoint loads its weights
+float32 rounding), unless ``matmul_dtype="bfloat16"``: then every matmul of the fused
+path (the input projection, the recurrent step, their gradients) reads bfloat16 copies of
+its operands, while the weights, the gates, the states and their gradients stay float32,
+as mixed precision does for a backbone; on a CPU with AMX or AVX512_BF16 that is the
+fast kernel (tested against float32 to bfloat16 tolerance); it is a subclass, so a ``FusedLSTM`` checkpoint loads its weights
 into an ``LSTM`` and back. Where the fused path does not apply it defers to
 ``keras.layers.LSTM`` unchanged: on a GPU (cuDNN is faster still), with a mask,
 with dropout or recurrent dropout while training, with activations other than
@@ -30,7 +34,14 @@ import tensorflow as tf
 from helpers.layers import PACKAGE
 
 
-def _lstm_recurrence(projected, h0, c0, recurrent_kernel):
+def _matmul(a, b, dtype, **kwargs):
+    """``tf.matmul`` of ``a`` and ``b`` read as ``dtype``, returned in ``a``'s dtype."""
+    if dtype == a.dtype:
+        return tf.matmul(a, b, **kwargs)
+    return tf.cast(tf.matmul(tf.cast(a, dtype), tf.cast(b, dtype), **kwargs), a.dtype)
+
+
+def _lstm_recurrence(projected, h0, c0, recurrent_kernel, matmul_dtype=None):
     """The LSTM time loop on inputs already multiplied by the input kernel (plus bias).
 
     Args:
@@ -38,17 +49,22 @@ def _lstm_recurrence(projected, h0, c0, recurrent_kernel):
             ``x_t @ kernel + bias`` in Keras's gate order (input, forget, cell, output).
         h0, c0: ``(batch, units)`` initial hidden and carry states.
         recurrent_kernel: ``(units, 4 * units)``.
+        matmul_dtype: the dtype the matmuls read (default: ``projected``'s).
 
     Returns:
         ``(hidden, carry)``: ``(timesteps, batch, units)`` hidden states of every step
         and the last carry ``(batch, units)``.
     """
 
+    matmul_dtype = tf.as_dtype(matmul_dtype or projected.dtype)
+
     @tf.custom_gradient
     def recurrence(projected, h0, c0, recurrent_kernel):
+        kernel = tf.cast(recurrent_kernel, matmul_dtype)  # cast once, not per step
+
         def step(state, z):
             h, c, _ = state
-            i, f, g, o = tf.split(z + tf.matmul(h, recurrent_kernel), 4, axis=-1)
+            i, f, g, o = tf.split(z + _matmul(h, kernel, matmul_dtype), 4, axis=-1)
             i, f, g, o = tf.sigmoid(i), tf.sigmoid(f), tf.tanh(g), tf.sigmoid(o)
             c = f * c + i * g
             return o * tf.tanh(c), c, (i, f, g, o)
@@ -71,15 +87,15 @@ def _lstm_recurrence(projected, h0, c0, recurrent_kernel):
                 # d_z @ recurrent_kernel^T, computed as (recurrent_kernel @ d_z^T)^T: with a
                 # batch-sized d_z, oneDNN's transpose_b matmul measured 4x slower here (31 vs
                 # 7.6 ms at 16 x 8192 x 2048), and grappler folds an explicit transpose back.
-                d_h = tf.transpose(tf.matmul(recurrent_kernel, d_z, transpose_b=True))
+                d_h = tf.transpose(tf.cast(tf.matmul(kernel, tf.cast(d_z, matmul_dtype), transpose_b=True), d_z.dtype))
                 return d_h, d_c * f, d_z
 
             d_h, d_c, d_gates = tf.scan(step_back, (d_hidden, gates, carries, carries_prev), reverse=True,
                                         initializer=(tf.zeros_like(h0), d_carry, tf.zeros_like(projected[0])))
             h_prev = tf.concat([h0[tf.newaxis], hidden[:-1]], axis=0)
             units = recurrent_kernel.shape[0]
-            d_recurrent = tf.matmul(tf.reshape(h_prev, (-1, units)), tf.reshape(d_gates, (-1, 4 * units)),
-                                    transpose_a=True)
+            d_recurrent = _matmul(tf.reshape(h_prev, (-1, units)), tf.reshape(d_gates, (-1, 4 * units)),
+                                  matmul_dtype, transpose_a=True)
             return d_gates, d_h[0], d_c[0], d_recurrent
 
         return (hidden, carries[-1]), backward
@@ -96,7 +112,22 @@ class FusedLSTM(keras.layers.LSTM):
     ``(batch, units)`` or ``(batch, timesteps, units)`` with ``return_sequences``).
     See the module docstring for when the fused path is taken; elsewhere this is
     exactly ``keras.layers.LSTM``.
+
+    Args:
+        matmul_dtype: ``None`` (the layer's compute dtype) or ``"bfloat16"``: the dtype the
+            fused path's matmuls read (see the module docstring); weights, states and
+            outputs keep the compute dtype.
+        **kwargs: ``keras.layers.LSTM``'s arguments.
     """
+
+    def __init__(self, units, matmul_dtype=None, **kwargs):
+        super().__init__(units, **kwargs)
+        if matmul_dtype not in (None, "bfloat16"):
+            raise ValueError(f"matmul_dtype must be None or 'bfloat16'. Received: matmul_dtype={matmul_dtype!r}")
+        self.matmul_dtype = matmul_dtype
+
+    def get_config(self):
+        return {**super().get_config(), "matmul_dtype": self.matmul_dtype}
 
     def fused_path_applies(self, sequences, mask, training):
         """True when this call can take the fused CPU path (see the module docstring)."""
@@ -113,10 +144,11 @@ class FusedLSTM(keras.layers.LSTM):
         if not self.fused_path_applies(sequences, mask, training):
             return super().inner_loop(sequences, initial_state, mask=mask, training=training)
         cell = self.cell
-        projected = keras.ops.matmul(sequences, cell.kernel)  # (batch, timesteps, 4 * units), one matmul
+        dtype = self.matmul_dtype or sequences.dtype
+        projected = _matmul(sequences, tf.convert_to_tensor(cell.kernel), dtype)  # (batch, timesteps, 4 * units)
         if cell.use_bias:
             projected = projected + cell.bias
         hidden, carry = _lstm_recurrence(tf.transpose(projected, (1, 0, 2)), initial_state[0], initial_state[1],
-                                         tf.cast(tf.convert_to_tensor(cell.recurrent_kernel), sequences.dtype))
+                                         tf.cast(tf.convert_to_tensor(cell.recurrent_kernel), sequences.dtype), dtype)
         outputs = tf.transpose(hidden, (1, 0, 2))
         return hidden[-1], outputs, [hidden[-1], carry]

@@ -93,3 +93,31 @@ def test_defers_to_cudnn_when_a_gpu_is_visible(monkeypatch):
                         lambda kind=None: [tf.config.LogicalDevice("/device:GPU:0", "GPU")] if kind == "GPU" else [])
     assert not layer.fused_path_applies(x, None, training=True)  # keras.layers.LSTM's own path: cuDNN
     assert FusedLSTM(4, use_cudnn=False).fused_path_applies(x, None, training=True)
+
+
+def test_bfloat16_matmuls_stay_within_bfloat16_tolerance_of_float32():
+    """matmul_dtype="bfloat16": the matmuls read bfloat16 (about 3 significant digits), weights, states
+    and gradients stay float32; outputs and gradients stay within a few bfloat16 roundings of
+    keras.layers.LSTM's float32 ones, at a length (23 steps) where errors would compound."""
+    reference = two_layer(keras.layers.LSTM, timesteps=23, features=40, units=16)
+    fused = two_layer(FusedLSTM, timesteps=23, features=40, units=16, matmul_dtype="bfloat16")
+    fused.set_weights(reference.get_weights())
+    x = RNG.normal(0, 1, (8, 23, 40)).astype("float32")
+    expected = outputs_and_gradients(reference, x)
+    have = tf.function(lambda x: outputs_and_gradients(fused, x))(x)
+    assert all(w.dtype == "float32" for w in fused.weights) and all(h.dtype == tf.float32 for h in have)
+    errors = []
+    for want, got in zip(expected, have):
+        scale = float(np.max(np.abs(want)))
+        error = float(np.max(np.abs(np.asarray(got) - np.asarray(want)))) / scale
+        errors.append(error)
+        assert error < 2e-2, (error, scale)
+    assert max(errors) > 1e-5  # bfloat16 was really used (float32 agrees to ~1e-6)
+    float32 = two_layer(FusedLSTM, timesteps=23, features=40, units=16)
+    float32.set_weights(reference.get_weights())
+    for want, got in zip(expected, outputs_and_gradients(float32, x)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="matmul_dtype"):
+        FusedLSTM(4, matmul_dtype="float16")
+    config = fused.layers[1].get_config()
+    assert FusedLSTM.from_config(config).matmul_dtype == "bfloat16"
