@@ -2,11 +2,11 @@
 
 On a CPU with AVX512_BF16, bfloat16 speeds up Xception's forward and backward passes
 (the README's Performance section has the measurements). A global ``mixed_bfloat16``
-policy would also cast the LSTMs, whose
-time on this CPU is dominated by batch-sized matmuls that bfloat16 does not speed up,
-and which accumulate their carry over timesteps; so here only the backbone takes the
-mixed policy, and the recurrent layers and the classifier stay float32 (the softmax
-in float32, as the Keras mixed-precision guide asks).
+policy would also cast the LSTMs' states and gates, which accumulate their carry over
+timesteps; so here only the backbone takes the mixed policy, and the recurrent layers
+and the classifier keep float32 weights, states and outputs (the softmax in float32, as
+the Keras mixed-precision guide asks). The classifier's LSTMs do take their matmuls in
+bfloat16 then (``helpers.recurrent.FusedLSTM``'s ``matmul_dtype``), with float32 states.
 
 ``--mixed-precision`` choices: ``off`` (float32), ``bfloat16``, ``float16`` (with
 loss scaling, ``keras.optimizers.LossScaleOptimizer``), and ``auto``: bfloat16 on a
