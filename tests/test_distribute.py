@@ -142,6 +142,7 @@ def test_mirrored_training_from_the_command_line_resumes(tmp_path):
     assert done["first_epoch"] == 1 and done["epochs_run"] == 2  # resumed, not restarted
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["num_images"] == 9 and len((out / "phase1_log.csv").read_text().splitlines()) >= 4
+    assert not list((out / "features").glob("*.npy"))  # the phase-1 feature cache is off under --distribute
 
 
 # ---------------------------------------------------------------- multi-worker
