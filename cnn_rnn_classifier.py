@@ -11,9 +11,10 @@ chose the checkpoint.
       |-- grayscale -> (23, 3887) timesteps -> LSTM(2048) -> LSTM(2048) -> (2048,)
       '-- element-wise product -> Dense(num_classes, softmax)
 
-Phase 1 trains the RNN branch and the classifier with Xception frozen (RMSprop);
-phase 2 fine-tunes everything with Adam(1e-4), starting from phase 1's best
-checkpoint. Images are read by ``CustomImageDataGenerator.flow_from_directory``,
+Phase 1 trains the RNN branch and the classifier with Xception frozen (RMSprop),
+from each image's Xception features computed once and cached (``phase1_inputs``);
+phase 2 fine-tunes everything (or Xception's top ``--fine-tune-layers``) with
+Adam(1e-4), starting from phase 1's best checkpoint. Images are read by ``CustomImageDataGenerator.flow_from_directory``,
 whose ``standardize()`` applies Xception's preprocessing, as in the seed.
 
 Usage::
@@ -254,7 +255,7 @@ def classifier_head(model):
     return keras.Model([features, image], _apply_head(layers, features, image), name="classifier_head")
 
 
-# --augment: the seed's own ImageDataGenerator arguments (the generator path); the tf.data path
+# --augment: ImageDataGenerator's own arguments (the seed's generator path); the tf.data path
 # applies the same ranges with Keras' preprocessing layers (``augmentation_layers``).
 AUGMENTATION = {"horizontal_flip": True, "width_shift_range": 0.1, "height_shift_range": 0.1, "zoom_range": 0.1,
                 "fill_mode": "nearest"}
