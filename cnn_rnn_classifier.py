@@ -574,7 +574,8 @@ def evaluate_model(model, split, batch_size, input_path="generator", workers=2):
     """
     size = model.input_shape[1]
     read = image_dataset if input_path == "tf.data" else flow_from_split
-    probabilities = model.predict(read(split, size, batch_size, shuffle=False, workers=workers))
+    probabilities = model.predict(read(split, size, batch_size, shuffle=False, workers=workers),
+                                  verbose=training.progress_verbosity())
     metrics = {"split": split.name}
     metrics.update(reports.classification_metrics(probabilities, split.labels, split.class_names))
     return metrics
