@@ -411,9 +411,9 @@ def greedy_search(step, state, batch_size, max_length):
     return sequences, total
 
 
-def beam_search(step, state, batch_size, beam_size, max_length):
-    """Beam search, batched over captions, length-normalised (total log-probability / words,
-    ``<end>`` counted).
+def beam_search(step, state, batch_size, beam_size, max_length, length_penalty=1.0):
+    """Beam search, batched over captions, length-normalised (total log-probability /
+    words ** ``length_penalty``, ``<end>`` counted).
 
     Each caption keeps ``beam_size`` live hypotheses. A hypothesis that emits ``<end>`` among
     the ``beam_size`` best candidates of its step is set aside as ended; a caption is done
@@ -425,6 +425,9 @@ def beam_search(step, state, batch_size, beam_size, max_length):
     Args:
         step, state, batch_size, max_length: as for ``greedy_search``.
         beam_size: hypotheses kept per caption, >= 1.
+        length_penalty: the exponent of the length normalisation, >= 0: 0 ranks by total
+            log-probability (favours short captions), 1 by mean log-probability per word,
+            above 1 favours longer captions still.
 
     Returns:
         ``(ids, score)``: per caption the chosen word ids and its normalised log-probability.
@@ -457,14 +460,14 @@ def beam_search(step, state, batch_size, beam_size, max_length):
                 words = hypotheses[caption][parent] + [word]
                 if word == END_ID:
                     if rank < k:  # an ending counts only among the k best candidates
-                        ended[caption].append((total / length, words))
+                        ended[caption].append((total / length ** length_penalty, words))
                 else:
                     parents[caption, live], new_scores[caption, live] = parent, total
                     new_hypotheses[caption][live] = words
                     live += 1
             if len(ended[caption]) >= k:  # done unless a live hypothesis still beats the k-th best ending
                 kth_best = sorted((score for score, _ in ended[caption]), reverse=True)[k - 1]
-                if new_scores[caption].max() / length <= kth_best:
+                if new_scores[caption].max() / length ** length_penalty <= kth_best:
                     done[caption] = True
                     new_scores[caption] = -np.inf
         scores, hypotheses = new_scores, new_hypotheses
@@ -476,7 +479,8 @@ def beam_search(step, state, batch_size, beam_size, max_length):
                            for c in range(batch_size) for j in range(k)], np.int32)
     results, best_scores = [], []
     for caption in range(batch_size):  # the best ending, or a live hypothesis cut at max_length if better
-        candidates = ended[caption] + [(scores[caption, j] / len(hypotheses[caption][j]), hypotheses[caption][j])
+        candidates = ended[caption] + [(scores[caption, j] / len(hypotheses[caption][j]) ** length_penalty,
+                                        hypotheses[caption][j])
                                        for j in range(k) if np.isfinite(scores[caption, j])]
         score, words = max(candidates, key=lambda item: item[0])
         results.append(words)

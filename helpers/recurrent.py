@@ -145,10 +145,17 @@ class FusedLSTM(keras.layers.LSTM):
             return super().inner_loop(sequences, initial_state, mask=mask, training=training)
         cell = self.cell
         dtype = self.matmul_dtype or sequences.dtype
-        projected = _matmul(sequences, tf.convert_to_tensor(cell.kernel), dtype)  # (batch, timesteps, 4 * units)
+        # One 2-D matmul (timesteps * batch, input) @ (input, 4 * units), time-major: a 3-D @ 2-D
+        # tf.matmul is a broadcasting BatchMatMulV2, whose kernel gradient materialises one
+        # (input, 4 * units) product per batch row and then sums them (1 GB at the seed's shapes).
+        time_major = tf.transpose(sequences, (1, 0, 2))
+        shape = tf.shape(time_major)
+        projected = _matmul(tf.reshape(time_major, (-1, sequences.shape[-1])), tf.convert_to_tensor(cell.kernel),
+                            dtype)
+        projected = tf.reshape(projected, (shape[0], shape[1], 4 * self.units))  # (timesteps, batch, 4 * units)
         if cell.use_bias:
             projected = projected + cell.bias
-        hidden, carry = _lstm_recurrence(tf.transpose(projected, (1, 0, 2)), initial_state[0], initial_state[1],
+        hidden, carry = _lstm_recurrence(projected, initial_state[0], initial_state[1],
                                          tf.cast(tf.convert_to_tensor(cell.recurrent_kernel), sequences.dtype), dtype)
         outputs = tf.transpose(hidden, (1, 0, 2))
         return hidden[-1], outputs, [hidden[-1], carry]
