@@ -163,6 +163,17 @@ def test_beam_search_finds_a_more_probable_caption_than_greedy():
     assert beam == [[B, END_ID]] and beam_score[0] == pytest.approx(math.log(0.4 * 0.95) / 2)
 
 
+SHORT_OR_LONG = table({START_ID: {A: 0.5, B: 0.5}, A: {END_ID: 1.0}, B: {A: 0.9, END_ID: 0.1}})
+
+
+def test_beam_search_length_penalty_trades_total_for_per_word_probability():
+    step = markov_step(SHORT_OR_LONG)  # "A <end>": p 0.5 over 2 words; "B A <end>": p 0.45 over 3
+    for penalty, expected, score in ((0.0, [A, END_ID], math.log(0.5)), (1.0, [B, A, END_ID], math.log(0.45) / 3),
+                                     (2.0, [B, A, END_ID], math.log(0.45) / 9)):
+        found, scores = cap.beam_search(step, (np.zeros((1, 1)),), 1, 3, 5, length_penalty=penalty)
+        assert found == [expected] and scores[0] == pytest.approx(score), penalty
+
+
 def test_beam_size_one_is_greedy_on_a_trained_shape_model():
     model = tiny_captioner("pre", vocabulary_size=12)
     decoder = cap.Decoder(model)
