@@ -105,6 +105,7 @@ from helpers.backbones import pretrained_backbone  # noqa: E402
 from helpers.captions import END_ID, PAD_ID, START_ID, UNK_ID  # noqa: E402
 from helpers.errors import UsageError  # noqa: E402
 from helpers.layers import AddToSteps, DropFirstStep, PrependStep, XceptionPreprocess  # noqa: E402
+from helpers.optimizers import FusedAdam  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -209,7 +210,7 @@ def adam(learning_rate):
     Args:
         learning_rate: a float or a schedule (``helpers.training.Trainer.learning_rate``).
     """
-    return keras.optimizers.Adam(learning_rate=learning_rate, clipnorm=5.0)
+    return FusedAdam(learning_rate=learning_rate, clipnorm=5.0)
 
 
 # ----------------------------------------------------------------------------- data

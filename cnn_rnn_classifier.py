@@ -93,6 +93,7 @@ from helpers import features as featurecache  # noqa: E402
 from helpers.backbones import pretrained_backbone  # noqa: E402
 from helpers.errors import UsageError  # noqa: E402
 from helpers.layers import Grayscale  # noqa: E402
+from helpers.optimizers import FusedAdam  # noqa: E402
 from helpers.recurrent import FusedLSTM  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -544,7 +545,7 @@ def train(args):
             training.set_backbone_trainable(model, BACKBONE, True, train_batchnorm=args.train_batchnorm,
                                             top_layers=args.fine_tune_layers)
             train_data, val_data = training_data(splits, args, args.fine_tune_batch_size, strategy)
-            compile_classifier(model, keras.optimizers.Adam(learning_rate=trainer.learning_rate(
+            compile_classifier(model, FusedAdam(learning_rate=trainer.learning_rate(
                 args.fine_tune_learning_rate, args.fine_tune_epochs, train_data)), args.jit_compile)
             best = trainer.fit(model, "phase2", train_data, val_data, epochs=args.fine_tune_epochs,
                                monitor="val_accuracy", class_weight=class_weight,

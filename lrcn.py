@@ -110,6 +110,7 @@ from helpers import features as featurecache  # noqa: E402
 from helpers.backbones import pretrained_backbone  # noqa: E402
 from helpers.errors import UsageError  # noqa: E402
 from helpers.layers import FoldFrames, FrameMask, VGG16Preprocess  # noqa: E402
+from helpers.optimizers import FusedAdam  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -217,7 +218,7 @@ def optimizer(recipe, learning_rate):
     """The recipe's optimizer: the seed's ``sgd``, or Adam with the same gradient clipping."""
     if RECIPES[recipe]["optimizer"] == "sgd":
         return sgd(learning_rate)
-    return keras.optimizers.Adam(learning_rate=learning_rate, clipnorm=1.0)
+    return FusedAdam(learning_rate=learning_rate, clipnorm=1.0)
 
 
 def sgd(learning_rate):
