@@ -434,6 +434,10 @@ def beam_search(step, state, batch_size, beam_size, max_length, length_penalty=1
         ``(ids, score)``: per caption the chosen word ids and its normalised log-probability.
     """
     k = beam_size
+
+    def normalised(total, words):
+        return total / words ** length_penalty
+
     rows = np.repeat(np.arange(batch_size), k)  # hypothesis row -> caption
     state = tuple(np.asarray(s)[rows] for s in state)
     tokens = np.full(batch_size * k, START_ID, np.int32)
@@ -461,14 +465,14 @@ def beam_search(step, state, batch_size, beam_size, max_length, length_penalty=1
                 words = hypotheses[caption][parent] + [word]
                 if word == END_ID:
                     if rank < k:  # an ending counts only among the k best candidates
-                        ended[caption].append((total / length ** length_penalty, words))
+                        ended[caption].append((normalised(total, length), words))
                 else:
                     parents[caption, live], new_scores[caption, live] = parent, total
                     new_hypotheses[caption][live] = words
                     live += 1
             if len(ended[caption]) >= k:  # done unless a live hypothesis still beats the k-th best ending
                 kth_best = sorted((score for score, _ in ended[caption]), reverse=True)[k - 1]
-                if new_scores[caption].max() / length ** length_penalty <= kth_best:
+                if normalised(new_scores[caption].max(), length) <= kth_best:
                     done[caption] = True
                     new_scores[caption] = -np.inf
         scores, hypotheses = new_scores, new_hypotheses
@@ -480,9 +484,8 @@ def beam_search(step, state, batch_size, beam_size, max_length, length_penalty=1
                            for c in range(batch_size) for j in range(k)], np.int32)
     results, best_scores = [], []
     for caption in range(batch_size):  # the best ending, or a live hypothesis cut at max_length if better
-        candidates = ended[caption] + [(scores[caption, j] / len(hypotheses[caption][j]) ** length_penalty,
-                                        hypotheses[caption][j])
-                                       for j in range(k) if np.isfinite(scores[caption, j])]
+        candidates = ended[caption] + [(normalised(scores[caption, j], len(words)), words)
+                                       for j, words in enumerate(hypotheses[caption]) if np.isfinite(scores[caption, j])]
         score, words = max(candidates, key=lambda item: item[0])
         results.append(words)
         best_scores.append(score)

@@ -485,6 +485,15 @@ def compile_classifier(model, optimizer, jit_compile=False):
     )
 
 
+def fine_tune_optimizer(learning_rate):
+    """Phase 2's optimizer: the seed's Adam, with its update fused (``helpers.optimizers.FusedAdam``).
+
+    Args:
+        learning_rate: a float (the seed's 1e-4) or a schedule (``training.Trainer.learning_rate``).
+    """
+    return FusedAdam(learning_rate=learning_rate)
+
+
 def train(args):
     """The ``train`` command: two phases, then evaluation and the report.
 
@@ -545,7 +554,7 @@ def train(args):
             training.set_backbone_trainable(model, BACKBONE, True, train_batchnorm=args.train_batchnorm,
                                             top_layers=args.fine_tune_layers)
             train_data, val_data = training_data(splits, args, args.fine_tune_batch_size, strategy)
-            compile_classifier(model, FusedAdam(learning_rate=trainer.learning_rate(
+            compile_classifier(model, fine_tune_optimizer(trainer.learning_rate(
                 args.fine_tune_learning_rate, args.fine_tune_epochs, train_data)), args.jit_compile)
             best = trainer.fit(model, "phase2", train_data, val_data, epochs=args.fine_tune_epochs,
                                monitor="val_accuracy", class_weight=class_weight,

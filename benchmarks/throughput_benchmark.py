@@ -99,12 +99,12 @@ def child_classifier(config):
 
     import cnn_rnn_classifier as crc
     from helpers import data, training
-    from helpers.optimizers import FusedAdam
 
     size, batch = config["image_size"], config["batch"]
-    optimizer = keras.optimizers.RMSprop() if config["phase"] == 1 else keras.optimizers.Adam(1e-4)
-    if config["phase"] == 2 and config["path"] == "default":  # what cnn_rnn_classifier.py uses
-        optimizer = FusedAdam(1e-4)
+    if config["phase"] == 1:
+        optimizer = keras.optimizers.RMSprop()
+    else:  # the default path: what cnn_rnn_classifier.py uses
+        optimizer = keras.optimizers.Adam(1e-4) if config["path"] == "baseline" else crc.fine_tune_optimizer(1e-4)
     if config["path"] == "baseline":
         class SeedGenerator(tf.keras.preprocessing.image.ImageDataGenerator):
             def standardize(self, x):
