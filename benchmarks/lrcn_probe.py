@@ -5,7 +5,8 @@ A logistic regression (a softmax ``Dense`` with L2, full batch, Adam) on the mea
 clip's frames of the same frozen VGG16 features LRCN reads (``frame_backbone`` of a model
 built with the same ``--image-size``/``--weights``: VGG16 preprocessing, VGG16, Flatten),
 standardised with the training clips' statistics, for the same evenly spread ``--frames``
-frames of each clip. The L2 strength is chosen on val; test is reported.
+frames of each clip. The L2 strength is chosen on val; test is reported (with ``--json``,
+also the predicted class of every test clip, ``test_predictions``).
 
     python benchmarks/lrcn_probe.py --data-dir DATA --frames 8 --image-size 96 --weights PATH
 
@@ -55,6 +56,7 @@ def main(argv=None):
     inputs = {name: ((value - mean) / std).mean(axis=1) for name, value in means.items()}
     classes = len(train.class_names)
     results = {"clips": {name: len(split) for name, split in splits.items()}, "by_l2": {}}
+    predictions = {}
     for l2 in (1e-4, 1e-3, 1e-2, 1e-1):
         keras.utils.set_random_seed(0)
         probe = keras.Sequential([keras.Input(inputs["train"].shape[1:]), keras.layers.Dense(
@@ -63,8 +65,10 @@ def main(argv=None):
         probe.fit(inputs["train"], labels["train"], batch_size=len(labels["train"]), epochs=args.epochs, verbose=0)
         results["by_l2"][l2] = {name: float(probe.evaluate(inputs[name], labels[name], verbose=0)[1])
                                 for name in ("train", "val", "test")}
+        predictions[l2] = probe.predict(inputs["test"], verbose=0).argmax(axis=-1).tolist()
     best = max(results["by_l2"], key=lambda l2: results["by_l2"][l2]["val"])  # the first of ties
     results.update(l2=best, **{f"{name}_top1": results["by_l2"][best][name] for name in ("val", "test")})
+    results["test_predictions"] = predictions[best]  # class index per test clip, in list_sequences order
     print(json.dumps(results, indent=1))
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
