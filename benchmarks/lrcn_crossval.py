@@ -15,7 +15,7 @@ frames shuffled.
     python benchmarks/lrcn_crossval.py --data-dir DATA --work-dir /tmp/cv --weights PATH \\
         --frames 8 --image-size 96 -- --dense-units 256 --gru-units 128 --batch-size 4 ...
 
-The work folder holds each fold's split (symbolic links to the clip folders) and run.
+The work folder, new or empty, holds each fold's split (symbolic links to the clip folders) and run.
 Measurements only: nothing here is part of the tests.
 """
 
@@ -63,8 +63,7 @@ def write_fold(folder, assigned, fold, folds):
     for clip, clip_fold in assigned.items():
         link = folder / roles.get(clip_fold, "train") / clip.parent.name / clip.name
         link.parent.mkdir(parents=True, exist_ok=True)
-        if not link.exists():
-            link.symlink_to(clip.resolve(), target_is_directory=True)
+        link.symlink_to(clip.resolve(), target_is_directory=True)
 
 
 def lrcn_test_predictions(run_dir, data_dir, batch_size):
@@ -93,6 +92,8 @@ def main(argv=None):
     parser.add_argument("--markdown", type=Path, help="also write the tables here")
     parser.add_argument("lrcn_flags", nargs="*", help="after --: more lrcn.py train flags")
     args = parser.parse_args(argv)
+    if args.work_dir.exists() and any(args.work_dir.iterdir()):  # stale links could put a clip in two splits
+        raise SystemExit(f"--work-dir {args.work_dir} is not empty; give a new folder")
 
     import numpy as np
 
