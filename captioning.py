@@ -281,7 +281,7 @@ def image_dataset(split, table, image_size, batch_size, shuffle=False, seed=0, w
     def pair(path, first, count):
         pick = first + (tf.random.uniform([], 0, count, dtype=tf.int32) if shuffle else 0)
         tokens, targets = _teacher_forcing(ids[pick], lengths[pick])
-        return (features.load_image(path, image_size), tokens), targets
+        return (features.read_image(path, image_size), tokens), targets
 
     # Training picks a random caption per image: its length, and so its bucket, is known only then.
     if shuffle:
@@ -299,6 +299,9 @@ def load_data(args):
     splits = captions.load_caption_splits(args.data_dir)
     vocabulary = captions.Vocabulary.from_captions([t for refs in splits["train"].captions for t in refs],
                                                    args.min_word_count, args.max_length)
+    if len(vocabulary) == len(captions.SPECIAL_TOKENS):
+        raise UsageError(f"--min-word-count {args.min_word_count} keeps no word: no word of the training captions "
+                         f"({splits['train'].source}) is seen that often; lower it.")
     logger.info("data: %s; vocabulary: %d tokens (words seen >= %d times in the training captions)",
                 ", ".join(f"{s.name} {len(s)} images" for s in splits.values()), len(vocabulary), args.min_word_count)
     return splits, vocabulary
@@ -317,13 +320,15 @@ def train(args):
         helpers.errors.ProjectError: bad input or flags, unavailable weights, a NaN loss.
     """
     cli.check_training_arguments(args)
-    captions.check_text_arguments(args.min_word_count, args.max_length)
+    with cli.in_flag_words(TEXT_ARGUMENTS):
+        captions.check_text_arguments(args.min_word_count, args.max_length)
     if not 0 <= args.fine_tune_layers <= XCEPTION_LAYERS or args.beam_size < 1:
         raise UsageError(f"--fine-tune-layers must be in [0, {XCEPTION_LAYERS}] and --beam-size >= 1. "
                          f"Received: {args.fine_tune_layers}, {args.beam_size}")
     splits, vocabulary = load_data(args)
-    check_model_arguments(len(vocabulary), args.image_size, args.embedding_dim, args.lstm_units, args.inject,
-                          args.dropout)
+    with cli.in_flag_words(MODEL_ARGUMENTS):
+        check_model_arguments(len(vocabulary), args.image_size, args.embedding_dim, args.lstm_units, args.inject,
+                              args.dropout)
     with training.Trainer(args.output_dir, **cli.trainer_arguments(args)) as trainer:
         run = trainer.run
         cli.check_resumable(args, MODEL_ARGUMENTS + TEXT_ARGUMENTS, vocabulary.tokens,
@@ -624,16 +629,52 @@ def load_captioner(path):
     Raises:
         helpers.errors.UsageError: the model or vocabulary is missing, damaged or not a captioner's.
     """
-    model, _ = training.load_checkpoint(path)
-    if model.name != "captioner":
-        raise UsageError(f"{path} is a {model.name!r} model, not a captioner saved by captioning.py.")
+    model, _ = training.load_checkpoint(path, "captioner")
     return model, captions.Vocabulary.load(rundir.vocabulary_beside(path))
+
+
+def caption(model, images, beam_size=3, vocabulary=None, batch_size=32):
+    """A caption for each image: the Python API the ``caption`` command prints.
+
+    Args:
+        model: a saved captioner ``.keras`` (its words from the ``vocabulary.json`` beside it)
+            or a loaded captioner ``keras.Model`` (then ``vocabulary`` is required).
+        images: image files (``helpers.data.read_rgb``: the reader training uses, EXIF
+            orientation applied) and/or arrays ``(height, width, 3)`` RGB 0..255 of any size.
+        beam_size: beam search width; 1 is greedy decoding.
+        vocabulary: a ``helpers.captions.Vocabulary`` (default: the one beside a saved model).
+        batch_size: images per forward pass of the encoder.
+
+    Returns:
+        One caption string per image: lowercase words without punctuation.
+
+    Raises:
+        helpers.errors.UsageError: a bad ``beam_size``/``batch_size``, a model that is not a
+            captioner, no vocabulary; helpers.data.DatasetError: an image that cannot be read.
+    """
+    if beam_size < 1 or batch_size < 1:
+        raise UsageError(f"beam_size and batch_size must be >= 1. Received: {beam_size}, {batch_size}")
+    if isinstance(model, keras.Model):
+        training.check_kind(model.name, "captioner", "the model")
+        if vocabulary is None:
+            raise UsageError("a loaded captioner needs its vocabulary (helpers.captions.Vocabulary.load).")
+    else:
+        model, saved = load_captioner(model)
+        vocabulary = vocabulary or saved
+    encoder = model.get_layer("encoder")
+    size, images = encoder.input_shape[1], list(images)
+    if not images:
+        return []
+    image_features = np.concatenate([
+        encoder.predict(np.stack([data.load_image(item, size) for item in images[first:first + batch_size]]),
+                        verbose=0) for first in range(0, len(images), batch_size)])
+    ids = Decoder(model).captions(np.asarray(image_features, np.float32), beam_size, vocabulary.max_length)
+    return [vocabulary.decode(words) for words in ids]
 
 
 def evaluate(args):
     """The ``evaluate`` command: scores a saved captioner on a split (default: test)."""
-    if args.batch_size < 1 or args.beam_size < 1:
-        raise UsageError(f"--batch-size and --beam-size must be >= 1. Received: {args.batch_size}, {args.beam_size}")
+    cli.check_evaluate_arguments(args)
     model, vocabulary = load_captioner(args.model)
     splits = captions.load_caption_splits(args.data_dir)
     name = args.split or ("test" if "test" in splits else "val")
@@ -647,7 +688,7 @@ def evaluate(args):
         reports.write_json(args.json, metrics)
 
 
-def caption(args):
+def caption_command(args):
     """The ``caption`` command: prints ``<path>: <caption>`` for each image."""
     if args.batch_size < 1 or args.beam_size < 1:
         raise UsageError(f"--batch-size and --beam-size must be >= 1. Received: {args.batch_size}, {args.beam_size}")
@@ -662,7 +703,7 @@ def caption(args):
 
 def main(argv=None, args=None):
     """Runs a command: ``argv`` (default: ``sys.argv[1:]``) or already parsed ``args``."""
-    return cli.run(args or parse_args(argv), {"train": train, "evaluate": evaluate, "caption": caption})
+    return cli.run(args or parse_args(argv), {"train": train, "evaluate": evaluate, "caption": caption_command})
 
 
 if __name__ == "__main__":

@@ -34,7 +34,6 @@ import functools
 import logging
 import os
 import sys
-from pathlib import Path
 
 from helpers import cli
 
@@ -125,6 +124,29 @@ class CustomImageDataGenerator(tf.keras.preprocessing.image.ImageDataGenerator):
     def standardize(self, x):
         """Args: x: one image ``(height, width, 3)`` float32, 0..255. Returns it in [-1, 1] (in place)."""
         return keras.applications.xception.preprocess_input(super().standardize(x))
+
+    def flow_from_directory(self, directory, **kwargs):
+        """``ImageDataGenerator.flow_from_directory`` (same arguments and listing) whose iterator
+        reads each file with the project's image reader (``ImageReadingIterator``)."""
+        return ImageReadingIterator(directory, self, **kwargs)
+
+
+class ImageReadingIterator(tf.keras.preprocessing.image.DirectoryIterator):
+    """Keras' ``DirectoryIterator`` reading each image with ``helpers.data.read_rgb``: the same
+    pixels as Keras' ``load_img`` (PIL, RGB, bilinear resize), turned upright by the file's EXIF
+    orientation as every other reader of the project does, and a 16-bit image refused by name.
+    RGB, square targets and one-hot (``"categorical"``) labels only, as ``flow_from_split`` asks."""
+
+    def _get_batches_of_transformed_samples(self, index_array):
+        generator, size = self.image_data_generator, self.target_size[0]
+        images = np.zeros((len(index_array), *self.image_shape), self.dtype)
+        for i, j in enumerate(index_array):
+            image = data.read_rgb(self.filepaths[j], size)
+            images[i] = generator.standardize(generator.apply_transform(image, generator.get_random_transform(
+                image.shape)))
+        labels = np.zeros((len(index_array), len(self.class_indices)), self.dtype)
+        labels[np.arange(len(index_array)), self.classes[index_array]] = 1.0
+        return images, labels
 
 
 def check_model_arguments(num_classes, image_size, rnn_timesteps, rnn_units):
@@ -330,18 +352,14 @@ def augmentation_layers(seed=None):
     ], name="augmentation")
 
 
-TF_DATA_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")  # what tf.io.decode_image reads of IMAGE_EXTENSIONS
-
-
 def image_dataset(split, image_size, batch_size, shuffle, seed=None, workers=tf.data.AUTOTUNE, drop_remainder=False,
                   shard=None, features=None, augment=False):
     """The ``tf.data`` input path: parallel decoding, batching and prefetch.
 
-    The same images, labels and preprocessing as the generator path:
-    ``tf.io.decode_image`` (grayscale and CMYK JPEGs become RGB), bilinear resize with
-    antialiasing (as PIL's bilinear, which the generator path uses) to
-    ``image_size``, then Xception preprocessing. The file order is reshuffled every
-    epoch when ``shuffle``. Resized pixels differ from PIL's by rounding only.
+    The same images, labels and preprocessing as the generator path: each file read by the
+    project's image reader (``helpers.data.read_rgb`` in ``helpers.features.read_image``: PIL,
+    EXIF orientation, RGB, bilinear resize to ``image_size``), then Xception preprocessing.
+    The file order is reshuffled every epoch when ``shuffle``.
 
     Args:
         split: a ``data.Split``.
@@ -361,23 +379,13 @@ def image_dataset(split, image_size, batch_size, shuffle, seed=None, workers=tf.
         A ``tf.data.Dataset`` of ``(images, one_hot_labels)``: ``(batch, image_size,
         image_size, 3)`` float32 in [-1, 1] and ``(batch, num_classes)`` float32; with
         ``features``, ``((features, images), one_hot_labels)``.
-
-    Raises:
-        data.DatasetError: a file format ``tf.io.decode_image`` does not read (PPM,
-            TIFF), naming the first such files; ``--input generator`` reads them.
     """
-    unreadable = [p for p in split.paths if Path(p).suffix.lower() not in TF_DATA_EXTENSIONS]
-    if unreadable:
-        raise data.DatasetError(f"{len(unreadable)} images in {split.directory} are in a format the tf.data "
-                                f"input path cannot decode (it reads {', '.join(TF_DATA_EXTENSIONS)}), e.g. "
-                                f"{', '.join(map(str, unreadable[:3]))}; use --input generator.")
     num_classes = len(split.class_names)
 
     augmentation = augmentation_layers(seed) if augment else None
 
     def load(path, label, *cached):
-        image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
-        image = tf.image.resize(image, (image_size, image_size), method="bilinear", antialias=True)
+        image = featurecache.read_image(path, image_size)
         if augmentation is not None:
             image = augmentation(image, training=True)
         image = keras.applications.xception.preprocess_input(image)
@@ -516,7 +524,8 @@ def train(args):
     strategy = distribute.training_strategy(args)
     splits = data.load_splits(args.data_dir)
     class_names = splits["train"].class_names
-    check_model_arguments(len(class_names), args.image_size, args.rnn_timesteps, args.rnn_units)
+    with cli.in_flag_words(MODEL_ARGUMENTS):
+        check_model_arguments(len(class_names), args.image_size, args.rnn_timesteps, args.rnn_units)
     if args.fine_tune_layers is not None and not 0 <= args.fine_tune_layers <= XCEPTION_LAYERS:
         raise UsageError(f"--fine-tune-layers must be in [0, {XCEPTION_LAYERS}]. Received: {args.fine_tune_layers}")
     class_weight = (training.balanced_class_weights(splits["train"].labels, len(class_names))
@@ -593,9 +602,8 @@ def evaluate_model(model, split, batch_size, input_path="generator", workers=2):
 
 def evaluate(args):
     """The ``evaluate`` command."""
-    if args.batch_size < 1:
-        raise UsageError(f"--batch-size must be >= 1. Received: {args.batch_size}")
-    model, classes = training.load_checkpoint(args.model)
+    cli.check_evaluate_arguments(args)
+    model, classes = training.load_checkpoint(args.model, "classifier")
     name = cli.evaluation_split_name(args)
     split = data.list_split(args.data_dir / name, classes.get("class_names"), name)
     if model.output_shape[-1] != len(split.class_names):
@@ -632,7 +640,7 @@ def classify(model, inputs, top_k=5, class_names=None, batch_size=32):
     """
     if top_k < 1 or batch_size < 1:
         raise UsageError(f"top_k and batch_size must be >= 1. Received: {top_k}, {batch_size}")
-    model, names, _ = training.model_and_classes(model, class_names)
+    model, names, _ = training.model_and_classes(model, "classifier", class_names)
     size = model.input_shape[1]
     ranked = []
     for start in range(0, len(inputs), batch_size):
@@ -646,7 +654,7 @@ def predict(args):
     """The ``predict`` command: prints the top-k classes of each image (``classify``)."""
     if args.top_k < 1 or args.batch_size < 1:  # named by flag, before the model loads
         raise UsageError(f"--top-k and --batch-size must be >= 1. Received: {args.top_k}, {args.batch_size}")
-    model, names, descriptions = training.model_and_classes(args.model)
+    model, names, descriptions = training.model_and_classes(args.model, "classifier")
     paths = data.image_files(args.inputs)
     data.check_images(paths)
     for path, ranked in zip(paths, classify(model, paths, args.top_k, names, args.batch_size)):
@@ -658,7 +666,7 @@ def export(args):
     from helpers import export as exporting
     from helpers.layers import XceptionPreprocess
 
-    exporting.export_command(args, preprocess=XceptionPreprocess(name="xception_preprocess"))
+    exporting.export_command(args, "classifier", preprocess=XceptionPreprocess(name="xception_preprocess"))
 
 
 def main(argv=None, args=None):

@@ -352,8 +352,9 @@ def train(args):
     for name in ("val", "test"):
         if name == "val" or (args.data_dir / name).is_dir():
             splits[name] = sequences.list_sequences(args.data_dir / name, names)
-    check_model_arguments(len(names), args.frames, args.image_size, args.dense_units, args.gru_units,
-                          args.fine_tune_layers, args.recurrent_dropout)
+    with cli.in_flag_words(MODEL_ARGUMENTS):
+        check_model_arguments(len(names), args.frames, args.image_size, args.dense_units, args.gru_units,
+                              args.fine_tune_layers, args.recurrent_dropout)
     class_weight = (training.balanced_class_weights(splits["train"].labels, len(names))
                     if args.class_weight == "balanced" else None)
     # The run directory's lock is held from here on: a second run on it stops at once.
@@ -440,9 +441,8 @@ def evaluate_model(model, split, batch_size, workers=2, shuffle_frames=False):
 
 def evaluate(args):
     """The ``evaluate`` command."""
-    if args.batch_size < 1:
-        raise UsageError(f"--batch-size must be >= 1. Received: {args.batch_size}")
-    model, classes = training.load_checkpoint(args.model)
+    cli.check_evaluate_arguments(args)
+    model, classes = training.load_checkpoint(args.model, "lrcn")
     split = sequences.list_sequences(args.data_dir / cli.evaluation_split_name(args), classes.get("class_names"))
     sequences.check_sequences(split)
     metrics = evaluate_model(model, split, args.batch_size)
@@ -478,7 +478,7 @@ def classify(model, clips, top_k=5, class_names=None, max_frames=None):
 
     if top_k < 1:
         raise UsageError(f"top_k must be >= 1. Received: {top_k}")
-    model, names, _ = training.model_and_classes(model, class_names)
+    model, names, _ = training.model_and_classes(model, "lrcn", class_names)
     frames, size = model.input_shape[1], model.input_shape[2]
     ranked = []
     for item in clips:
@@ -503,7 +503,7 @@ def predict(args):
     """The ``predict`` command: top-k classes of frame folders or video files (``classify``)."""
     if args.top_k < 1:  # named by flag, before the model loads
         raise UsageError(f"--top-k must be >= 1. Received: {args.top_k}")
-    model, names, descriptions = training.model_and_classes(args.model)
+    model, names, descriptions = training.model_and_classes(args.model, "lrcn")
     for item, ranked in zip(args.inputs, classify(model, args.inputs, args.top_k, names, args.max_frames)):
         reports.print_ranked(item, ranked, descriptions)
 
@@ -512,7 +512,7 @@ def export(args):
     """The ``export`` command: a SavedModel or TFLite model taking raw RGB frames 0..255 (``helpers.export``)."""
     from helpers import export as exporting
 
-    exporting.export_command(args)
+    exporting.export_command(args, "lrcn")
 
 
 def main(argv=None, args=None):

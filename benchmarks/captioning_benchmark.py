@@ -79,7 +79,7 @@ def phase1_comparison(args, split, vocabulary):
 
             def pair(image, ids, length):
                 tokens, targets = cap._teacher_forcing(ids, length)
-                return (features.load_image(paths[image], args.image_size), tokens), targets
+                return (features.read_image(paths[image], args.image_size), tokens), targets
 
             data = cap._batched(pairs.map(pair, num_parallel_calls=tf.data.AUTOTUNE), 64, table.lengths - 1)
             model.fit(data, epochs=args.epochs, callbacks=[times], verbose=0)

@@ -49,7 +49,7 @@ def main(argv=None):
 
     results, correct = [], []
     for path in args.models:
-        model, classes = training.load_checkpoint(path)
+        model, classes = training.load_checkpoint(path, "classifier")
         split = data.list_split(args.data_dir / args.split, classes.get("class_names"), args.split)
         probabilities = model.predict(crc.flow_from_split(split, model.input_shape[1], args.batch_size,
                                                           shuffle=False, workers=2), verbose=0)

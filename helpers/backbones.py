@@ -7,6 +7,7 @@ other string is the path of a local no-top weights file.
 """
 
 import logging
+import warnings
 from pathlib import Path
 
 from helpers import precision
@@ -65,8 +66,14 @@ def pretrained_backbone(application, weights, dtype_policy="float32", **kwargs):
     weights = resolve_weights(weights)
     name = application.__name__
     try:
-        with precision.policy_scope(dtype_policy):
-            return application(include_top=False, weights=weights, **kwargs)
+        # Keras warns once per layer (about 150 lines) before it fails on a file of another
+        # architecture: held back, and shown only when the backbone loads after all.
+        with warnings.catch_warnings(record=True) as held, precision.policy_scope(dtype_policy):
+            warnings.simplefilter("always")
+            backbone = application(include_top=False, weights=weights, **kwargs)
+        for warning in held:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+        return backbone
     except Exception as error:  # Keras raises a bare Exception for a failed download
         if weights is None:
             raise

@@ -19,7 +19,8 @@ Two layouts are read (``load_caption_splits``)::
 The split is the dataset's: ``train`` trains, ``val`` (Flickr8k's dev) chooses checkpoints,
 ``test`` is reported. There is never a random split. Bad input (a caption line without a tab
 or an image name, an image listed but missing, an empty split, a JSON without
-``annotations``) raises ``DatasetError`` naming the file and line before anything trains.
+``annotations``, a caption that is not text or has no word, an image listed twice or in two
+splits) raises ``DatasetError`` naming the file and line before anything trains.
 
 Text: lowercase, punctuation removed (the regular expression of Keras' ``TextVectorization``
 ``lower_and_strip_punctuation``), split on whitespace. Word ids come from a
@@ -30,6 +31,7 @@ import collections
 import dataclasses
 import json
 import logging
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -67,12 +69,14 @@ class CaptionSplit:
         paths: image paths, one per image.
         captions: each image's reference captions (raw text, at least one).
         source: the file the split was read from (named in messages).
+        places: where each image is listed (``"Flickr_8k.trainImages.txt:12"``), for messages.
     """
 
     name: str
     paths: list
     captions: list
     source: Path
+    places: list = dataclasses.field(default_factory=list)
 
     def __len__(self):
         return len(self.paths)
@@ -102,10 +106,43 @@ def read_flickr8k_tokens(path):
         image = key.rsplit("#", 1)[0].strip() if "#" in key else key.strip()
         if not image:
             raise DatasetError(f"{path}:{number}: no image name before the tab: {line[:80]!r}")
-        if not caption.strip():
-            raise DatasetError(f"{path}:{number}: an empty caption for {image}")
-        captions[image].append(caption.strip())
+        captions[image].append(check_caption(caption, f"{path}:{number}"))
     return dict(captions)
+
+
+def check_caption(caption, place):
+    """A reference caption as text, stripped; ``place`` (``file:line``) names it in the error.
+
+    Raises:
+        DatasetError: the caption is not a string (a number, a list in a JSON file) or has no
+            word once standardised (empty, or punctuation only): it would be an empty reference.
+    """
+    if not isinstance(caption, str):
+        raise DatasetError(f"{place}: the caption is a {type(caption).__name__} ({str(caption)[:60]!r}), not text")
+    if not re.sub(PUNCTUATION, "", caption).split():
+        raise DatasetError(f"{place}: the caption {caption[:60]!r} has no word once lowercased and stripped of "
+                           "punctuation")
+    return caption.strip()
+
+
+def _listed_once(splits):
+    """Refuses an image listed twice in one split or in two splits (the test scores would then
+    measure memory), naming it and both places.
+
+    Raises:
+        DatasetError: ``<image> is listed twice: <place> and <place>``.
+    """
+    seen = {}
+    for split in splits.values():
+        for path, place in zip(split.paths, split.places):
+            key = Path(path).resolve()
+            if key in seen:
+                where = "twice in the " + split.name + " split" if seen[key][0] == split.name else \
+                    f"in the {seen[key][0]} and the {split.name} splits"
+                raise DatasetError(f"{path} is listed {where}: {seen[key][1]} and {place}; each image belongs to "
+                                   "one split, once.")
+            seen[key] = (split.name, place)
+    return splits
 
 
 def _flickr8k_splits(data_dir):
@@ -116,7 +153,7 @@ def _flickr8k_splits(data_dir):
         path = data_dir / file_name
         if not path.is_file():
             raise DatasetError(f"{data_dir} has {FLICKR8K_TOKENS} but not the split file {file_name}.")
-        paths, captions = [], []
+        paths, captions, places = [], [], []
         for number, line in enumerate(read_text(path).splitlines(), 1):
             image = line.strip()
             if not image:
@@ -127,10 +164,11 @@ def _flickr8k_splits(data_dir):
                 raise DatasetError(f"{path}:{number}: image {image} is listed but not in {images}")
             paths.append(images / image)
             captions.append(tokens[image])
+            places.append(f"{path}:{number}")
         if not paths:
             raise DatasetError(f"{path}: the {name} split is empty")
-        splits[name] = CaptionSplit(name, paths, captions, path)
-    return splits
+        splits[name] = CaptionSplit(name, paths, captions, path, places)
+    return _listed_once(splits)
 
 
 def _coco_split_name(path):
@@ -158,21 +196,24 @@ def read_coco_captions(path, data_dir):
             raise DatasetError(f"{path}: no {key!r} list; a COCO captions file has 'images' and 'annotations'")
     suffix = path.stem[len("captions_"):]
     folder = data_dir / suffix if (data_dir / suffix).is_dir() else data_dir / "images"
-    files = {}
+    files, where = {}, {}
     for number, image in enumerate(content["images"]):
-        if not isinstance(image, dict) or "id" not in image or not image.get("file_name"):
+        if not isinstance(image, dict) or "id" not in image or not isinstance(image.get("file_name"), str) \
+                or not image["file_name"]:
             raise DatasetError(f"{path}: images[{number}] has no 'id' and 'file_name'")
-        files[image["id"]] = image["file_name"]
+        if image["id"] in files:
+            raise DatasetError(f"{path}: images[{number}] repeats the id {image['id']!r} of "
+                               f"images[{where[image['id']]}]")
+        files[image["id"]], where[image["id"]] = image["file_name"], number
     captions = collections.defaultdict(list)
     for number, annotation in enumerate(content["annotations"]):
         if not isinstance(annotation, dict) or annotation.get("image_id") not in files:
             raise DatasetError(f"{path}: annotations[{number}] names no image of 'images' "
                                f"(image_id {annotation.get('image_id') if isinstance(annotation, dict) else None!r})")
-        caption = str(annotation.get("caption") or "").strip()
-        if not caption:
+        if annotation.get("caption") is None:
             raise DatasetError(f"{path}: annotations[{number}] has no caption")
-        captions[annotation["image_id"]].append(caption)
-    paths, texts = [], []
+        captions[annotation["image_id"]].append(check_caption(annotation["caption"], f"{path}: annotations[{number}]"))
+    paths, texts, places = [], [], []
     for image_id, file_name in files.items():
         if image_id not in captions:
             continue
@@ -180,10 +221,11 @@ def read_coco_captions(path, data_dir):
             raise DatasetError(f"{path}: image {file_name} is listed but not in {folder}")
         paths.append(folder / file_name)
         texts.append(captions[image_id])
+        places.append(f"{path}: images[{where[image_id]}]")
     name = _coco_split_name(path)
     if not paths:
         raise DatasetError(f"{path}: the {name} split has no captioned image")
-    return CaptionSplit(name, paths, texts, path)
+    return CaptionSplit(name, paths, texts, path, places)
 
 
 def load_caption_splits(data_dir):
@@ -214,7 +256,7 @@ def load_caption_splits(data_dir):
     for name in ("train", "val"):
         if name not in splits:
             raise DatasetError(f"{data_dir}: no captions_{name}*.json (COCO format needs a train and a val file)")
-    return splits
+    return _listed_once(splits)
 
 
 def download_flickr8k(cache_dir=None):
@@ -260,12 +302,16 @@ def tokenize(texts):
     return [[word.decode("utf-8") for word in words] for words in tf.strings.split(standardize(list(texts))).to_list()]
 
 
+MAX_LENGTH = 200  # words per caption at most (Flickr8k's longest caption has 38)
+
+
 def check_text_arguments(min_word_count, max_length):
-    """Raises ``UsageError`` (a ``ValueError``) echoing a text argument that cannot work."""
+    """Raises ``UsageError`` (a ``ValueError``) echoing a text argument that cannot work:
+    ``min_word_count`` >= 1, ``max_length`` in [1, ``MAX_LENGTH``]."""
     if min_word_count < 1:
         raise UsageError(f"min_word_count must be at least 1. Received: min_word_count={min_word_count}")
-    if max_length < 1:
-        raise UsageError(f"max_length must be at least 1 (words per caption). Received: max_length={max_length}")
+    if not 1 <= max_length <= MAX_LENGTH:
+        raise UsageError(f"max_length must be in [1, {MAX_LENGTH}] words per caption. Received: max_length={max_length}")
 
 
 class Vocabulary:

@@ -6,8 +6,10 @@ at import time: the scripts parse their arguments before they import it.
 """
 
 import argparse
+import contextlib
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -164,6 +166,31 @@ def check_training_arguments(args):
                          "the project's own); use --distribute mirrored or none.")
 
 
+@contextlib.contextmanager
+def in_flag_words(names):
+    """Re-raises a ``UsageError`` of a builder's argument check in the words the user typed.
+
+    The builders check their Python arguments and echo them (``Received: image_size=64``); a
+    command calls those checks inside this context so the message names its flags
+    (``Received: --image-size 64``).
+
+    Args:
+        names: the Python argument names that come from flags of the same name (``image_size``
+            from ``--image-size``).
+    """
+    try:
+        yield
+    except UsageError as error:
+        message = str(error)
+        for name in names:
+            flag = "--" + name.replace("_", "-")
+            message = re.sub(rf"\b{name}=", f"{flag} ", message)
+            message = re.sub(rf"\b{name}\b", flag, message)
+        if message == str(error):
+            raise
+        raise type(error)(message) from error
+
+
 def trainer_arguments(args):
     """The keyword arguments of ``helpers.training.Trainer`` that come from flags: the one place
     the training controls (``--steps-per-epoch``, ``--lr-schedule``, ``--warmup-epochs``,
@@ -188,8 +215,9 @@ def check_resumable(args, model_arguments, class_names, labels=(rundir.CLASSES, 
             (captioning: its vocabulary's ``tokens``).
 
     Raises:
-        UsageError: naming each difference (a model flag, ``--data-dir``, the classes),
-            old and new value; nothing in the folder has been changed.
+        UsageError: naming each difference (a model flag, ``--data-dir``, the classes, or a
+            ``PHASE_FLAGS`` flag of a complete phase), old and new value; nothing in the folder
+            (``args.json`` included) has been changed.
     """
     run = rundir.RunDir(args.output_dir)
     if not run.args.is_file() or not run.has_training_logs():
@@ -208,6 +236,18 @@ def check_resumable(args, model_arguments, class_names, labels=(rundir.CLASSES, 
     if changed:
         raise UsageError(f"{args.output_dir} holds a run with another model or other data ({'; '.join(changed)}); "
                          "use a new --output-dir, or the same flags and data to resume.")
+    for phase, flags in PHASE_FLAGS.items():
+        changed = [f"--{k.replace('_', '-')} {before[k]} -> {getattr(args, k)}" for k in flags
+                   if k in before and before[k] != getattr(args, k)]
+        if changed and run.phase_complete(phase):
+            raise UsageError(f"{args.output_dir}: {phase} is complete and was trained with other flags "
+                             f"({'; '.join(changed)}); a finished phase is not trained again or further. Rerun "
+                             "with its flags to go on from there, or use a new --output-dir.")
+
+
+# The flags of each phase's training: a rerun may not change them once the phase is complete.
+PHASE_FLAGS = {"phase1": ("epochs", "batch_size", "learning_rate"),
+               "phase2": ("fine_tune_epochs", "fine_tune_batch_size", "fine_tune_learning_rate")}
 
 
 def configure_logging(verbose=False, modules=()):
@@ -277,6 +317,21 @@ def add_predict_arguments(parser, inputs_help):
     _add_saved_model_arguments(parser)
     parser.add_argument("--top-k", type=int, default=5, help="classes shown per input (default: 5)")
     parser.add_argument("inputs", nargs="+", help=inputs_help)
+
+
+def check_evaluate_arguments(args):
+    """The ``evaluate`` command's flags, judged before the model loads: ``--batch-size`` (and a
+    captioner's ``--beam-size``) >= 1, and a ``--json`` path that can be written.
+
+    Raises:
+        UsageError: naming the flag.
+    """
+    for flag in ("batch_size", "beam_size"):
+        value = getattr(args, flag, 1)
+        if value < 1:
+            raise UsageError(f"--{flag.replace('_', '-')} must be >= 1. Received: {value}")
+    if args.json is not None:
+        rundir.check_writable(args.json, "--json")
 
 
 def evaluation_split_name(args):

@@ -28,7 +28,7 @@ import os
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from helpers.errors import UsageError
 from helpers.formats import IMAGE_EXTENSIONS, read_text
@@ -150,11 +150,9 @@ WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 
 def _decode_problem(path):
     try:
-        with Image.open(path) as image:
-            image.load()  # full decode: catches truncated files, unlike verify()
-            if image.mode in WIDE_MODES:
-                return (f"{ascii(str(path))}: a {image.mode} ({'16' if '16' in image.mode else '32'}-bit) image; "
-                        "convert it to 8 bits per channel (e.g. PIL: image.point(lambda v: v / 257).convert('L'))")
+        read_rgb(path)  # full decode, as training reads it: catches truncated files, unlike verify()
+    except DatasetError as error:
+        return str(error)
     except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, ...
         return f"{ascii(str(path))}: {type(error).__name__}: {error}"
     return None
@@ -255,35 +253,59 @@ def image_files(inputs):
     return paths
 
 
-def read_rgb(path, size):
-    """Decodes an image file with PIL into ``(size, size, 3)`` float32 RGB 0..255: converted to
-    RGB and resized bilinearly, as Keras' ``load_img(target_size=..., interpolation="bilinear")``
-    (the training generator) reads it.
+def read_rgb(path, size=None):
+    """The project's one image reader: every input path, cache, ``predict``, ``classify()`` and
+    ``caption`` reads an image file through it.
+
+    PIL decodes the file (any of ``IMAGE_EXTENSIONS``: JPEG, PNG, BMP, PPM, TIFF), turns it
+    upright by its EXIF orientation tag (``PIL.ImageOps.exif_transpose``; phone photos are
+    stored sideways with the tag), converts it to RGB (grayscale repeated, CMYK and palettes
+    converted) and resizes it bilinearly to ``size x size``, as Keras'
+    ``load_img(target_size=..., interpolation="bilinear")`` does (aspect ratio not kept).
+
+    Args:
+        path: an image file.
+        size: output height and width in pixels; ``None`` keeps the file's size.
+
+    Returns:
+        ``(size, size, 3)`` float32 RGB 0..255.
 
     Raises:
+        DatasetError: a 16- or 32-bit image (PIL modes I;16, I, F), which a conversion to
+            8-bit RGB would clip to white; the message says how to convert it.
         OSError: the file cannot be decoded (PIL's ``UnidentifiedImageError`` is one).
     """
     with Image.open(path) as image:
-        return np.asarray(image.convert("RGB").resize((size, size), Image.BILINEAR), np.float32)
+        if image.mode in WIDE_MODES:
+            raise DatasetError(
+                f"{ascii(str(path))}: a {image.mode} ({'16' if '16' in image.mode else '32'}-bit) image; convert it "
+                "to 8 bits per channel (e.g. PIL: image.point(lambda v: v / 257).convert('L'))")
+        rgb = ImageOps.exif_transpose(image).convert("RGB")
+    if size is not None:
+        rgb = rgb.resize((size, size), Image.BILINEAR)
+    return np.asarray(rgb, np.float32)
 
 
 def load_image(item, size):
     """One image at ``size x size`` as float32 RGB 0..255: ``(size, size, 3)``.
 
     Args:
-        item: an image file (decoded by PIL, converted to RGB, bilinear resize, as the
-            training generator reads it) or an array ``(height, width, 3)`` or
+        item: an image file (``read_rgb``: EXIF orientation applied, converted to RGB,
+            bilinear resize, as training reads it) or an array ``(height, width, 3)`` or
             ``(height, width)`` (grayscale) of RGB values in 0..255, uint8 or float. An
             array already at ``size`` is used as it is; another is rounded to uint8
             and resized like a file.
 
     Raises:
-        UsageError: an array of another shape; DatasetError: a file that cannot be decoded.
+        UsageError: an array of another shape; DatasetError: a file that cannot be decoded, or
+            a 16- or 32-bit image (``read_rgb``).
     """
     if isinstance(item, (str, os.PathLike)):
         try:
             return read_rgb(item, size)
-        except OSError as error:
+        except DatasetError:
+            raise
+        except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, ...
             raise DatasetError(f"{item} cannot be decoded as an image ({error}).") from error
     array = np.asarray(item)
     if array.ndim == 3 and array.shape[-1] == 1:

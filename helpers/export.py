@@ -79,8 +79,7 @@ def export_model(model, output, export_format="saved_model", preprocess=None, cl
     output = Path(output)
     if export_format not in ("saved_model", "tflite"):
         raise UsageError(f"--format must be saved_model or tflite. Received: {export_format!r}")
-    if output.exists() and (not output.is_dir() or any(output.iterdir())):
-        raise UsageError(f"{output} already exists and is not an empty folder; choose a new --output.")
+    rundir.check_writable(output, "--output", folder=True)
     output.parent.mkdir(parents=True, exist_ok=True)
     serving = serving_model(model, preprocess)
     shape = tuple(serving.input_shape)
@@ -108,9 +107,11 @@ def export_model(model, output, export_format="saved_model", preprocess=None, cl
     return written
 
 
-def export_command(args, preprocess=None):
-    """The scripts' ``export`` command: loads ``--model`` and writes ``--output`` in ``--format``."""
-    model, _ = training.load_checkpoint(args.model)
+def export_command(args, kind, preprocess=None):
+    """The scripts' ``export`` command: loads ``--model`` (a model of ``kind``, ``training.check_kind``)
+    and writes ``--output`` in ``--format``; ``--output`` is checked before the model loads."""
+    rundir.check_writable(args.output, "--output", folder=True)
+    model, _ = training.load_checkpoint(args.model, kind)
     written = export_model(model, args.output, args.format, preprocess=preprocess,
                            classes_file=rundir.classes_beside(args.model))
     print(f"exported {args.model} to {written}")

@@ -23,7 +23,9 @@ written, else 1).
 
 import argparse
 import logging
+import math
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -83,14 +85,75 @@ def read_video(path, fps=None, max_frames=None, size=None):
     return np.stack(frames)
 
 
-def write_frames(frames, folder):
-    """Writes RGB frames as ``frame_00000.jpg``... into ``folder`` (created); returns the count."""
+SOURCE = ".source"  # in each sample folder: the video its frames come from
+
+
+def write_frames(frames, folder, source=None):
+    """Writes RGB frames as ``frame_00000.jpg``... into the sample folder ``folder``, whole and fresh.
+
+    The frames are written into a hidden folder beside it (``.<name>.partial``, which the frame
+    readers skip) that is then renamed into place; a folder already there (an earlier
+    extraction) is renamed aside first and removed after, so the sample never mixes frames of
+    two extractions, and a kill leaves the old sample or the new one (and a hidden leftover
+    that the next run replaces).
+
+    Args:
+        frames: uint8 ``(frames, height, width, 3)`` RGB.
+        folder: the sample folder.
+        source: the video the frames come from, recorded in the folder (``SOURCE``): a folder
+            already holding another video's frames is refused, not replaced.
+
+    Returns:
+        The number of frames written.
+
+    Raises:
+        UsageError: ``folder`` holds the frames of another video (both named).
+        OSError: a frame could not be written (nothing of the old sample is lost).
+    """
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    for i, frame in enumerate(frames):
-        if not cv2.imwrite(str(folder / f"frame_{i:05d}.jpg"), cv2.cvtColor(frame, cv2.COLOR_RGB2BGR)):
-            raise OSError(f"Could not write {folder / f'frame_{i:05d}.jpg'}")
+    if source is not None:
+        source = str(Path(source).resolve())
+        recorded = folder / SOURCE
+        earlier = recorded.read_text(encoding="utf-8", errors="replace").strip() if recorded.is_file() else source
+        if earlier != source:
+            raise UsageError(f"{folder} holds the frames of {earlier}, not of {source}; rename the video or write "
+                             "to another --output.")
+    partial, old = folder.with_name(f".{folder.name}.partial"), folder.with_name(f".{folder.name}.old")
+    for leftover in (partial, old):
+        shutil.rmtree(leftover, ignore_errors=True)
+    partial.mkdir(parents=True)
+    try:
+        for i, frame in enumerate(frames):
+            if not cv2.imwrite(str(partial / f"frame_{i:05d}.jpg"), cv2.cvtColor(frame, cv2.COLOR_RGB2BGR)):
+                raise OSError(f"Could not write {folder / f'frame_{i:05d}.jpg'}")
+        if source is not None:
+            (partial / SOURCE).write_text(source + "\n", encoding="utf-8")
+        if folder.exists():
+            folder.rename(old)
+        partial.rename(folder)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
     return len(frames)
+
+
+def check_sample_names(pairs):
+    """Refuses videos whose frames would land in one sample folder.
+
+    Args:
+        pairs: ``(video, sample folder)`` for every video of the call.
+
+    Raises:
+        UsageError: naming the two videos and their one folder (``a.mp4`` and ``a.avi`` both
+            become ``<label>/a``), before anything is written.
+    """
+    seen = {}
+    for video, folder in pairs:
+        key = Path(folder).resolve()
+        if key in seen:
+            raise UsageError(f"{seen[key]} and {video} would both be written to {folder}; rename one of them "
+                             "(a sample folder is named after its video's file name without the extension).")
+        seen[key] = video
 
 
 def sample_folder(output, layout, label, video):
@@ -182,6 +245,16 @@ def extract_dataset(root, output, fps=None, max_frames=None, size=None, val_frac
     for name, videos in classes.items():
         assigned = split_by_group(videos, val_fraction, test_fraction, seed) if split else {}
         plan += [(name, video, assigned.get(video)) for video in videos]
+    folders = {video: Path(output, *(part,) if part else (), name, video.stem) for name, video, part in plan}
+    check_sample_names(folders.items())
+    planned = {folder.resolve() for folder in folders.values()}
+    depth = "*/*/*" if split else "*/*"
+    stale = sorted(p for p in Path(output).glob(depth) if p.is_dir() and not p.name.startswith(".")
+                   and p.resolve() not in planned)
+    if stale:
+        raise UsageError(f"{output} holds {len(stale)} sample folders this extraction would not write (e.g. "
+                         f"{stale[0]}): an earlier one with other videos or split fractions, whose clips could end "
+                         "up in two splits. Use a new or empty --output.")
     progress = keras.utils.Progbar(len(plan), unit_name="video")
     written, skipped, trained = 0, [], set()
     for name, video, part in plan:
@@ -191,7 +264,7 @@ def extract_dataset(root, output, fps=None, max_frames=None, size=None, val_frac
             logger.warning("skipped: %s", error)
             skipped.append((video, str(error)))
         else:
-            write_frames(frames, Path(output, *(part,) if part else (), name, video.stem))
+            write_frames(frames, folders[video], source=video)
             written += 1
             if part in (None, "train"):
                 trained.add(name)
@@ -223,6 +296,11 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="the order groups are assigned in (default: 0)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for flag, value, bound in (("--fps", args.fps, 0), ("--max-frames", args.max_frames, 1), ("--size", args.size, 1)):
+        if value is not None and not (value > 0 if bound == 0 else value >= bound):
+            parser.error(f"{flag} must be {'> 0' if bound == 0 else '>= 1'}. Received: {value}")
+    if args.fps is not None and not math.isfinite(args.fps):
+        parser.error(f"--fps must be a finite number. Received: {args.fps}")
     if not (0 <= args.val_fraction < 1 and 0 <= args.test_fraction < 1 and args.val_fraction + args.test_fraction < 1):
         parser.error(f"--val-fraction and --test-fraction must be in [0, 1) with a sum below 1. "
                      f"Received: {args.val_fraction}, {args.test_fraction}")
@@ -238,10 +316,14 @@ def main(argv=None):
                          "the folder names)")
         if args.layout == "seed" and not (args.label.isdigit() and int(args.label) >= 1):
             parser.error(f"--layout seed needs a numeric --label from 1. Received: {args.label}")
-        for video in args.videos:
+        folders = {video: sample_folder(args.output, args.layout, args.label, video) for video in args.videos}
+        if len(folders) < len(args.videos):
+            repeated = next(v for v in args.videos if args.videos.count(v) > 1)
+            raise UsageError(f"{repeated} is given twice.")
+        check_sample_names(folders.items())
+        for video, folder in folders.items():
             frames = read_video(video, args.fps, args.max_frames, args.size)
-            folder = sample_folder(args.output, args.layout, args.label, video)
-            logger.info("%s: %d frames -> %s", video, write_frames(frames, folder), folder)
+            logger.info("%s: %d frames -> %s", video, write_frames(frames, folder, source=video), folder)
     except (UsageError, OSError) as error:
         logger.error("error: %s", error)
         return 1

@@ -20,25 +20,38 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from helpers import rundir
+from helpers import data, rundir
 from helpers.training import progress_verbosity
 
 logger = logging.getLogger(__name__)
 
+READER = "read_rgb: PIL, EXIF orientation, RGB, bilinear"  # part of every key: a new reader computes again
 
-def load_image(path, image_size):
-    """Decodes one image file into ``(image_size, image_size, 3)`` float32 RGB 0..255 (bilinear
-    resize, as Keras' ``load_img(target_size=...)`` squashes; grayscale is repeated to RGB)."""
-    image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
-    image = tf.image.resize(image, (image_size, image_size), antialias=True)
+
+def read_image(path, image_size):
+    """``helpers.data.read_rgb`` as a ``tf.data`` operation: the project's one image reader
+    (PIL, EXIF orientation applied, RGB, bilinear resize), in a ``tf.numpy_function``.
+
+    Args:
+        path: a scalar ``tf.string`` tensor, the file's path as bytes (any file name).
+        image_size: output height and width in pixels.
+
+    Returns:
+        ``(image_size, image_size, 3)`` float32 RGB 0..255.
+    """
+    def read(name):
+        return data.read_rgb(os.fsdecode(np.asarray(name).item()), image_size)
+
+    image = tf.numpy_function(read, [path], tf.float32, stateful=False)
     image.set_shape((image_size, image_size, 3))
-    return tf.clip_by_value(image, 0.0, 255.0)
+    return image
 
 
 def image_dataset(paths, image_size, batch_size, workers=tf.data.AUTOTUNE):
-    """A ``tf.data.Dataset`` of ``(batch, image_size, image_size, 3)`` float32 batches, in order."""
-    return (tf.data.Dataset.from_tensor_slices([str(p) for p in paths])
-            .map(lambda p: load_image(p, image_size), num_parallel_calls=workers)
+    """A ``tf.data.Dataset`` of ``(batch, image_size, image_size, 3)`` float32 RGB 0..255 batches
+    (``read_image``), in order."""
+    return (tf.data.Dataset.from_tensor_slices([os.fsencode(p) for p in paths])
+            .map(lambda p: read_image(p, image_size), num_parallel_calls=workers)
             .batch(batch_size).prefetch(2))
 
 
@@ -47,7 +60,7 @@ def cache_key(encoder, paths, reader=""):
     reader's name, and of each file's path, size and modification time."""
     digest = hashlib.sha256()
     digest.update(repr((tuple(encoder.input_shape), encoder.dtype_policy.name,
-                        [layer.dtype_policy.name for layer in encoder.layers], reader)).encode())
+                        [layer.dtype_policy.name for layer in encoder.layers], reader, READER)).encode())
     for variable in encoder.weights:
         digest.update(np.ascontiguousarray(variable.numpy()).tobytes())
     for path in paths:

@@ -227,6 +227,34 @@ def _free_bytes(folder):
     return stats.f_bavail * stats.f_frsize
 
 
+def check_writable(path, flag, folder=False):
+    """Refuses, before any work, an output path the user named that could not be written later.
+
+    The path's nearest existing ancestor must be a writable folder; an existing ``path`` must
+    be a file (``folder=False``) or an empty folder (``folder=True``).
+
+    Args:
+        path: the file or folder to be written.
+        flag: the flag that named it, for the message (``"--json"``).
+        folder: ``path`` is a folder to create.
+
+    Raises:
+        UsageError: naming the flag, the path and why.
+    """
+    path = Path(path)
+    if folder and path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise UsageError(f"{flag} {path} already exists and is not an empty folder; choose a new {flag}.")
+    if not folder and path.is_dir():
+        raise UsageError(f"{flag} {path} is a folder; give a file name.")
+    existing = path.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"{flag} {path} cannot be written: {existing} is a file, not a folder.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {path} cannot be written: no permission to write in {existing}.")
+
+
 def classes_beside(model_path):
     """The ``classes.json`` written next to a saved model of a run."""
     return Path(model_path).with_name(CLASSES)

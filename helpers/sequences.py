@@ -77,6 +77,12 @@ class SequenceSplit:
         return len(self.samples)
 
 
+def _folders(directory):
+    """The sub-folders of ``directory`` but hidden ones (``.name``: an extraction's partial
+    folder, ``.ipynb_checkpoints``), which are never samples or classes."""
+    return [p for p in Path(directory).iterdir() if p.is_dir() and not p.name.startswith(".")]
+
+
 def list_sequences(directory, class_names=None):
     """Lists the samples of a split in either layout.
 
@@ -91,7 +97,7 @@ def list_sequences(directory, class_names=None):
     directory = Path(directory)
     if not directory.is_dir():
         raise DatasetError(f"Split folder {directory} does not exist.")
-    folders = sorted((p for p in directory.iterdir() if p.is_dir()), key=lambda p: natural_key(p.name))
+    folders = sorted(_folders(directory), key=lambda p: natural_key(p.name))
     if not folders:
         raise DatasetError(f"{directory} has no sample or class folders.")
     seed_layout = any(frame_files(f) for f in folders) or all(SEED_LAYOUT.match(f.name) for f in folders)
@@ -109,7 +115,7 @@ def list_sequences(directory, class_names=None):
                 problems.append(f"{ascii(str(class_folder))}: a class folder name must be valid UTF-8 (it becomes "
                                 "the class name); rename it")
                 continue
-            samples = sorted((p for p in class_folder.iterdir() if p.is_dir()), key=lambda p: natural_key(p.name))
+            samples = sorted(_folders(class_folder), key=lambda p: natural_key(p.name))
             if not samples:
                 problems.append(f"{class_folder}: no sample folders")
             entries += [(class_folder.name, sample) for sample in samples]

@@ -172,7 +172,7 @@ class Trainer:
         if (self.lr_schedule == "plateau" or (self.lr_schedule == "constant" and not self.warmup_epochs)
                 or train_data is None or epochs <= 0):
             return base
-        steps = self.steps_per_epoch or _batches(train_data)
+        steps = self.steps(train_data, warn=False) or _batches(train_data)
         if not steps:
             raise UsageError(f"--lr-schedule {self.lr_schedule} needs the batches per epoch, which this input does "
                              "not know; give --steps-per-epoch.")
@@ -182,6 +182,20 @@ class Trainer:
             return keras.optimizers.schedules.CosineDecay(base, decay_steps=epochs * steps, alpha=alpha)
         return keras.optimizers.schedules.CosineDecay(0.0, decay_steps=max(1, (epochs - self.warmup_epochs) * steps),
                                                       alpha=alpha, warmup_target=base, warmup_steps=warmup)
+
+    def steps(self, train_data, warn=True, phase=""):
+        """Batches per epoch for ``model.fit``: ``steps_per_epoch`` (``None``: the whole training
+        data), capped at the data's own batches when it knows them, since ``fit`` stops an epoch
+        when the data runs out; the cap is logged as a warning (``warn``), and the learning-rate
+        schedule follows it."""
+        batches = None if isinstance(train_data, multiworker.ShardedInput) else _batches(train_data)  # repeats
+        if self.steps_per_epoch and batches and self.steps_per_epoch > batches:
+            if warn:
+                logger.warning("%s: --steps-per-epoch %d is more than the %d batches of the training data; each "
+                               "epoch runs %d (the whole training set once).", phase, self.steps_per_epoch, batches,
+                               batches)
+            return batches
+        return self.steps_per_epoch
 
     def scope(self):
         """The strategy's scope (a no-op without one): build, load and compile inside it."""
@@ -273,7 +287,7 @@ class Trainer:
                     shuffle=not isinstance(train_data, tf.data.Dataset),  # a tf.data pipeline shuffles itself
                     initial_epoch=first,
                     epochs=epochs,
-                    steps_per_epoch=self.steps_per_epoch,
+                    steps_per_epoch=self.steps(train_data, phase=phase),
                     callbacks=[*callbacks, EpochBackup(run.backup(phase))],
                     class_weight=class_weight,
                     verbose=progress_verbosity(),
@@ -510,8 +524,58 @@ def check_checkpoint(path):
                          "that phase again.")
 
 
-def load_checkpoint(path):
-    """``keras.saving.load_model(path)`` (safe mode), with one-line errors.
+# What a saved model is, read from the name its builder gives it (and a ``.keras`` file carries).
+MODEL_KINDS = {"cnn_rnn_classifier": "classifier", "cnn_classifier": "classifier", "lrcn": "lrcn",
+               "captioner": "captioner"}
+KIND_DESCRIPTIONS = {"classifier": "an image classifier (cnn_rnn_classifier.py)", "lrcn": "an LRCN (lrcn.py)",
+                     "captioner": "a captioner (captioning.py)"}
+
+
+def describe_kind(model_name):
+    """What a model of this name is, for messages: ``"an LRCN (lrcn.py)"``."""
+    kind = MODEL_KINDS.get(model_name)
+    if kind is None:
+        return f"a model named {model_name!r}, which no script of this project builds"
+    return KIND_DESCRIPTIONS[kind]
+
+
+def check_kind(model_name, kind, source):
+    """Refuses a model of another kind than ``kind`` (a key of ``KIND_DESCRIPTIONS``).
+
+    Args:
+        model_name: the model's name (``keras.Model.name``, or a ``.keras`` file's ``saved_model_name``).
+        kind: ``"classifier"``, ``"lrcn"`` or ``"captioner"``.
+        source: the model's file or ``"the model"``, for the message.
+
+    Raises:
+        UsageError: naming both kinds, e.g. ``runs/x/phase2_best.keras is an LRCN (lrcn.py), not an
+            image classifier (cnn_rnn_classifier.py).``
+    """
+    if MODEL_KINDS.get(model_name) != kind:
+        raise UsageError(f"{source} is {describe_kind(model_name)}, not {KIND_DESCRIPTIONS[kind]}; use the script "
+                         "that trained it.")
+
+
+def saved_model_name(path):
+    """The name of the model a ``.keras`` file holds, read from its ``config.json`` without loading
+    the weights, or ``None`` when the archive has no readable model config."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            config = json.loads(archive.read("config.json"))
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        return None
+    inner = config.get("config") if isinstance(config, dict) else None
+    return inner.get("name") if isinstance(inner, dict) else None
+
+
+def load_checkpoint(path, kind):
+    """``keras.saving.load_model(path)`` (safe mode) of a model of ``kind``, with one-line errors.
+
+    The kind is checked from the file's own config before its weights are loaded.
+
+    Args:
+        path: a ``.keras`` file.
+        kind: what the calling script serves: ``"classifier"``, ``"lrcn"`` or ``"captioner"``.
 
     Returns:
         ``(model, classes)``: ``classes`` is the ``classes.json`` written beside the
@@ -519,13 +583,17 @@ def load_checkpoint(path):
 
     Raises:
         MissingFileError: no such file.
-        UsageError: the file is damaged (cut short, a bad CRC) or is not a model this
-            script can load (another script's model, not a ``.keras`` file).
+        UsageError: the file is damaged (cut short, a bad CRC), holds another kind of model
+            (both kinds named), or is not a model this script can load (not a ``.keras`` file).
     """
     path = Path(path)
     if not path.is_file():
         raise MissingFileError(f"Model file {path} does not exist.")
     check_checkpoint(path)
+    name = saved_model_name(path)
+    if name is None:
+        raise UsageError(f"{path} holds no Keras model config: it is not a .keras model saved by this project.")
+    check_kind(name, kind, path)
     classes_path = rundir.classes_beside(path)
     classes = json.loads(classes_path.read_text(encoding="utf-8")) if classes_path.is_file() else {}
     try:
@@ -536,21 +604,25 @@ def load_checkpoint(path):
                          "script?") from error
 
 
-def model_and_classes(model, class_names=None):
+def model_and_classes(model, kind, class_names=None):
     """``(keras_model, class_names, descriptions)`` for prediction from a saved model or a loaded one.
 
     Args:
         model: the path of a saved ``.keras`` model (``load_checkpoint``; its class names
             and descriptions from the ``classes.json`` beside it) or a ``keras.Model``.
+        kind: what the caller serves (``check_kind``): ``"classifier"`` or ``"lrcn"``.
         class_names: the model's classes in index order; default: the ``classes.json``
             beside a path, else ``"0"``, ``"1"``, ...
 
     Raises:
-        MissingFileError, UsageError: as ``load_checkpoint``; ``class_names`` of the wrong length.
+        MissingFileError, UsageError: as ``load_checkpoint`` (a loaded model of another kind
+            too); ``class_names`` of the wrong length.
     """
     classes = {}
-    if not isinstance(model, keras.Model):
-        model, classes = load_checkpoint(model)
+    if isinstance(model, keras.Model):
+        check_kind(model.name, kind, "the model")
+    else:
+        model, classes = load_checkpoint(model, kind)
     count = model.output_shape[-1]
     names = list(class_names or classes.get("class_names") or [str(i) for i in range(count)])
     if len(names) != count:

@@ -1,11 +1,16 @@
-"""Shared fixtures: tiny trees of real JPEG files written in tmp_path."""
+"""Shared fixtures: tiny trees of real files written in tmp_path: JPEGs in class folders, a raw Tiny
+ImageNet download, captioned photos (Flickr8k and COCO layouts), frame folders and AVI videos."""
 
+import json
 import os
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 from PIL import Image
+
+from helpers.captions import FLICKR8K_SPLITS, FLICKR8K_TOKENS
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -64,6 +69,81 @@ def make_class_folders(root, classes=("cat", "dog", "fox"), per_class=(6, 3, 3),
                 write_jpeg(root / split / name / f"{name}_{i}.jpg", seed, size=size, mode=mode)
                 seed += 1
     return root
+
+
+COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30)}
+
+
+def write_photo(path, colour, seed, size=72):
+    rng = np.random.default_rng(seed)
+    pixels = np.clip(rng.normal(COLOURS[colour], 25, (size, size, 3)), 0, 255).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path, format="JPEG", quality=90)
+    return path
+
+
+def colour_captions(colour):
+    return [f"A {colour} picture .", f"a {colour} image", f"The {colour} picture!", f"a {colour} square picture",
+            f"a very {colour} image"]
+
+
+def make_flickr8k(root, counts=(9, 3, 3), images="Flicker8k_Dataset"):
+    """Flickr8k's layout in miniature: token file, the three split files, an images folder."""
+    root = Path(root)
+    lines, names, n = [], {}, 0
+    for split, count in zip(FLICKR8K_SPLITS.values(), counts):
+        names[split] = []
+        for _ in range(count):
+            colour = list(COLOURS)[n % 3]
+            name = f"{1000 + n}_{colour}.jpg"
+            write_photo(root / images / name, colour, n)
+            lines += [f"{name}#{k}\t{text}" for k, text in enumerate(colour_captions(colour))]
+            names[split].append(name)
+            n += 1
+    (root / FLICKR8K_TOKENS).write_text("\n".join(lines) + "\n")
+    for split, listed in names.items():
+        (root / split).write_text("\n".join(listed) + "\n")
+    return root
+
+
+def make_coco(root, with_test=False):
+    root = Path(root)
+    for split, count in (("train2017", 6), ("val2017", 3)) + ((("test2017", 3),) if with_test else ()):
+        images, annotations = [], []
+        for i in range(count):
+            colour = list(COLOURS)[i % 3]
+            write_photo(root / split / f"{i:012d}.jpg", colour, i)
+            images.append({"id": i, "file_name": f"{i:012d}.jpg"})
+            annotations += [{"id": 10 * i + k, "image_id": i, "caption": text}
+                            for k, text in enumerate(colour_captions(colour)[:3])]
+        (root / "annotations").mkdir(parents=True, exist_ok=True)
+        (root / "annotations" / f"captions_{split}.json").write_text(
+            json.dumps({"images": images, "annotations": annotations}))
+    return root
+
+
+def make_clips(root, layout="class_folders", lengths=(3, 5, 4, 6), classes=("a", "b")):
+    """Sample folders of real JPEG frames in either layout; frame names sort naturally, not lexically."""
+    seed = 0
+    for c_index, name in enumerate(classes):
+        for s_index, length in enumerate(lengths):
+            folder = (root / name / f"s{s_index}") if layout == "class_folders" else (root / f"{c_index + 1}_s{s_index}")
+            for t in range(length):
+                write_jpeg(folder / f"frame_{t}.jpg", seed, size=12)
+                seed += 1
+    return root
+
+
+def write_video(path, frames=12, size=(40, 32)):
+    """A real MJPG-encoded AVI whose frame t is a bar at column 3t (so order can be checked)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10.0, size)
+    for t in range(frames):
+        frame = np.zeros((size[1], size[0], 3), np.uint8)
+        frame[:, 3 * t:3 * t + 3] = (0, 0, 255)  # red in BGR
+        writer.write(frame)
+    writer.release()
+    return path
 
 
 class Killed(BaseException):

@@ -16,60 +16,11 @@ from PIL import Image
 import captioning as cap
 from helpers import captions, rundir
 from helpers.captions import END_ID, PAD_ID, START_ID, UNK_ID
-from tests.conftest import Killed, kill_at_batch
+from tests.conftest import Killed, colour_captions, kill_at_batch, make_coco, make_flickr8k
 
 ROOT = Path(__file__).resolve().parents[1]
-COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30)}
 TINY = ["--weights", "none", "--image-size", "71", "--embedding-dim", "16", "--lstm-units", "16",
         "--min-word-count", "1", "--max-length", "6", "--batch-size", "8", "--fine-tune-batch-size", "4"]
-
-
-def write_photo(path, colour, seed, size=72):
-    rng = np.random.default_rng(seed)
-    pixels = np.clip(rng.normal(COLOURS[colour], 25, (size, size, 3)), 0, 255).astype(np.uint8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(pixels).save(path, format="JPEG", quality=90)
-    return path
-
-
-def colour_captions(colour):
-    return [f"A {colour} picture .", f"a {colour} image", f"The {colour} picture!", f"a {colour} square picture",
-            f"a very {colour} image"]
-
-
-def make_flickr8k(root, counts=(9, 3, 3), images="Flicker8k_Dataset"):
-    """Flickr8k's layout in miniature: token file, the three split files, an images folder."""
-    root = Path(root)
-    lines, names, n = [], {}, 0
-    for split, count in zip(captions.FLICKR8K_SPLITS.values(), counts):
-        names[split] = []
-        for _ in range(count):
-            colour = list(COLOURS)[n % 3]
-            name = f"{1000 + n}_{colour}.jpg"
-            write_photo(root / images / name, colour, n)
-            lines += [f"{name}#{k}\t{text}" for k, text in enumerate(colour_captions(colour))]
-            names[split].append(name)
-            n += 1
-    (root / captions.FLICKR8K_TOKENS).write_text("\n".join(lines) + "\n")
-    for split, listed in names.items():
-        (root / split).write_text("\n".join(listed) + "\n")
-    return root
-
-
-def make_coco(root, with_test=False):
-    root = Path(root)
-    for split, count in (("train2017", 6), ("val2017", 3)) + ((("test2017", 3),) if with_test else ()):
-        images, annotations = [], []
-        for i in range(count):
-            colour = list(COLOURS)[i % 3]
-            write_photo(root / split / f"{i:012d}.jpg", colour, i)
-            images.append({"id": i, "file_name": f"{i:012d}.jpg"})
-            annotations += [{"id": 10 * i + k, "image_id": i, "caption": text}
-                            for k, text in enumerate(colour_captions(colour)[:3])]
-        (root / "annotations").mkdir(parents=True, exist_ok=True)
-        (root / "annotations" / f"captions_{split}.json").write_text(
-            json.dumps({"images": images, "annotations": annotations}))
-    return root
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@ import json
 import logging
 from pathlib import Path
 
-import cv2
 import keras
 import numpy as np
 import pytest
@@ -11,23 +10,11 @@ import lrcn
 from helpers import extract_frames, rundir, sequences, training
 from helpers.data import DatasetError
 from helpers.layers import PAD_VALUE
-from tests.conftest import Killed, kill_at_batch, write_jpeg
+from tests.conftest import Killed, kill_at_batch, make_clips, write_video
 
 TINY = dict(image_size=32, dense_units=16, gru_units=8, weights=None)
 TINY_FLAGS = ["--weights", "none", "--image-size", "32", "--dense-units", "16", "--gru-units", "8",
               "--batch-size", "2", "--fine-tune-batch-size", "2", "--workers", "1"]
-
-
-def make_clips(root, layout="class_folders", lengths=(3, 5, 4, 6), classes=("a", "b")):
-    """Sample folders of real JPEG frames in either layout; frame names sort naturally, not lexically."""
-    seed = 0
-    for c_index, name in enumerate(classes):
-        for s_index, length in enumerate(lengths):
-            folder = (root / name / f"s{s_index}") if layout == "class_folders" else (root / f"{c_index + 1}_s{s_index}")
-            for t in range(length):
-                write_jpeg(folder / f"frame_{t}.jpg", seed, size=12)
-                seed += 1
-    return root
 
 
 @pytest.fixture
@@ -188,17 +175,6 @@ def test_bad_sequence_inputs(tmp_path):
 
 
 # ---------------------------------------------------------------- videos
-
-def write_video(path, frames=12, size=(40, 32)):
-    """A real MJPG-encoded AVI whose frame t is a bar at column 3t (so order can be checked)."""
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10.0, size)
-    for t in range(frames):
-        frame = np.zeros((size[1], size[0], 3), np.uint8)
-        frame[:, 3 * t:3 * t + 3] = (0, 0, 255)  # red in BGR
-        writer.write(frame)
-    writer.release()
-    return path
-
 
 def test_extract_frames_from_real_video(tmp_path):
     video = write_video(tmp_path / "clip.avi")
