@@ -98,9 +98,9 @@ if __name__ == "__main__":  # parse before TensorFlow is imported: --help and fl
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
+from keras import ops  # noqa: E402
 
-from helpers import captions, data, features, precision, reports, rundir, training  # noqa: E402
+from helpers import backend, captions, data, features, precision, reports, rundir, training  # noqa: E402
 from helpers.backbones import pretrained_backbone  # noqa: E402
 from helpers.captions import END_ID, PAD_ID, START_ID, UNK_ID  # noqa: E402
 from helpers.errors import UsageError  # noqa: E402
@@ -201,7 +201,7 @@ def compile_captioner(model, optimizer, jit_compile=False):
     """Sparse categorical cross-entropy on the next word and its accuracy, both masked on padding
     (the output's Keras mask), with float16 loss scaling when needed (``precision.loss_scaled``)."""
     model.compile(optimizer=precision.loss_scaled(model, optimizer), loss="sparse_categorical_crossentropy",
-                  metrics=["accuracy"], jit_compile=jit_compile)
+                  metrics=["accuracy"], jit_compile=backend.jit_compile(jit_compile))
 
 
 def adam(learning_rate):
@@ -247,6 +247,8 @@ def _batched(dataset, batch_size, target_lengths):
     ``target_lengths`` (one per element) give the number of batches, declared to tf.data so that
     Keras knows the epoch's length (``tf.data.experimental.assert_cardinality``).
     """
+    import tensorflow as tf
+
     per_bucket = np.bincount(np.digitize(target_lengths, BUCKET_BOUNDARIES), minlength=len(BUCKET_BOUNDARIES) + 1)
     batches = int(sum(-(-n // batch_size) for n in per_bucket))
     return dataset.bucket_by_sequence_length(
@@ -257,7 +259,13 @@ def _batched(dataset, batch_size, target_lengths):
 
 def feature_dataset(cached, table, batch_size, shuffle=False, seed=0):
     """Phase 1 input: ``((features (batch, 2048) float32, tokens (batch, steps) int32), targets
-    (batch, steps) int32)`` for every caption (an epoch sees each caption once), from cached features."""
+    (batch, steps) int32)`` for every caption (an epoch sees each caption once), from cached
+    features, bucketed by length: ``tf.data`` on the TensorFlow backend, a ``CaptionBatches``
+    on the others."""
+    if not backend.is_tensorflow():
+        return CaptionBatches(table, batch_size, shuffle, seed, features=cached)
+    import tensorflow as tf
+
     cached = tf.constant(cached)
     dataset = tf.data.Dataset.from_tensor_slices((table.image, table.ids, table.lengths))
     if shuffle:
@@ -270,9 +278,17 @@ def feature_dataset(cached, table, batch_size, shuffle=False, seed=0):
     return _batched(dataset.map(pair, num_parallel_calls=tf.data.AUTOTUNE), batch_size, table.lengths - 1)
 
 
-def image_dataset(split, table, image_size, batch_size, shuffle=False, seed=0, workers=tf.data.AUTOTUNE):
+def image_dataset(split, table, image_size, batch_size, shuffle=False, seed=0, workers=None):
     """Phase 2 input: ``((images (batch, size, size, 3) float32 0..255, tokens), targets)``, each image
-    once per epoch with one of its captions: a random one in training, a fixed one otherwise."""
+    once per epoch with one of its captions: a random one in training, a fixed one otherwise;
+    ``tf.data`` (``workers`` parallel reads, default ``AUTOTUNE``) on the TensorFlow backend, a
+    ``CaptionBatches`` (``workers`` threads, default 2) on the others."""
+    if not backend.is_tensorflow():
+        return CaptionBatches(table, batch_size, shuffle, seed, paths=split.paths, image_size=image_size,
+                              workers=workers or 2)
+    import tensorflow as tf
+
+    workers = workers or tf.data.AUTOTUNE
     ids, lengths = tf.constant(table.ids), tf.constant(table.lengths)
     dataset = tf.data.Dataset.from_tensor_slices(([str(p) for p in split.paths], table.first, table.count))
     if shuffle:
@@ -287,6 +303,69 @@ def image_dataset(split, table, image_size, batch_size, shuffle=False, seed=0, w
     if shuffle:
         return dataset.map(pair, num_parallel_calls=workers).padded_batch(batch_size).prefetch(2)
     return _batched(dataset.map(pair, num_parallel_calls=workers), batch_size, table.lengths[table.first] - 1)
+
+
+class CaptionBatches(keras.utils.PyDataset):
+    """``feature_dataset`` and ``image_dataset`` as a ``keras.utils.PyDataset``, for the backends
+    other than TensorFlow: the same examples, bucketing and padding.
+
+    With ``features`` (phase 1) an epoch holds every caption with its image's cached features;
+    with ``paths`` (phase 2) every image once, with a random caption drawn each epoch when
+    ``shuffle``, else its first, read by ``helpers.data.read_rgb``. Captions are grouped by the
+    ``BUCKET_BOUNDARIES`` of their target length (not phase 2's shuffled training batches, as in
+    the ``tf.data`` path) and each batch is padded with 0 to its longest; ``shuffle`` reshuffles
+    the examples and the batches every epoch (``numpy.random.default_rng(seed)``).
+
+    Batches: ``((features (batch, 2048) float32 | images (batch, size, size, 3) float32 0..255,
+    tokens (batch, steps) int32), targets (batch, steps) int32)``.
+    """
+
+    def __init__(self, table, batch_size, shuffle=False, seed=0, features=None, paths=None, image_size=None,
+                 workers=1):
+        super().__init__(workers=workers)
+        self.table, self.batch_size, self.shuffle = table, batch_size, shuffle
+        self.features, self.paths, self.image_size = features, paths, image_size
+        self.rng = np.random.default_rng(seed)
+        self.batches = self._plan()
+
+    def _plan(self):
+        table = self.table
+        if self.features is not None:  # every caption
+            rows = np.arange(len(table.image))
+        else:  # each image once, with one caption
+            rows = table.first + (self.rng.integers(0, table.count) if self.shuffle else 0)
+        if self.shuffle:
+            rows = self.rng.permutation(rows)
+        if self.shuffle and self.features is None:
+            groups = [rows]
+        else:
+            buckets = np.digitize(table.lengths[rows] - 1, BUCKET_BOUNDARIES)
+            groups = [rows[buckets == bucket] for bucket in range(len(BUCKET_BOUNDARIES) + 1)]
+        batches = [group[i:i + self.batch_size] for group in groups for i in range(0, len(group), self.batch_size)]
+        if self.shuffle:
+            batches = [batches[i] for i in self.rng.permutation(len(batches))]
+        return batches
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __getitem__(self, index):
+        rows, table = self.batches[index], self.table
+        lengths = table.lengths[rows] - 1  # teacher forcing: <start> w1 ... wn -> w1 ... wn <end>
+        steps = int(lengths.max())
+        tokens = table.ids[rows, :steps].copy()
+        tokens[np.arange(steps)[None, :] >= lengths[:, None]] = PAD_ID  # the <end> of a shorter caption
+        targets = table.ids[rows, 1:steps + 1]
+        images = table.image[rows]
+        if self.features is not None:
+            first = self.features[images]
+        else:
+            first = np.stack([data.read_rgb(self.paths[i], self.image_size) for i in images])
+        return (first, tokens), targets
+
+    def on_epoch_end(self):
+        if self.shuffle:
+            self.batches = self._plan()
 
 
 def load_data(args):
@@ -514,33 +593,38 @@ class Decoder:
         self.lstm = decoder.get_layer("lstm")
         self.merge = decoder.get_layer("merge_dense") if "merge_dense" in names else None
         self.head = decoder.get_layer("next_word")
+        if backend.is_tensorflow():  # one traced graph per call shape, not op by op
+            import tensorflow as tf
 
-    @tf.function(input_signature=[tf.TensorSpec((None, None), tf.float32)], autograph=False)
+            self._start = tf.function(self._start, input_signature=[tf.TensorSpec((None, None), tf.float32)],
+                                      autograph=False)
+            self._step = tf.function(self._step, input_signature=[tf.TensorSpec((None,), tf.int32)] + [
+                tf.TensorSpec((None, None), tf.float32)] * 3, autograph=False)
+
     def _start(self, image_features):
         image = self.image_embedding(image_features)
         if self.pre_inject:
-            _, h, c = self.lstm(image[:, None, :])
+            _, h, c = self.lstm(ops.expand_dims(image, 1))
         else:
-            h = c = tf.zeros((tf.shape(image)[0], self.lstm.units))
+            h = c = ops.zeros((ops.shape(image)[0], self.lstm.units))
         return h, c, image
 
-    @tf.function(input_signature=[tf.TensorSpec((None,), tf.int32)] + [tf.TensorSpec((None, None), tf.float32)] * 3,
-                 autograph=False)
     def _step(self, tokens, h, c, image):
-        outputs, h, c = self.lstm(self.embedding(tokens[:, None]), initial_state=[h, c])
+        outputs, h, c = self.lstm(self.embedding(ops.expand_dims(tokens, 1)), initial_state=[h, c])
         outputs = outputs[:, 0]
         if self.merge is not None:
             outputs = self.merge(outputs + image)
-        return tf.math.log(tf.maximum(self.head(outputs), 1e-30)), h, c
+        return ops.log(ops.maximum(self.head(outputs), 1e-30)), h, c
 
     def start(self, image_features):
         """The state after the image: ``(h, c, image embedding)`` numpy arrays, one row per image."""
-        return tuple(t.numpy() for t in self._start(tf.constant(image_features, tf.float32)))
+        return tuple(ops.convert_to_numpy(t) for t in self._start(ops.convert_to_tensor(image_features, "float32")))
 
     def step(self, tokens, state):
         """``step`` of ``greedy_search`` / ``beam_search``."""
-        log_probs, h, c = self._step(tf.constant(tokens, tf.int32), *(tf.constant(s) for s in state))
-        return log_probs.numpy(), (h.numpy(), c.numpy(), state[2])
+        log_probs, h, c = self._step(ops.convert_to_tensor(tokens, "int32"),
+                                     *(ops.convert_to_tensor(s, "float32") for s in state))
+        return ops.convert_to_numpy(log_probs), (ops.convert_to_numpy(h), ops.convert_to_numpy(c), state[2])
 
     def captions(self, image_features, beam_size, max_length, batch_size=64):
         """Word ids of each image's caption: greedy for ``beam_size`` 1, else beam search.
@@ -562,7 +646,7 @@ class Decoder:
 
 # ----------------------------------------------------------------------------- evaluation
 
-def encode_images(model, paths, batch_size=32, workers=tf.data.AUTOTUNE, verbose=None):
+def encode_images(model, paths, batch_size=32, workers=2, verbose=None):
     """The model's encoder output for each image file: ``(num_images, 2048)`` float32."""
     encoder = model.get_layer("encoder")
     dataset = features.image_dataset(paths, encoder.input_shape[1], batch_size, workers)
@@ -570,7 +654,7 @@ def encode_images(model, paths, batch_size=32, workers=tf.data.AUTOTUNE, verbose
     return np.asarray(encoder.predict(dataset, verbose=verbose), np.float32)
 
 
-def evaluate_model(model, vocabulary, split, beam_size=3, batch_size=64, workers=tf.data.AUTOTUNE):
+def evaluate_model(model, vocabulary, split, beam_size=3, batch_size=64, workers=2):
     """Captions every image of ``split`` greedily and with beam search, and scores both.
 
     Returns:

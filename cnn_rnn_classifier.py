@@ -85,9 +85,9 @@ if __name__ == "__main__":  # parse before TensorFlow is imported: --help and fl
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
+from keras.src.legacy.preprocessing.image import DirectoryIterator, ImageDataGenerator  # noqa: E402
 
-from helpers import data, distribute, multiworker, precision, reports, training  # noqa: E402
+from helpers import backend, data, distribute, multiworker, precision, reports, training  # noqa: E402
 from helpers import features as featurecache  # noqa: E402
 from helpers.backbones import pretrained_backbone  # noqa: E402
 from helpers.errors import UsageError  # noqa: E402
@@ -105,7 +105,7 @@ XCEPTION_FEATURES = 2048
 MODEL_ARGUMENTS = ("image_size", "rnn_timesteps", "rnn_units", "cnn_only", "mixed_precision")
 
 
-class CustomImageDataGenerator(tf.keras.preprocessing.image.ImageDataGenerator):
+class CustomImageDataGenerator(ImageDataGenerator):
     """The seed's ``ImageDataGenerator`` whose ``standardize()`` applies Xception preprocessing.
 
     ``flow_from_directory`` calls ``standardize()`` on every image before it is
@@ -117,8 +117,10 @@ class CustomImageDataGenerator(tf.keras.preprocessing.image.ImageDataGenerator):
     labels ``(batch, num_classes)`` float32. Grayscale and CMYK files are converted
     to RGB by the generator (``color_mode="rgb"``).
 
-    Keras 3 ships this base class only as ``tf.keras.preprocessing.image.ImageDataGenerator``
-    (deprecated, but its iterators are ``keras.utils.PyDataset``s that ``fit`` takes).
+    Keras 3 ships this base class as ``tf.keras.preprocessing.image.ImageDataGenerator``, which is
+    Keras' legacy numpy/Pillow class (imported from ``keras.src.legacy``, so it works on every
+    backend without TensorFlow; deprecated, but its iterators are ``keras.utils.PyDataset``s that
+    ``fit`` takes).
     """
 
     def standardize(self, x):
@@ -131,7 +133,7 @@ class CustomImageDataGenerator(tf.keras.preprocessing.image.ImageDataGenerator):
         return ImageReadingIterator(directory, self, **kwargs)
 
 
-class ImageReadingIterator(tf.keras.preprocessing.image.DirectoryIterator):
+class ImageReadingIterator(DirectoryIterator):
     """Keras' ``DirectoryIterator`` reading each image with ``helpers.data.read_rgb``: the same
     pixels as Keras' ``load_img`` (PIL, RGB, bilinear resize), turned upright by the file's EXIF
     orientation as every other reader of the project does, and a 16-bit image refused by name.
@@ -352,7 +354,7 @@ def augmentation_layers(seed=None):
     ], name="augmentation")
 
 
-def image_dataset(split, image_size, batch_size, shuffle, seed=None, workers=tf.data.AUTOTUNE, drop_remainder=False,
+def image_dataset(split, image_size, batch_size, shuffle, seed=None, workers=None, drop_remainder=False,
                   shard=None, features=None, augment=False):
     """The ``tf.data`` input path: parallel decoding, batching and prefetch.
 
@@ -367,7 +369,7 @@ def image_dataset(split, image_size, batch_size, shuffle, seed=None, workers=tf.
         batch_size: images per batch; the last batch may be smaller.
         shuffle: reshuffle the files every epoch.
         seed: shuffling seed.
-        workers: parallel decode calls (``num_parallel_calls``); default ``AUTOTUNE``.
+        workers: parallel decode calls (``num_parallel_calls``); default ``tf.data.AUTOTUNE``.
         drop_remainder: leave out the last, partial batch (for several replicas).
         shard: ``(count, index)``: only every ``count``-th file from ``index`` (one
             worker's share, before decoding).
@@ -379,7 +381,14 @@ def image_dataset(split, image_size, batch_size, shuffle, seed=None, workers=tf.
         A ``tf.data.Dataset`` of ``(images, one_hot_labels)``: ``(batch, image_size,
         image_size, 3)`` float32 in [-1, 1] and ``(batch, num_classes)`` float32; with
         ``features``, ``((features, images), one_hot_labels)``.
+
+    Raises:
+        helpers.errors.UsageError: TensorFlow is not installed (``tf.data`` is TensorFlow's).
     """
+    backend.require_tensorflow("--input tf.data", backend=False)
+    import tensorflow as tf
+
+    workers = tf.data.AUTOTUNE if workers is None else workers
     num_classes = len(split.class_names)
 
     augmentation = augmentation_layers(seed) if augment else None
@@ -471,11 +480,9 @@ def phase1_inputs(model, splits, args, trainer, strategy=None):
         if len(head.inputs) == 2:
             datasets.append(read_split(split, args, args.batch_size, shuffle, features=features))
         else:  # --cnn-only: the features are the whole input
-            dataset = tf.data.Dataset.from_tensor_slices(
-                (features, keras.utils.to_categorical(split.labels, len(split.class_names))))
-            if shuffle:
-                dataset = dataset.shuffle(len(split), seed=args.seed, reshuffle_each_iteration=True)
-            datasets.append(dataset.batch(args.batch_size).prefetch(2))
+            datasets.append(featurecache.array_batches(
+                features, keras.utils.to_categorical(split.labels, len(split.class_names)), args.batch_size,
+                shuffle, args.seed))
     logger.info("phase 1: the head trains on cached Xception features of %d images (%s)", len(splits["train"]),
                 trainer.run.features)
     return (head, *datasets)
@@ -487,7 +494,7 @@ def compile_classifier(model, optimizer, jit_compile=False):
     backbone computes in float16 (``precision.loss_scaled``)."""
     model.compile(
         optimizer=precision.loss_scaled(model, optimizer),
-        jit_compile=jit_compile,
+        jit_compile=backend.jit_compile(jit_compile),
         loss="categorical_crossentropy",
         metrics=["accuracy", keras.metrics.TopKCategoricalAccuracy(k=5, name="top5_accuracy")],
     )

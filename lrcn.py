@@ -103,9 +103,8 @@ if __name__ == "__main__":  # parse before TensorFlow is imported: --help and fl
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
 
-from helpers import data, distribute, multiworker, precision, reports, sequences, training  # noqa: E402
+from helpers import backend, data, distribute, multiworker, precision, reports, sequences, training  # noqa: E402
 from helpers import features as featurecache  # noqa: E402
 from helpers.backbones import pretrained_backbone  # noqa: E402
 from helpers.errors import UsageError  # noqa: E402
@@ -241,12 +240,14 @@ def compile_lrcn(model, optimizer, jit_compile=False):
     if model.output_shape[-1] > 5:
         metrics.append(keras.metrics.TopKCategoricalAccuracy(k=5, name="top5_accuracy"))
     model.compile(optimizer=precision.loss_scaled(model, optimizer), loss="categorical_crossentropy",
-                  metrics=metrics, jit_compile=jit_compile)
+                  metrics=metrics, jit_compile=backend.jit_compile(jit_compile))
 
 
 def _sharded_input(splits, args, batch_size):
     """``(train, val)`` ``multiworker.ShardedInput``s for ``--distribute multi-worker``: each input pipeline
     reads every n-th sample with a ``FrameSequences``, wrapped in ``tf.data``."""
+    import tensorflow as tf
+
     def dataset_fn(training, context):
         split = splits["train" if training else "val"]
         every, first = context.num_input_pipelines, context.input_pipeline_id
@@ -317,10 +318,8 @@ def phase1_inputs(model, splits, args, trainer, strategy=None):
         cached = featurecache.cached_features(backbone, paths, trainer.run.features, name, loader=load)
         features = cached.reshape(len(split), args.frames, -1)
         labels = sequences.one_hot(split.labels, len(split.class_names), args.frames if args.per_frame else None)
-        dataset = tf.data.Dataset.from_tensor_slices(((features, np.ones(features.shape[:2], bool)), labels))
-        if name == "train":
-            dataset = dataset.shuffle(len(split), seed=args.seed, reshuffle_each_iteration=True)
-        datasets.append(dataset.batch(args.batch_size).prefetch(2))
+        datasets.append(featurecache.array_batches((features, np.ones(features.shape[:2], bool)), labels,
+                                                   args.batch_size, shuffle=name == "train", seed=args.seed))
     logger.info("phase 1: the head trains on cached VGG16 features of %d x %d frames (%s)", len(splits["train"]),
                 args.frames, trainer.run.features)
     return (training.find_layer(model, "lrcn_head"), *datasets)

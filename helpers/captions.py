@@ -22,9 +22,10 @@ or an image name, an image listed but missing, an empty split, a JSON without
 ``annotations``, a caption that is not text or has no word, an image listed twice or in two
 splits) raises ``DatasetError`` naming the file and line before anything trains.
 
-Text: lowercase, punctuation removed (the regular expression of Keras' ``TextVectorization``
-``lower_and_strip_punctuation``), split on whitespace. Word ids come from a
-``keras.layers.StringLookup`` over the saved vocabulary.
+Text: lowercase, punctuation removed (what Keras' ``TextVectorization`` does by default,
+``lower_and_strip_punctuation``), split on whitespace; word ids are positions in the saved
+vocabulary (as ``keras.layers.StringLookup`` numbers them). Plain Python, so it runs on every
+backend without TensorFlow's string ops.
 """
 
 import collections
@@ -119,7 +120,7 @@ def check_caption(caption, place):
     """
     if not isinstance(caption, str):
         raise DatasetError(f"{place}: the caption is a {type(caption).__name__} ({str(caption)[:60]!r}), not text")
-    if not re.sub(PUNCTUATION, "", caption).split():
+    if not standardize(caption).split():
         raise DatasetError(f"{place}: the caption {caption[:60]!r} has no word once lowercased and stripped of "
                            "punctuation")
     return caption.strip()
@@ -286,20 +287,19 @@ def download_flickr8k(cache_dir=None):
     return found
 
 
-def standardize(texts):
-    """Lowercase, punctuation removed (Keras ``TextVectorization``'s default), as a ``tf.Tensor`` of strings."""
-    import tensorflow as tf
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 
-    return tf.strings.regex_replace(tf.strings.lower(texts), PUNCTUATION, "")
+
+def standardize(text):
+    """One text as Keras' ``TextVectorization`` standardises it by default
+    (``"lower_and_strip_punctuation"``: ``tf.strings.lower``, which lowers ASCII letters only, then
+    ``PUNCTUATION`` removed), in plain Python on every backend (tested equal to Keras' on TensorFlow)."""
+    return re.sub(PUNCTUATION, "", text.translate(_ASCII_LOWER))
 
 
 def tokenize(texts):
-    """Each text's words after ``standardize``: a list of lists of ``str``."""
-    import tensorflow as tf
-
-    if not len(texts):
-        return []
-    return [[word.decode("utf-8") for word in words] for words in tf.strings.split(standardize(list(texts))).to_list()]
+    """Each text's words after ``standardize``, split on whitespace: a list of lists of ``str``."""
+    return [standardize(text).split() for text in texts]
 
 
 MAX_LENGTH = 200  # words per caption at most (Flickr8k's longest caption has 38)
@@ -333,7 +333,7 @@ class Vocabulary:
                              f"Received: {tokens[:6]}...")
         check_text_arguments(1, max_length)
         self.tokens, self.max_length = tokens, int(max_length)
-        self._lookup = None
+        self.ids = {token: index for index, token in enumerate(tokens)}
 
     @classmethod
     def from_captions(cls, captions, min_word_count=5, max_length=30):
@@ -370,31 +370,25 @@ class Vocabulary:
         except (json.JSONDecodeError, KeyError, TypeError) as error:
             raise DatasetError(f"{path} is not a vocabulary file ({type(error).__name__}: {error}).") from None
 
-    @property
-    def lookup(self):
-        """A ``keras.layers.StringLookup`` from words to ids (``<unk>`` for unknown words)."""
-        if self._lookup is None:
-            import keras
-
-            self._lookup = keras.layers.StringLookup(vocabulary=self.tokens[2:], mask_token=PAD, oov_token=UNK)
-        return self._lookup
-
     def encode(self, captions):
-        """Word ids of ``<start> w1 ... wn <end>`` for each caption, cut to ``max_length`` words.
+        """Word ids of ``<start> w1 ... wn <end>`` for each caption, cut to ``max_length`` words;
+        a word not in the vocabulary is ``<unk>`` (as ``keras.layers.StringLookup`` over
+        ``tokens[2:]`` with mask ``""`` and OOV token ``<unk>`` numbers them; tested equal).
 
         Returns:
             ``(num_captions, max_length + 2)`` int32 numpy array padded with 0, and the
             ``(num_captions,)`` int32 lengths (with ``<start>`` and ``<end>``).
         """
         import numpy as np
-        import tensorflow as tf
 
-        words = tf.strings.split(standardize(list(captions)))[:, : self.max_length]
-        ids = tf.cast(self.lookup(words), tf.int32)
-        rows = ids.nrows()
-        ids = tf.concat([tf.fill([rows, 1], START_ID), ids, tf.fill([rows, 1], END_ID)], axis=1)
-        lengths = ids.row_lengths().numpy().astype(np.int32)
-        return ids.to_tensor(default_value=PAD_ID, shape=[rows, self.max_length + 2]).numpy(), lengths
+        words = tokenize(captions)
+        ids = np.zeros((len(words), self.max_length + 2), np.int32)
+        lengths = np.zeros(len(words), np.int32)
+        for row, caption in enumerate(words):
+            sequence = [START_ID] + [self.ids.get(word, UNK_ID) for word in caption[:self.max_length]] + [END_ID]
+            ids[row, :len(sequence)] = sequence
+            lengths[row] = len(sequence)
+        return ids, lengths
 
     def decode(self, ids):
         """The words of one id sequence as text, up to ``<end>``, without padding or ``<start>``."""

@@ -275,8 +275,6 @@ def run(args, commands):
     ``--verbose``), and so is a lost peer under ``--distribute multi-worker``; anything
     else is a bug and raises.
     """
-    import tensorflow as tf  # here, not at the top: the arguments are parsed before TensorFlow loads
-
     configure_logging(args.verbose, {command.__module__ for command in commands.values()})
     try:
         return commands[args.command](args) or 0
@@ -284,15 +282,21 @@ def run(args, commands):
         logger.debug("traceback", exc_info=True)
         logger.error("%s", error)
         return 1
-    except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.errors.AbortedError,
-            tf.errors.CancelledError) as error:  # a peer of --distribute multi-worker died
-        if getattr(args, "distribute", None) != "multi-worker":
+    except Exception as error:
+        if getattr(args, "distribute", None) != "multi-worker" or not _lost_peer(error):
             raise
         logger.debug("traceback", exc_info=True)
         logger.error("another worker of the cluster failed or cannot be reached (%s: %s). Start every worker "
                      "again with the same command: training resumes from the last completed epoch.",
                      type(error).__name__, str(error).splitlines()[0][:300])
         return 1
+
+
+def _lost_peer(error):
+    """True for the TensorFlow errors a dead peer of ``--distribute multi-worker`` raises."""
+    tf = sys.modules.get("tensorflow")
+    return tf is not None and isinstance(error, (tf.errors.UnavailableError, tf.errors.DeadlineExceededError,
+                                                 tf.errors.AbortedError, tf.errors.CancelledError))
 
 
 def _add_verbose_argument(parser):

@@ -319,3 +319,4 @@ def load_image(item, size):
         return array.astype(np.float32)
     image = Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8), "RGB")
     return np.asarray(image.resize((size, size), Image.BILINEAR), np.float32)
+

@@ -18,9 +18,8 @@ import contextlib
 import logging
 
 import keras
-import tensorflow as tf
 
-from helpers import multiworker, options
+from helpers import backend, multiworker, options
 from helpers.errors import UsageError
 
 logger = logging.getLogger(__name__)
@@ -48,8 +47,14 @@ def make_strategy(choice, devices=None):
         raise UsageError("--devices needs --distribute mirrored.")
     if choice == "none":
         return None
+    if not backend.is_tensorflow():
+        if choice == "multi-worker":
+            backend.require_tensorflow("--distribute multi-worker")
+        return KerasDataParallel(devices)
     if choice == "multi-worker":
         return multiworker.make_strategy()
+    import tensorflow as tf
+
     if devices:
         visible = [device.name for device in tf.config.list_logical_devices()]
         wanted = [_canonical(name) for name in devices]
@@ -75,8 +80,36 @@ def training_strategy(args):
     return strategy
 
 
+class KerasDataParallel:
+    """``--distribute mirrored`` on the JAX (or PyTorch) backend: Keras' own distribution API,
+    ``keras.distribution.DataParallel`` over the given devices (default: every local
+    accelerator, else the CPU), in the place of a ``tf.distribute`` strategy: ``scope()`` for
+    building, compiling and fitting, ``num_replicas_in_sync`` for the global batch checks.
+
+    Raises:
+        UsageError: a device that does not exist (the visible ones are listed).
+    """
+
+    def __init__(self, devices=None):
+        visible = keras.distribution.list_devices()
+        if devices:
+            wanted = [name.strip("/").lower().replace("device:", "") for name in devices]
+            unknown = [name for name, canonical in zip(devices, wanted) if canonical not in visible]
+            if unknown:
+                raise UsageError(f"--devices {' '.join(unknown)}: no such device; visible: {' '.join(visible)}")
+            visible = wanted
+        self.distribution = keras.distribution.DataParallel(devices=visible)
+        self.num_replicas_in_sync = len(visible)
+        logger.info("keras.distribution.DataParallel over %d device(s): %s", len(visible), ", ".join(visible))
+
+    def scope(self):
+        return self.distribution.scope()
+
+
 def _canonical(name):
     """``"gpu:1"``, ``"/GPU:1"`` or ``"/device:GPU:1"`` -> ``"/device:GPU:1"``; ``UsageError`` if unparsable."""
+    import tensorflow as tf
+
     try:
         spec = tf.DeviceSpec.from_string(name if name.startswith("/") else f"/{name}")
     except ValueError as error:  # from TensorFlow's parser

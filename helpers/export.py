@@ -23,9 +23,8 @@ import tempfile
 from pathlib import Path
 
 import keras
-import tensorflow as tf
 
-from helpers import rundir, training
+from helpers import backend, rundir, training
 from helpers.errors import UsageError
 
 logger = logging.getLogger(__name__)
@@ -76,6 +75,8 @@ def export_model(model, output, export_format="saved_model", preprocess=None, cl
     Raises:
         UsageError: ``output`` exists and is not empty, or ``export_format`` is unknown.
     """
+    import tensorflow as tf
+
     output = Path(output)
     if export_format not in ("saved_model", "tflite"):
         raise UsageError(f"--format must be saved_model or tflite. Received: {export_format!r}")
@@ -109,7 +110,13 @@ def export_model(model, output, export_format="saved_model", preprocess=None, cl
 
 def export_command(args, kind, preprocess=None):
     """The scripts' ``export`` command: loads ``--model`` (a model of ``kind``, ``training.check_kind``)
-    and writes ``--output`` in ``--format``; ``--output`` is checked before the model loads."""
+    and writes ``--output`` in ``--format``; ``--output`` is checked before the model loads.
+
+    Raises:
+        UsageError: TensorFlow is not the backend (a SavedModel and TFLite are TensorFlow's),
+            a model of another kind, an ``--output`` that cannot be written.
+    """
+    backend.require_tensorflow(f"export --format {args.format}")
     rundir.check_writable(args.output, "--output", folder=True)
     model, _ = training.load_checkpoint(args.model, kind)
     written = export_model(model, args.output, args.format, preprocess=preprocess,

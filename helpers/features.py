@@ -17,10 +17,10 @@ import logging
 import os
 from pathlib import Path
 
+import keras
 import numpy as np
-import tensorflow as tf
 
-from helpers import data, rundir
+from helpers import backend, data, rundir
 from helpers.training import progress_verbosity
 
 logger = logging.getLogger(__name__)
@@ -39,6 +39,8 @@ def read_image(path, image_size):
     Returns:
         ``(image_size, image_size, 3)`` float32 RGB 0..255.
     """
+    import tensorflow as tf
+
     def read(name):
         return data.read_rgb(os.fsdecode(np.asarray(name).item()), image_size)
 
@@ -47,12 +49,35 @@ def read_image(path, image_size):
     return image
 
 
-def image_dataset(paths, image_size, batch_size, workers=tf.data.AUTOTUNE):
-    """A ``tf.data.Dataset`` of ``(batch, image_size, image_size, 3)`` float32 RGB 0..255 batches
-    (``read_image``), in order."""
-    return (tf.data.Dataset.from_tensor_slices([os.fsencode(p) for p in paths])
-            .map(lambda p: read_image(p, image_size), num_parallel_calls=workers)
-            .batch(batch_size).prefetch(2))
+class ImageBatches(keras.utils.PyDataset):
+    """Image files in batches, in order, read by ``helpers.data.read_rgb`` (any backend).
+
+    Args:
+        paths: image files.
+        image_size: output height and width in pixels.
+        batch_size: images per batch; the last batch may be smaller.
+        workers: threads reading batches (``keras.utils.PyDataset``).
+
+    Batches: ``(batch, image_size, image_size, 3)`` float32 RGB 0..255.
+    """
+
+    def __init__(self, paths, image_size, batch_size, workers=2):
+        super().__init__(workers=workers)
+        self.paths, self.image_size, self.batch_size = list(paths), image_size, batch_size
+
+    def __len__(self):
+        return -(-len(self.paths) // self.batch_size)
+
+    def __getitem__(self, index):
+        chunk = self.paths[index * self.batch_size:(index + 1) * self.batch_size]
+        return np.stack([data.read_rgb(path, self.image_size) for path in chunk])
+
+
+def image_dataset(paths, image_size, batch_size, workers=2):
+    """``(batch, image_size, image_size, 3)`` float32 RGB 0..255 batches of ``paths``, in order:
+    an ``ImageBatches`` (``keras.utils.PyDataset``, any backend) with ``workers``
+    threads reading."""
+    return ImageBatches(paths, image_size, batch_size, workers=workers)
 
 
 def cache_key(encoder, paths, reader=""):
@@ -69,7 +94,7 @@ def cache_key(encoder, paths, reader=""):
     return digest.hexdigest()
 
 
-def cached_features(encoder, paths, folder, name, batch_size=32, workers=tf.data.AUTOTUNE, loader=None,
+def cached_features(encoder, paths, folder, name, batch_size=32, workers=2, loader=None,
                     images=None, reader=None):
     """The encoder's output for every image of ``paths``, from the cache or computed (then cached).
 
@@ -118,3 +143,48 @@ def cached_features(encoder, paths, folder, name, batch_size=32, workers=tf.data
     rundir.write_atomically(path, lambda partial: np.save(partial, features, allow_pickle=False))
     return features
 
+
+
+def array_batches(inputs, labels, batch_size, shuffle=False, seed=0):
+    """In-memory arrays (cached features) in batches of ``(inputs, labels)``, reshuffled every
+    epoch when ``shuffle``: a ``tf.data.Dataset`` where TensorFlow is the backend (the path the
+    project's TensorFlow figures were measured with), an ``ArrayBatches`` on the others.
+
+    Args:
+        inputs: an array, or a tuple of arrays, with one row per example.
+        labels: an array with one row per example.
+        batch_size: examples per batch; the last batch may be smaller.
+        shuffle: a new order every epoch.
+        seed: the shuffling seed.
+    """
+    if backend.is_tensorflow():
+        import tensorflow as tf
+
+        dataset = tf.data.Dataset.from_tensor_slices((inputs, labels))
+        if shuffle:
+            dataset = dataset.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
+        return dataset.batch(batch_size).prefetch(2)
+    return ArrayBatches(inputs, labels, batch_size, shuffle, seed)
+
+
+class ArrayBatches(keras.utils.PyDataset):
+    """``array_batches`` as a ``keras.utils.PyDataset`` (any backend): batch ``i`` holds the rows
+    ``order[i * batch_size:(i + 1) * batch_size]``, the order drawn anew after every epoch when
+    ``shuffle`` (``numpy.random.default_rng(seed)``)."""
+
+    def __init__(self, inputs, labels, batch_size, shuffle=False, seed=0):
+        super().__init__()
+        self.inputs, self.labels, self.batch_size, self.shuffle = inputs, np.asarray(labels), batch_size, shuffle
+        self.rng = np.random.default_rng(seed)
+        self.order = self.rng.permutation(len(self.labels)) if shuffle else np.arange(len(self.labels))
+
+    def __len__(self):
+        return -(-len(self.labels) // self.batch_size)
+
+    def __getitem__(self, index):
+        rows = self.order[index * self.batch_size:(index + 1) * self.batch_size]
+        return keras.tree.map_structure(lambda array: np.asarray(array)[rows], self.inputs), self.labels[rows]
+
+    def on_epoch_end(self):
+        if self.shuffle:
+            self.order = self.rng.permutation(len(self.labels))

@@ -28,11 +28,11 @@ import logging
 import os
 import re
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
 import keras
-import tensorflow as tf
 
 from helpers.errors import UsageError
 
@@ -90,11 +90,15 @@ def make_strategy():
     config = read_tf_config()
     logger.info("MultiWorkerMirroredStrategy: %s %d of cluster %s", config["task"]["type"], config["task"]["index"],
                 json.dumps(config["cluster"]))
+    import tensorflow as tf
+
     return tf.distribute.MultiWorkerMirroredStrategy()
 
 
 def is_multi_worker(strategy):
-    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+    """True for a ``MultiWorkerMirroredStrategy`` (never imports TensorFlow: without it there is none)."""
+    tf = sys.modules.get("tensorflow")
+    return tf is not None and isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
 
 
 def is_chief_process(strategy):
@@ -183,6 +187,8 @@ def fit(model, train, val, epochs, callbacks, strategy, backup_dir, steps_per_ep
             too far apart to resume together.
         Whatever a callback raises (``helpers.errors.NaNLossError``).
     """
+    import tensorflow as tf
+
     train_steps, val_steps = min(train.steps, steps_per_epoch or train.steps), val.steps
     epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
     checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer, epoch=epoch)
@@ -239,5 +245,7 @@ def fit(model, train, val, epochs, callbacks, strategy, backup_dir, steps_per_ep
 
 def _agreed_epoch(strategy, local):
     """The smallest ``local`` value over all workers (a collective: every worker calls it)."""
+    import tensorflow as tf
+
     values = strategy.gather(strategy.run(lambda: tf.constant([local], tf.int64)), axis=0)
     return int(tf.reduce_min(values))

@@ -7,7 +7,6 @@ project's 2-core CPU, against 0.15 s for TensorFlow's fused ``ResourceApplyAdam`
 computes the same update in one pass (alternating timings in one process, another job running).
 """
 import keras
-import tensorflow as tf
 
 from helpers.layers import PACKAGE
 
@@ -25,8 +24,11 @@ class FusedAdam(keras.optimizers.Adam):
     """
 
     def update_step(self, gradient, variable, learning_rate):
-        if (keras.backend.backend() != "tensorflow" or self.amsgrad or isinstance(gradient, tf.IndexedSlices)
-                or tf.distribute.has_strategy()):
+        if keras.backend.backend() != "tensorflow":
+            return super().update_step(gradient, variable, learning_rate)
+        import tensorflow as tf
+
+        if self.amsgrad or isinstance(gradient, tf.IndexedSlices) or tf.distribute.has_strategy():
             return super().update_step(gradient, variable, learning_rate)
         dtype = variable.dtype
         index = self._get_variable_index(variable)

@@ -19,9 +19,8 @@ import logging
 from pathlib import Path
 
 import keras
-import tensorflow as tf
 
-from helpers import options
+from helpers import backend, options
 from helpers.errors import UsageError
 
 logger = logging.getLogger(__name__)
@@ -40,11 +39,25 @@ def cpu_supports_bfloat16(cpuinfo="/proc/cpuinfo"):
 
 
 def gpu_compute_capability():
-    """``(major, minor)`` of the first visible GPU, or ``None`` without one."""
-    gpus = tf.config.list_physical_devices("GPU")
-    if not gpus:
-        return None
-    return tf.config.experimental.get_device_details(gpus[0]).get("compute_capability", (0, 0))
+    """``(major, minor)`` of the first GPU the Keras backend sees, or ``None`` without one."""
+    if backend.is_tensorflow():
+        import tensorflow as tf
+
+        gpus = tf.config.list_physical_devices("GPU")
+        if not gpus:
+            return None
+        return tf.config.experimental.get_device_details(gpus[0]).get("compute_capability", (0, 0))
+    if backend.name() == "jax":
+        import jax
+
+        gpus = [d for d in jax.devices() if d.platform == "gpu"]
+        if not gpus:
+            return None
+        major, _, minor = str(getattr(gpus[0], "compute_capability", "0.0")).partition(".")
+        return int(major), int(minor or 0)
+    import torch
+
+    return torch.cuda.get_device_capability(0) if torch.cuda.is_available() else None
 
 
 def resolve(choice):

@@ -29,13 +29,14 @@ README's performance section.
 """
 
 import keras
-import tensorflow as tf
 
 from helpers.layers import PACKAGE
 
 
 def _matmul(a, b, dtype, **kwargs):
     """``tf.matmul`` of ``a`` and ``b`` read as ``dtype``, returned in ``a``'s dtype."""
+    import tensorflow as tf
+
     if dtype == a.dtype:
         return tf.matmul(a, b, **kwargs)
     return tf.cast(tf.matmul(tf.cast(a, dtype), tf.cast(b, dtype), **kwargs), a.dtype)
@@ -55,6 +56,7 @@ def _lstm_recurrence(projected, h0, c0, recurrent_kernel, matmul_dtype=None):
         ``(hidden, carry)``: ``(timesteps, batch, units)`` hidden states of every step
         and the last carry ``(batch, units)``.
     """
+    import tensorflow as tf
 
     matmul_dtype = tf.as_dtype(matmul_dtype or projected.dtype)
 
@@ -132,8 +134,11 @@ class FusedLSTM(keras.layers.LSTM):
     def fused_path_applies(self, sequences, mask, training):
         """True when this call can take the fused CPU path (see the module docstring)."""
         cell = self.cell
-        return (keras.backend.backend() == "tensorflow"
-                and not (self.use_cudnn in ("auto", True) and tf.config.list_logical_devices("GPU"))
+        if keras.backend.backend() != "tensorflow":  # Keras' own LSTM (cuDNN on a GPU under JAX too)
+            return False
+        import tensorflow as tf
+
+        return (not (self.use_cudnn in ("auto", True) and tf.config.list_logical_devices("GPU"))
                 and mask is None
                 and not (training and (cell.dropout or cell.recurrent_dropout))
                 and cell.activation is keras.activations.tanh
@@ -143,6 +148,8 @@ class FusedLSTM(keras.layers.LSTM):
     def inner_loop(self, sequences, initial_state, mask, training=False):
         if not self.fused_path_applies(sequences, mask, training):
             return super().inner_loop(sequences, initial_state, mask=mask, training=training)
+        import tensorflow as tf
+
         cell = self.cell
         dtype = self.matmul_dtype or sequences.dtype
         # One 2-D matmul (timesteps * batch, input) @ (input, 4 * units), time-major: a 3-D @ 2-D

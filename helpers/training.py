@@ -30,9 +30,8 @@ from pathlib import Path
 
 import keras
 import numpy as np
-import tensorflow as tf
 
-from helpers import distribute, multiworker, precision, reports, rundir
+from helpers import backend, distribute, multiworker, precision, reports, rundir
 from helpers.errors import MissingFileError, NaNLossError, UsageError
 
 logger = logging.getLogger(__name__)
@@ -257,8 +256,12 @@ class Trainer:
             LogLearningRate(),
             BestCheckpoint(run.best(phase), monitor, best=best_so_far, save=save),
             keras.callbacks.CSVLogger(str(run.log(phase)), append=True),
-            keras.callbacks.TensorBoard(str(run.tensorboard(phase))),
         ]
+        if backend.has_tensorflow():  # its event files are written with TensorFlow's summary ops
+            callbacks.append(keras.callbacks.TensorBoard(str(run.tensorboard(phase))))
+        else:
+            logger.info("%s: no TensorBoard logs (they need TensorFlow, which this environment does not have); "
+                        "the CSV log and the curves are written", phase)
         if self.lr_schedule == "plateau":
             callbacks.append(ResumableReduceLROnPlateau(past, monitor=monitor, factor=self.PLATEAU_FACTOR,
                                                         patience=self.PLATEAU_PATIENCE))
@@ -284,7 +287,7 @@ class Trainer:
                 model.fit(
                     distribute.replica_safe(train_data, replicas, "training"),
                     validation_data=distribute.replica_safe(val_data, replicas, "validation"),
-                    shuffle=not isinstance(train_data, tf.data.Dataset),  # a tf.data pipeline shuffles itself
+                    shuffle=not backend.is_tf_dataset(train_data),  # a tf.data pipeline shuffles itself
                     initial_epoch=first,
                     epochs=epochs,
                     steps_per_epoch=self.steps(train_data, phase=phase),
@@ -447,7 +450,7 @@ def balanced_class_weights(labels, num_classes):
 
 def _batches(data):
     """Batches per epoch of a phase's input, or ``None`` when it does not know."""
-    if isinstance(data, tf.data.Dataset):
+    if backend.is_tf_dataset(data):
         count = int(data.cardinality())
         return count if count > 0 else None
     if isinstance(data, multiworker.ShardedInput):
