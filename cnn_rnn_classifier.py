@@ -55,8 +55,8 @@ def parse_args(argv=None):
                        help="units of both LSTMs; other than 2048 adds a projection of the CNN features "
                        "(default: 2048)")
     train_parser.add_argument("--input", choices=("generator", "tf.data"), default="generator",
-                              help="input path: the seed's CustomImageDataGenerator, or tf.data with parallel "
-                              "decoding and prefetch, for a GPU (default: generator)")
+                              help="input path: the seed's CustomImageDataGenerator (any backend), or tf.data with "
+                              "parallel reads and prefetch, for a GPU (needs TensorFlow installed) (default: generator)")
     model.add_argument("--cnn-only", action="store_true",
                        help="ablation: train the CNN branch alone, same classifier, no RNN branch (default: off)")
     train_parser.add_argument("--augment", action="store_true",
@@ -525,6 +525,8 @@ def train(args):
             loss; reported by ``main`` as one line.
     """
     cli.check_training_arguments(args)
+    if args.input == "tf.data":
+        backend.require_tensorflow("--input tf.data", backend=False)
     if args.distribute == "multi-worker" and args.input != "tf.data":
         raise UsageError("--distribute multi-worker needs --input tf.data: the generator cannot be sharded "
                          "across workers.")

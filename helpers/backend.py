@@ -33,7 +33,12 @@ def is_tensorflow():
 
 def has_tensorflow():
     """True when the ``tensorflow`` package is installed (whatever the backend)."""
-    return "tensorflow" in sys.modules or importlib.util.find_spec("tensorflow") is not None
+    if "tensorflow" in sys.modules:
+        return True
+    try:
+        return importlib.util.find_spec("tensorflow") is not None
+    except ImportError:  # an import hook that hides it
+        return False
 
 
 def require_tensorflow(what, backend=True):

@@ -112,20 +112,21 @@ def add_performance_arguments(parser, distribute=True):
         _add_jit_argument(group)
         return group
     group.add_argument("--distribute", choices=options.DISTRIBUTE, default="none",
-                       help="mirrored: tf.distribute.MirroredStrategy over all local GPUs (or --devices); "
-                       "multi-worker: MultiWorkerMirroredStrategy over the cluster in TF_CONFIG (classifier: "
-                       "with --input tf.data; LRCN: with --frames); the batch sizes are then global batches "
-                       "(default: none)")
+                       help="mirrored: all local GPUs (or --devices): tf.distribute.MirroredStrategy on "
+                       "TensorFlow, keras.distribution.DataParallel on JAX; multi-worker (TensorFlow only): "
+                       "MultiWorkerMirroredStrategy over the cluster in TF_CONFIG (classifier: with --input "
+                       "tf.data; LRCN: with --frames); the batch sizes are then global batches (default: none)")
     group.add_argument("--devices", nargs="+", default=None,
-                       help="devices for --distribute mirrored, e.g. /gpu:0 /gpu:1 (default: all GPUs)")
+                       help="devices for --distribute mirrored, e.g. /gpu:0 /gpu:1 (TensorFlow) or gpu:0 gpu:1 "
+                       "(JAX) (default: all GPUs)")
     _add_jit_argument(group)
     return group
 
 
 def _add_jit_argument(group):
     group.add_argument("--jit-compile", action="store_true",
-                       help="compile the train step with XLA (see the README's measurements before using it "
-                       "on a CPU) (default: off)")
+                       help="TensorFlow: compile the train step with XLA (see the README's measurements before "
+                       "using it on a CPU); on JAX every step is XLA-compiled anyway (default: off)")
 
 
 def add_output_arguments(parser):
@@ -161,6 +162,10 @@ def check_training_arguments(args):
                              f"--{flag.replace('_', '-')} {epochs}; use fewer warm-up epochs.")
     if args.early_stopping is not None and args.early_stopping < 1:
         raise UsageError(f"--early-stopping must be >= 1 epoch. Received: {args.early_stopping}")
+    if getattr(args, "distribute", "none") == "multi-worker":
+        from helpers import backend  # imports Keras: not at the top of this module, which --help loads
+
+        backend.require_tensorflow("--distribute multi-worker")
     if getattr(args, "class_weight", "none") != "none" and getattr(args, "distribute", "none") == "multi-worker":
         raise UsageError("--class-weight is not available with --distribute multi-worker (its training loop is "
                          "the project's own); use --distribute mirrored or none.")
@@ -368,7 +373,8 @@ def parser_with_commands(description, predict=("predict", "top-k classes of imag
     third = commands.add_parser(predict[0], help=predict[1])
     if export:
         exporter = commands.add_parser("export", help="write a saved model for serving: raw RGB pixels 0..255 in, "
-                                       "class probabilities out (TensorFlow SavedModel or TFLite)")
+                                       "class probabilities out (TensorFlow SavedModel or TFLite; needs the "
+                                       "TensorFlow backend)")
         _add_saved_model_arguments(exporter)
         exporter.add_argument("--output", required=True, type=Path,
                               help="the folder to create (must not exist or be empty); required")

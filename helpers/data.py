@@ -150,7 +150,7 @@ WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 
 def _decode_problem(path):
     try:
-        read_rgb(path)  # full decode, as training reads it: catches truncated files, unlike verify()
+        open_rgb(path)  # full decode, as training reads it: catches truncated files, unlike verify()
     except DatasetError as error:
         return str(error)
     except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, ...
@@ -275,15 +275,21 @@ def read_rgb(path, size=None):
             8-bit RGB would clip to white; the message says how to convert it.
         OSError: the file cannot be decoded (PIL's ``UnidentifiedImageError`` is one).
     """
+    rgb = open_rgb(path)
+    if size is not None:
+        rgb = rgb.resize((size, size), Image.BILINEAR)
+    return np.asarray(rgb, np.float32)
+
+
+def open_rgb(path):
+    """``read_rgb``'s decoding: the file as an upright RGB ``PIL.Image`` (fully decoded), with the
+    same errors; ``check_images`` runs it on every file."""
     with Image.open(path) as image:
         if image.mode in WIDE_MODES:
             raise DatasetError(
                 f"{ascii(str(path))}: a {image.mode} ({'16' if '16' in image.mode else '32'}-bit) image; convert it "
                 "to 8 bits per channel (e.g. PIL: image.point(lambda v: v / 257).convert('L'))")
-        rgb = ImageOps.exif_transpose(image).convert("RGB")
-    if size is not None:
-        rgb = rgb.resize((size, size), Image.BILINEAR)
-    return np.asarray(rgb, np.float32)
+        return ImageOps.exif_transpose(image).convert("RGB")
 
 
 def load_image(item, size):

@@ -1,8 +1,10 @@
 """Shared fixtures: tiny trees of real files written in tmp_path: JPEGs in class folders, a raw Tiny
 ImageNet download, captioned photos (Flickr8k and COCO layouts), frame folders and AVI videos."""
 
+import importlib.abc
 import json
 import os
+import sys
 from pathlib import Path
 
 import cv2
@@ -13,6 +15,33 @@ from PIL import Image
 from helpers.captions import FLICKR8K_SPLITS, FLICKR8K_TOKENS
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+BACKEND = os.environ.get("KERAS_BACKEND", "tensorflow")
+
+
+class NoTensorFlow(importlib.abc.MetaPathFinder):
+    """Makes ``import tensorflow`` fail, as in an environment without it (``requirements-jax.txt``):
+    the suite under ``KERAS_BACKEND=jax`` runs as users of that environment do, and any import of
+    TensorFlow by the project is an error (``test_backends.py`` checks none happened)."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in ("tensorflow", "tf_keras", "tensorboard"):
+            raise ModuleNotFoundError(f"No module named {name!r} (the {BACKEND} test run has no TensorFlow)")
+        return None
+
+
+if BACKEND != "tensorflow":
+    sys.meta_path.insert(0, NoTensorFlow())
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``tensorflow`` (what TensorFlow alone does: tf.data, FusedLSTM's kernels,
+    tf.distribute, SavedModel export) are skipped on the other backends."""
+    if BACKEND == "tensorflow":
+        return
+    skip = pytest.mark.skip(reason=f"needs TensorFlow; this run is on {BACKEND}")
+    for item in items:
+        if "tensorflow" in item.keywords:
+            item.add_marker(skip)
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 

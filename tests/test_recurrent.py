@@ -1,7 +1,9 @@
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
+
+tf = pytest.importorskip("tensorflow")  # FusedLSTM's fused path is TensorFlow's
+pytestmark = pytest.mark.tensorflow
 
 from helpers.recurrent import FusedLSTM
 

@@ -1,0 +1,75 @@
+"""Saves tiny models of the three kinds on one Keras backend and checks them on another.
+
+    KERAS_BACKEND=tensorflow python -m tests.backend_roundtrip save DIR
+    KERAS_BACKEND=jax python -m tests.backend_roundtrip check DIR      (then the reverse)
+
+``save`` writes ``DIR/<kind>.keras`` and ``DIR/<kind>.npz`` (inputs and the saving backend's
+probabilities); ``check`` loads each model on its own backend, predicts the same inputs and
+prints one JSON line: the largest absolute difference per kind. Run by ``tests/test_backends.py``
+in fresh processes, one per backend; under a backend other than TensorFlow, TensorFlow is
+hidden (``tests.conftest.NoTensorFlow``) and its absence asserted.
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+if os.environ.get("KERAS_BACKEND", "tensorflow") != "tensorflow":
+    from tests.conftest import NoTensorFlow
+
+    sys.meta_path.insert(0, NoTensorFlow())
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+import captioning  # noqa: E402
+import cnn_rnn_classifier  # noqa: E402
+import lrcn  # noqa: E402
+from helpers import training  # noqa: E402
+
+
+def tiny_models():
+    keras.utils.set_random_seed(0)
+    return {
+        "classifier": cnn_rnn_classifier.build_cnn_rnn_classifier(num_classes=3, image_size=71, rnn_timesteps=71,
+                                                                  rnn_units=8, weights=None),
+        "lrcn": lrcn.build_lrcn(3, frames=2, image_size=32, dense_units=8, gru_units=8, weights=None),
+        "captioner": captioning.build_captioner(vocabulary_size=9, image_size=71, embedding_dim=8, lstm_units=8,
+                                                dropout=0.0, weights=None),
+    }
+
+
+def inputs(kind, rng):
+    if kind == "classifier":
+        return rng.uniform(-1, 1, (2, 71, 71, 3)).astype("float32")
+    if kind == "lrcn":
+        return rng.uniform(0, 255, (2, 2, 32, 32, 3)).astype("float32")
+    return [rng.uniform(0, 255, (2, 71, 71, 3)).astype("float32"), np.array([[2, 5, 6, 0], [2, 7, 0, 0]], "int32")]
+
+
+def save(folder):
+    rng = np.random.default_rng(1)
+    for kind, model in tiny_models().items():
+        # random weights far from the initialisation's zeros, so every weight shows in the output
+        model.set_weights([rng.normal(0, 0.2, w.shape).astype(w.dtype) for w in model.get_weights()])
+        x = inputs(kind, rng)
+        training.save_lean(model, folder / f"{kind}.keras")
+        arrays = {f"x{i}": a for i, a in enumerate(x if isinstance(x, list) else [x])}
+        np.savez(folder / f"{kind}.npz", probabilities=model.predict(x, verbose=0), **arrays)
+
+
+def check(folder):
+    differences = {}
+    for kind in ("classifier", "lrcn", "captioner"):
+        saved = np.load(folder / f"{kind}.npz")
+        model = keras.saving.load_model(folder / f"{kind}.keras")
+        x = [saved[f"x{i}"] for i in range(len(saved.files) - 1)]
+        predicted = model.predict(x if len(x) > 1 else x[0], verbose=0)
+        differences[kind] = float(np.abs(predicted - saved["probabilities"]).max())
+    print(json.dumps({"backend": keras.backend.backend(), "max_abs_difference": differences,
+                      "tensorflow_imported": "tensorflow" in sys.modules}))
+
+
+if __name__ == "__main__":
+    {"save": save, "check": check}[sys.argv[1]](Path(sys.argv[2]))
