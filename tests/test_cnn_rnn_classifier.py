@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 import cnn_rnn_classifier as crc
-from helpers import backbones, rundir, training
+from helpers import backbones, backend, rundir, training
 from tests.conftest import SHARED, Killed, kill_at_batch, write_jpeg
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -169,7 +169,8 @@ def test_two_phase_run_writes_every_output(class_folders, tmp_path, capsys):
     assert code == 0
     for name in PROMISED:
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
-    assert (out / "logs" / "phase1").is_dir() and (out / "logs" / "phase2").is_dir()
+    tensorboard = (out / "logs" / "phase1").is_dir() and (out / "logs" / "phase2").is_dir()
+    assert tensorboard == backend.has_tensorflow()  # its event files need TensorFlow
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["split"] == "test" and metrics["num_images"] == 9
     assert set(metrics["per_class_accuracy"]) == {"cat", "dog", "fox"}
@@ -352,6 +353,7 @@ def test_flag_errors(class_folders, tmp_path, caplog):
 
 # ---------------------------------------------------------------- tf.data input path
 
+@pytest.mark.tensorflow  # the tf.data input path
 def test_tf_data_path_matches_generator(class_folders):
     from helpers import data
 
@@ -365,6 +367,7 @@ def test_tf_data_path_matches_generator(class_folders):
     assert sorted(shuffled[0]) == sorted(split.labels) and list(shuffled[0]) != list(split.labels)
 
 
+@pytest.mark.tensorflow  # the tf.data input path
 def test_both_input_paths_read_ppm_and_tiff_alike(class_folders):
     from helpers import data
 
@@ -380,6 +383,7 @@ def test_both_input_paths_read_ppm_and_tiff_alike(class_folders):
     np.testing.assert_array_equal(read, generated)
 
 
+@pytest.mark.tensorflow  # the tf.data input path
 def test_train_with_tf_data_input(class_folders, tmp_path):
     out = tmp_path / "run"
     assert crc.main(train_args(class_folders, out, "--epochs", "1", "--fine-tune-epochs", "0", "--input", "tf.data",
@@ -396,7 +400,7 @@ def _input_args(input_path="generator", augment=False):
     return argparse.Namespace(input=input_path, image_size=71, seed=0, workers=1, augment=augment)
 
 
-@pytest.mark.parametrize("mixed_precision", ["off", "bfloat16"])
+@pytest.mark.parametrize("mixed_precision", ["off", pytest.param("bfloat16", marks=pytest.mark.tensorflow)])
 def test_phase1_on_cached_features_equals_the_whole_model(class_folders, tmp_path, mixed_precision):
     """classifier_head trained on cached Xception features (and the images, for the RNN branch) takes
     the same steps as the whole model on the images: losses and weights within rtol 1e-5, float32 and
@@ -438,6 +442,7 @@ def test_phase1_on_cached_features_equals_the_whole_model(class_folders, tmp_pat
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.tensorflow  # the tf.data input path
 def test_cached_features_follow_the_shuffled_images_in_both_input_paths(class_folders):
     from helpers import data
 
@@ -524,6 +529,7 @@ def test_cache_is_reused_on_resume_and_computed_again_when_an_image_changes(clas
         shutil.rmtree(out / "backup", ignore_errors=True)
 
 
+@pytest.mark.tensorflow  # the tf.data input path
 def test_augment_changes_images_not_labels_in_both_input_paths(class_folders):
     from helpers import data
 

@@ -12,6 +12,8 @@ import pytest
 
 from helpers import distribute
 
+pytestmark = pytest.mark.tensorflow  # tf.distribute
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -194,7 +194,7 @@ def test_one_line_errors_for_unwritable_paths_and_damaged_models(class_folders, 
     caplog.clear()
     assert crc.main(["evaluate", "--model", str(model), "--data-dir", str(class_folders),
                      "--json", str(a_file / "eval.json")]) == 1
-    assert f"Cannot write {a_file / 'eval.json'}" in caplog.text
+    assert f"--json {a_file / 'eval.json'} cannot be written: {a_file} is a file, not a folder." in caplog.text
 
     data = model.read_bytes()
     for name, damaged in (("cut", data[:len(data) // 2]),
@@ -207,7 +207,8 @@ def test_one_line_errors_for_unwritable_paths_and_damaged_models(class_folders, 
     foreign = subprocess.run([sys.executable, "lrcn.py", "predict", "--model", str(model),
                               str(class_folders / "test" / "cat")], cwd=ROOT, capture_output=True, text=True,
                              env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
-    assert foreign.returncode == 1 and "is not a model this script can load" in foreign.stderr
+    assert foreign.returncode == 1
+    assert "is an image classifier (cnn_rnn_classifier.py), not an LRCN (lrcn.py)" in foreign.stderr
     assert "Traceback" not in foreign.stderr
 
 
