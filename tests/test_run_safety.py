@@ -194,7 +194,7 @@ def test_one_line_errors_for_unwritable_paths_and_damaged_models(class_folders, 
     caplog.clear()
     assert crc.main(["evaluate", "--model", str(model), "--data-dir", str(class_folders),
                      "--json", str(a_file / "eval.json")]) == 1
-    assert f"Cannot write {a_file / 'eval.json'}" in caplog.text
+    assert f"--json {a_file / 'eval.json'} cannot be written: {a_file} is a file, not a folder." in caplog.text
 
     data = model.read_bytes()
     for name, damaged in (("cut", data[:len(data) // 2]),
