@@ -207,7 +207,8 @@ def test_one_line_errors_for_unwritable_paths_and_damaged_models(class_folders, 
     foreign = subprocess.run([sys.executable, "lrcn.py", "predict", "--model", str(model),
                               str(class_folders / "test" / "cat")], cwd=ROOT, capture_output=True, text=True,
                              env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
-    assert foreign.returncode == 1 and "is not a model this script can load" in foreign.stderr
+    assert foreign.returncode == 1
+    assert "is an image classifier (cnn_rnn_classifier.py), not an LRCN (lrcn.py)" in foreign.stderr
     assert "Traceback" not in foreign.stderr
 
 
