@@ -37,6 +37,7 @@ def test_output_layout(tiny_imagenet, tmp_path):
     assert (tiny_imagenet / "val" / "images" / "val_0.JPEG").is_file()
 
 
+@pytest.mark.tensorflow  # reads the layout with tf.keras
 def test_layout_reads_with_keras(tiny_imagenet, tmp_path):
     import keras
 

@@ -243,6 +243,7 @@ def test_byte_order_mark_and_non_utf8_annotations(tmp_path):
         restructure(raw, output=tmp_path / "out2")
 
 
+@pytest.mark.tensorflow  # the tf.data input path
 def test_tf_data_path_reads_a_file_name_that_is_not_utf8(class_folders):
     from helpers import data
 

@@ -258,6 +258,7 @@ def served(tmp_path, export, images, clip=False):
     return json.loads(out.read_text())
 
 
+@pytest.mark.tensorflow  # SavedModel / TFLite export
 def test_classifier_export_serves_raw_pixels_like_classify(tmp_path):
     keras.utils.set_random_seed(0)
     model = crc.build_cnn_rnn_classifier(num_classes=3, **TINY)
@@ -287,6 +288,7 @@ def test_classifier_export_serves_raw_pixels_like_classify(tmp_path):
     assert crc.main(["export", "--model", str(run / "phase2_best.keras"), "--output", str(tmp_path / "export")]) == 1
 
 
+@pytest.mark.tensorflow  # SavedModel / TFLite export
 def test_lrcn_export_serves_raw_frames_like_classify(tmp_path):
     keras.utils.set_random_seed(0)
     model = lrcn.build_lrcn(num_classes=2, frames=3, image_size=32, dense_units=8, gru_units=4, weights=None)
