@@ -51,8 +51,10 @@ def inputs(kind, rng):
 def save(folder):
     rng = np.random.default_rng(1)
     for kind, model in tiny_models().items():
-        # random weights far from the initialisation's zeros, so every weight shows in the output
-        model.set_weights([rng.normal(0, 0.2, w.shape).astype(w.dtype) for w in model.get_weights()])
+        # every trainable weight moved off its initial value (biases and BatchNormalization's offsets
+        # start at zero), so that each one shows in the output; the moving statistics stay valid
+        for variable in model.trainable_weights:
+            variable.assign(variable.numpy() + rng.normal(0, 0.05, variable.shape).astype(variable.dtype))
         x = inputs(kind, rng)
         training.save_lean(model, folder / f"{kind}.keras")
         arrays = {f"x{i}": a for i, a in enumerate(x if isinstance(x, list) else [x])}
