@@ -168,21 +168,10 @@ def run_child(model, phase, batch, precision, steps, smoke):
 def full_weights(source, target):
     """Copies a ``.weights.h5`` file that ``prepare_gpu_check.half_weights`` stored in float16 back
     to float32, attributes included, so that Keras loads it."""
-    import h5py
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from prepare_gpu_check import cast_weights
 
-    with h5py.File(source) as half, h5py.File(target, "w") as full:
-        def copy(name, item):
-            if isinstance(item, h5py.Dataset):
-                value = item[()]
-                full.create_dataset(name, data=value.astype("float32") if value.dtype == "float16" else value)
-            else:
-                full.require_group(name)
-            for key, value in item.attrs.items():
-                full[name].attrs[key] = value
-
-        half.visititems(copy)
-        for key, value in half.attrs.items():
-            full.attrs[key] = value
+    cast_weights(source, target, "float16", "float32")
 
 
 def real_run(carried, smoke, output):

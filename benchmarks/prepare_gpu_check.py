@@ -42,23 +42,29 @@ def download_wheels(folder):
                         f"{name}=={metadata.version(name)}"], check=True)
 
 
-def half_weights(source, target):
-    """Copies a Keras ``.weights.h5`` file with every float32 array stored as float16."""
+def cast_weights(source, target, from_dtype, to_dtype):
+    """Copies a Keras ``.weights.h5`` file, attributes included, with every ``from_dtype`` array
+    stored as ``to_dtype`` (``half_weights`` here; ``gpu_check.py`` casts back to float32)."""
     import h5py
 
-    with h5py.File(source) as full, h5py.File(target, "w") as half:
+    with h5py.File(source) as read, h5py.File(target, "w") as written:
         def copy(name, item):
             if isinstance(item, h5py.Dataset):
                 value = item[()]
-                half.create_dataset(name, data=value.astype("float16") if value.dtype == "float32" else value)
+                written.create_dataset(name, data=value.astype(to_dtype) if value.dtype == from_dtype else value)
             else:
-                half.require_group(name)
+                written.require_group(name)
             for key, value in item.attrs.items():
-                half[name].attrs[key] = value
+                written[name].attrs[key] = value
 
-        full.visititems(copy)
-        for key, value in full.attrs.items():
-            half.attrs[key] = value
+        read.visititems(copy)
+        for key, value in read.attrs.items():
+            written.attrs[key] = value
+
+
+def half_weights(source, target):
+    """Copies a Keras ``.weights.h5`` file with every float32 array stored as float16."""
+    cast_weights(source, target, "float32", "float16")
 
 
 def tiny_imagenet_subset(source, target, classes, train=300, val=25, test=25):
