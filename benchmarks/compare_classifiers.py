@@ -10,7 +10,7 @@ the images' difficulty cancels out; the unpaired error is also printed).
 
     python benchmarks/compare_classifiers.py --data-dir DATA --models A.keras B.keras [--json FILE]
 
-Used for the README's ``--cnn-only`` ablation (issue 13). Measurements only, not a test.
+Used for the README's ``--cnn-only`` ablation. Measurements only, not a test.
 """
 
 import argparse

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
-"""LRCN against the clip-level linear probe, cross-validated by group (issue 15).
+"""LRCN against the clip-level linear probe, cross-validated by group.
 
-One fixed test split of a few dozen clips decides little: on the ten UCF101 classes of issue
-15 the test split holds 32 clips, one clip is 3.1 points and a standard error about 8. Here
+One fixed test split of a few dozen clips decides little: on ten UCF101 classes
+the test split holds 32 clips, one clip is 3.1 points and a standard error about 8. Here
 every clip of a frame dataset (all of its splits pooled) is held out exactly once: each
 class's UCF101 groups (``v_<Class>_g<group>_c<clip>``, ``helpers.extract_frames.group_of``)
 are dealt round-robin into ``--folds`` folds (``assign_folds``), so no group spans two folds; fold ``k`` is the
@@ -12,7 +12,7 @@ For each fold ``lrcn.py train`` runs in a child process with the flags after ``-
 clips, their difference with its paired standard error, and the LRCN's top-1 with each clip's
 frames shuffled.
 
-    python benchmarks/lrcn_crossval.py --data-dir DATA --work-dir /tmp/cv --weights PATH \\
+    python benchmarks/lrcn_crossval.py --data-dir DATA --work-dir runs/cv --weights PATH \\
         --frames 8 --image-size 96 -- --dense-units 256 --gru-units 128 --batch-size 4 ...
 
 The work folder, new or empty, holds each fold's split (symbolic links to the clip folders) and run.

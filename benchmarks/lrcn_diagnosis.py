@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Why the seed's LRCN cannot fit a few dozen real clips (issue 15): one change at a time.
+"""Why the seed's LRCN cannot fit a few dozen real clips: one change at a time.
 
 Phase 1 only (VGG16 frozen), the head trained on the cached frame features of the training
 clips, as ``lrcn.py`` trains it, for each variant of the seed's recipe: its SGD, its three

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The clip-level linear probe that LRCN must beat on real footage (issue 15).
+"""The clip-level linear probe that LRCN must beat on real footage.
 
 A logistic regression (a softmax ``Dense`` with L2, full batch, Adam) on the mean over a
 clip's frames of the same frozen VGG16 features LRCN reads (``frame_backbone`` of a model

@@ -46,6 +46,17 @@ def pytest_collection_modifyitems(config, items):
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
 
+# The classifier at the smallest size Xception takes: builder keywords, command-line flags.
+CLASSIFIER_TINY = dict(image_size=71, rnn_timesteps=71, rnn_units=8, weights=None)
+CLASSIFIER_FLAGS = ["--weights", "none", "--image-size", "71", "--rnn-timesteps", "71", "--rnn-units", "8",
+                    "--batch-size", "4", "--fine-tune-batch-size", "4"]
+
+
+def classifier_train_args(data, out, *extra):
+    """``cnn_rnn_classifier.py train`` arguments for a tiny run on ``data`` into ``out``."""
+    return ["--data-dir", str(data), "--output-dir", str(out), *CLASSIFIER_FLAGS, *extra]
+
+
 def write_jpeg(path, seed, size=16, mode="RGB"):
     """Writes a real JPEG: smooth colour gradients plus noise, in RGB, L (grayscale) or CMYK."""
     rng = np.random.default_rng(seed)

@@ -13,15 +13,9 @@ from PIL import Image
 import cnn_rnn_classifier as crc
 from helpers import backbones, backend, rundir, training
 from tests.conftest import SHARED, Killed, kill_at_batch, write_jpeg
+from tests.conftest import CLASSIFIER_TINY as TINY, classifier_train_args as train_args
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = dict(image_size=71, rnn_timesteps=71, rnn_units=8, weights=None)
-TINY_FLAGS = ["--weights", "none", "--image-size", "71", "--rnn-timesteps", "71", "--rnn-units", "8",
-              "--batch-size", "4", "--fine-tune-batch-size", "4"]
-
-
-def train_args(data, out, *extra):
-    return ["--data-dir", str(data), "--output-dir", str(out), *TINY_FLAGS, *extra]
 
 
 # ---------------------------------------------------------------- model
@@ -392,7 +386,7 @@ def test_train_with_tf_data_input(class_folders, tmp_path):
     assert metrics["split"] == "test" and metrics["num_images"] == 9
 
 
-# ---------------------------------------------------------------- phase 1 on cached features, --augment (issue 13)
+# ---------------------------------------------------------------- phase 1 on cached features, --augment
 
 def _input_args(input_path="generator", augment=False):
     import argparse

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from helpers import distribute
+from tests.conftest import make_clips
 
 pytestmark = pytest.mark.tensorflow  # tf.distribute
 
@@ -253,7 +254,6 @@ def test_killed_worker_stops_the_other_and_a_rerun_resumes(tmp_path):
 
 
 def test_lrcn_on_two_loopback_workers(tmp_path):
-    from tests.test_lrcn import make_clips
 
     data = tmp_path / "data"
     for split, lengths in (("train", (3, 5, 4, 6)), ("val", (4, 2)), ("test", (5, 3))):

@@ -5,6 +5,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
+from PIL import Image
 
 import lrcn
 from helpers import extract_frames, rundir, sequences, training
@@ -294,7 +295,7 @@ def test_warns_when_recurrent_dropout_rules_out_cudnn(monkeypatch, caplog):
     assert "cuDNN" not in caplog.text
 
 
-# ---------------------------------------------------------------- real footage (issue 15)
+# ---------------------------------------------------------------- real footage
 
 def test_one_call_extraction_of_class_folders_split_by_group(tmp_path, caplog):
     videos = tmp_path / "videos"
@@ -379,3 +380,37 @@ def test_default_recipe_trains_on_cached_features_and_the_seed_recipe_is_a_flag(
         assert len(history["loss"]) == 2 and all(np.isfinite(history["loss"]))
         model = keras.saving.load_model(out / "phase2_best.keras")
         assert ("feature_norm" in {layer.name for layer in model.get_layer("lrcn_head").layers}) == (recipe != "seed")
+
+
+# ---------------------------------------------------------------- LRCN augmentation
+
+def test_augmentation_is_the_same_for_every_frame_of_a_clip():
+    rng = np.random.default_rng(0)
+    clip = rng.uniform(0, 255, (5, 20, 20, 3)).astype("float32")
+    for seed in range(6):
+        whole = sequences.augment_clip(clip, np.random.default_rng(seed))
+        assert whole.shape == clip.shape and whole.dtype == np.float32
+        assert 0 <= whole.min() and whole.max() <= 255
+        for t in range(len(clip)):  # frame t alone, with the same draws: the same crop and flip
+            alone = sequences.augment_clip(clip[t:t + 1], np.random.default_rng(seed))[0]
+            np.testing.assert_allclose(whole[t], alone, atol=1e-4)
+    changed = [not np.allclose(sequences.augment_clip(clip, np.random.default_rng(s)), clip) for s in range(6)]
+    assert sum(changed) >= 5
+
+
+def test_augment_changes_batches_per_clip_and_epoch_not_labels(tmp_path):
+    rng = np.random.default_rng(1)
+    for name in ("a", "b"):
+        for clip in range(2):
+            folder = tmp_path / "train" / name / f"c{clip}"
+            folder.mkdir(parents=True)
+            for t in range(3):
+                Image.fromarray(rng.uniform(0, 255, (16, 16, 3)).astype("uint8")).save(folder / f"{t}.png")
+    split = sequences.list_sequences(tmp_path / "train")
+    plain = sequences.FrameSequences(split, 16, 4, frames=3, workers=1)
+    augmented = sequences.FrameSequences(split, 16, 4, frames=3, workers=1, augment=True, seed=3)
+    (x, y), (xa, ya) = plain[0], augmented[0]
+    np.testing.assert_array_equal(y, ya)
+    assert xa.shape == x.shape and not np.allclose(xa, x)
+    augmented.on_epoch_end()
+    assert not np.allclose(augmented[0][0], xa)  # new draws each epoch

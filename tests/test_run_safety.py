@@ -17,7 +17,7 @@ import cnn_rnn_classifier as crc
 from helpers import rundir, training
 from helpers.restructure_dataset import restructure
 from tests.conftest import Killed, kill_at_batch, make_class_folders, make_tiny_imagenet, write_jpeg
-from tests.test_cnn_rnn_classifier import train_args
+from tests.conftest import classifier_train_args as train_args
 
 ROOT = Path(__file__).resolve().parents[1]
 SHORT = ["--epochs", "2", "--fine-tune-epochs", "1", "--steps-per-epoch", "2", "--skip-image-check"]
