@@ -35,11 +35,11 @@ A saved model loads in safe mode with ``keras.saving.load_model(path)`` once thi
 """
 
 import logging
-import os
 import sys
 from pathlib import Path
 
 from helpers import cli
+from helpers.backbones import XCEPTION
 
 INJECT = ("pre", "merge")
 
@@ -60,15 +60,15 @@ def parse_args(argv=None):
                       help="words per caption; longer ones are cut, decoding stops there (default: 30)")
     model = train_parser.add_argument_group("model")
     cli.add_weights_argument(model, "Xception")
-    model.add_argument("--image-size", type=int, default=299, help="input size in pixels, >= 71 (default: 299)")
+    model.add_argument("--image-size", type=int, default=299, help=f"input size in pixels, >= {XCEPTION.min_size} (default: 299)")
     model.add_argument("--embedding-dim", type=int, default=256, help="word and image embedding size (default: 256)")
     model.add_argument("--lstm-units", type=int, default=512, help="LSTM units (default: 512)")
     model.add_argument("--inject", choices=INJECT, default="pre",
                        help="pre: the image is the LSTM's first input (Show and Tell); merge: it joins the LSTM's "
                        "output (Tanti et al. 2017) (default: pre)")
     model.add_argument("--dropout", type=float, default=0.5, help="dropout on embeddings and LSTM output (default: 0.5)")
-    model.add_argument("--fine-tune-layers", type=int, default=17,
-                       help="Xception's top layers trained in phase 2, 0..132 (default: 17, blocks 13 and 14)")
+    model.add_argument("--fine-tune-layers", type=int, default=16,
+                       help=f"Xception's top layers trained in phase 2, 0..{XCEPTION.layers} (default: 16, blocks 13 and 14)")
     cli.add_training_arguments(train_parser, epochs=10, fine_tune_epochs=1, batch_size=64, fine_tune_batch_size=32,
                                learning_rate=1e-3, fine_tune_learning_rate=1e-4, lr_schedule="cosine",
                                class_weight=False)
@@ -92,9 +92,8 @@ def _add_decoding_arguments(parser):
                         help="beam search width; 1 is greedy decoding (default: 3)")
 
 
-if __name__ == "__main__":  # parse before TensorFlow is imported: --help and flag errors answer at once
-    ARGS = parse_args()
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ INFO and WARNING lines
+if __name__ == "__main__":
+    ARGS = cli.parse_before_backend(parse_args)
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -109,9 +108,7 @@ from helpers.optimizers import FusedAdam  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
-BACKBONE = "xception"
-XCEPTION_MIN_SIZE = 71
-XCEPTION_LAYERS = 132  # keras.applications.Xception(include_top=False) without the input layer
+BACKBONE = XCEPTION.name
 # The builder's keyword arguments that come from flags of the same name: passed from here
 # (``cli.model_arguments``), and compared by the resume check.
 MODEL_ARGUMENTS = ("image_size", "embedding_dim", "lstm_units", "inject", "dropout", "mixed_precision")
@@ -123,8 +120,8 @@ def check_model_arguments(vocabulary_size, image_size, embedding_dim, lstm_units
     if vocabulary_size < 5:
         raise UsageError(f"vocabulary_size must be at least 5 (padding, <unk>, <start>, <end> and a word). "
                          f"Received: vocabulary_size={vocabulary_size}")
-    if image_size < XCEPTION_MIN_SIZE:
-        raise UsageError(f"image_size must be at least {XCEPTION_MIN_SIZE} (Xception's minimum). "
+    if image_size < XCEPTION.min_size:
+        raise UsageError(f"image_size must be at least {XCEPTION.min_size} (Xception's minimum). "
                          f"Received: image_size={image_size}")
     if embedding_dim < 1 or lstm_units < 1:
         raise UsageError(f"embedding_dim and lstm_units must be at least 1. Received: embedding_dim={embedding_dim}, "
@@ -166,7 +163,7 @@ def build_captioner(vocabulary_size, image_size=299, embedding_dim=256, lstm_uni
     """
     check_model_arguments(vocabulary_size, image_size, embedding_dim, lstm_units, inject, dropout)
     image = keras.Input((image_size, image_size, 3), name="image")
-    backbone = pretrained_backbone(keras.applications.Xception, weights, precision.resolve(mixed_precision),
+    backbone = pretrained_backbone(XCEPTION.constructor(), weights, precision.resolve(mixed_precision),
                                    input_shape=(image_size, image_size, 3), pooling="avg")
     pooled = keras.layers.Activation("linear", dtype="float32", name="features")(
         backbone(XceptionPreprocess(name="xception_preprocess")(image)))
@@ -257,7 +254,7 @@ def _batched(dataset, batch_size, target_lengths):
     ).apply(tf.data.experimental.assert_cardinality(batches)).prefetch(2)
 
 
-def feature_dataset(cached, table, batch_size, shuffle=False, seed=0):
+def feature_caption_batches(cached, table, batch_size, shuffle=False, seed=0):
     """Phase 1 input: ``((features (batch, 2048) float32, tokens (batch, steps) int32), targets
     (batch, steps) int32)`` for every caption (an epoch sees each caption once), from cached
     features, bucketed by length: ``tf.data`` on the TensorFlow backend, a ``CaptionBatches``
@@ -278,7 +275,7 @@ def feature_dataset(cached, table, batch_size, shuffle=False, seed=0):
     return _batched(dataset.map(pair, num_parallel_calls=tf.data.AUTOTUNE), batch_size, table.lengths - 1)
 
 
-def image_dataset(split, table, image_size, batch_size, shuffle=False, seed=0, workers=None):
+def image_caption_batches(split, table, image_size, batch_size, shuffle=False, seed=0, workers=None):
     """Phase 2 input: ``((images (batch, size, size, 3) float32 0..255, tokens), targets)``, each image
     once per epoch with one of its captions: a random one in training, a fixed one otherwise;
     ``tf.data`` (``workers`` parallel reads, default ``AUTOTUNE``) on the TensorFlow backend, a
@@ -297,7 +294,7 @@ def image_dataset(split, table, image_size, batch_size, shuffle=False, seed=0, w
     def pair(path, first, count):
         pick = first + (tf.random.uniform([], 0, count, dtype=tf.int32) if shuffle else 0)
         tokens, targets = _teacher_forcing(ids[pick], lengths[pick])
-        return (features.read_image(path, image_size), tokens), targets
+        return (features.tf_read_rgb(path, image_size), tokens), targets
 
     # Training picks a random caption per image: its length, and so its bucket, is known only then.
     if shuffle:
@@ -306,7 +303,7 @@ def image_dataset(split, table, image_size, batch_size, shuffle=False, seed=0, w
 
 
 class CaptionBatches(keras.utils.PyDataset):
-    """``feature_dataset`` and ``image_dataset`` as a ``keras.utils.PyDataset``, for the backends
+    """``feature_caption_batches`` and ``image_caption_batches`` as a ``keras.utils.PyDataset``, for the backends
     other than TensorFlow: the same examples, bucketing and padding.
 
     With ``features`` (phase 1) an epoch holds every caption with its image's cached features;
@@ -401,8 +398,8 @@ def train(args):
     cli.check_training_arguments(args)
     with cli.in_flag_words(TEXT_ARGUMENTS):
         captions.check_text_arguments(args.min_word_count, args.max_length)
-    if not 0 <= args.fine_tune_layers <= XCEPTION_LAYERS or args.beam_size < 1:
-        raise UsageError(f"--fine-tune-layers must be in [0, {XCEPTION_LAYERS}] and --beam-size >= 1. "
+    if not 0 <= args.fine_tune_layers <= XCEPTION.layers or args.beam_size < 1:
+        raise UsageError(f"--fine-tune-layers must be in [0, {XCEPTION.layers}] and --beam-size >= 1. "
                          f"Received: {args.fine_tune_layers}, {args.beam_size}")
     splits, vocabulary = load_data(args)
     with cli.in_flag_words(MODEL_ARGUMENTS):
@@ -426,11 +423,11 @@ def train(args):
         training.set_backbone_trainable(model, BACKBONE, False)
         model.summary(print_fn=logger.info, line_length=110, expand_nested=False)
         phase1 = (None, None)
-        if args.epochs and not run.phase_complete("phase1"):
+        if features.phase1_on_cache(args, run, "Xception", "image"):
             cached = {name: features.cached_features(encoder, splits[name].paths, run.features, name)
                       for name in ("train", "val")}
-            phase1 = (feature_dataset(cached["train"], tables["train"], args.batch_size, shuffle=True, seed=args.seed),
-                      feature_dataset(cached["val"], tables["val"], args.batch_size))
+            phase1 = (feature_caption_batches(cached["train"], tables["train"], args.batch_size, shuffle=True, seed=args.seed),
+                      feature_caption_batches(cached["val"], tables["val"], args.batch_size))
         compile_captioner(decoder, adam(trainer.learning_rate(args.learning_rate, args.epochs, phase1[0])),
                           args.jit_compile)
         best = trainer.fit(decoder, "phase1", *phase1, epochs=args.epochs, monitor="val_loss", save=model,
@@ -440,7 +437,7 @@ def train(args):
         model = training.best_model(best, model)
         training.set_backbone_trainable(model, BACKBONE, True, train_batchnorm=args.train_batchnorm,
                                         top_layers=args.fine_tune_layers)
-        phase2 = [image_dataset(splits[name], tables[name], args.image_size, args.fine_tune_batch_size,
+        phase2 = [image_caption_batches(splits[name], tables[name], args.image_size, args.fine_tune_batch_size,
                                 shuffle=name == "train", seed=args.seed, workers=args.workers)
                   for name in ("train", "val")]
         compile_captioner(model, adam(trainer.learning_rate(args.fine_tune_learning_rate, args.fine_tune_epochs,
@@ -448,12 +445,10 @@ def train(args):
         best = trainer.fit(model, "phase2", *phase2, epochs=args.fine_tune_epochs, monitor="val_loss",
                            title=f"phase 2: Xception's top {args.fine_tune_layers} layers and the decoder") or best
 
-        split = splits.get("test", splits["val"])
-        if "test" not in splits:
-            logger.warning("no test split: evaluating on val, which also chose the checkpoint (optimistic)")
+        split = splits[data.evaluation_split(splits, args.data_dir)]
         model = keras.saving.load_model(best)
-        metrics, generated = evaluate_model(model, vocabulary, split, args.beam_size, args.batch_size, args.workers)
-        save_evaluation(run, metrics, generated, split, best)
+        metrics, generated = evaluate_captioner(model, vocabulary, split, args.beam_size, args.batch_size, args.workers)
+        save_caption_evaluation(run, metrics, generated, split, best)
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -576,7 +571,7 @@ def beam_search(step, state, batch_size, beam_size, max_length, length_penalty=1
     return results, np.array(best_scores)
 
 
-class Decoder:
+class StepDecoder:
     """Step-by-step decoding with a trained captioner's layers, the LSTM state carried explicitly.
 
     Args:
@@ -649,12 +644,12 @@ class Decoder:
 def encode_images(model, paths, batch_size=32, workers=2, verbose=None):
     """The model's encoder output for each image file: ``(num_images, 2048)`` float32."""
     encoder = model.get_layer("encoder")
-    dataset = features.image_dataset(paths, encoder.input_shape[1], batch_size, workers)
+    dataset = features.ImageBatches(paths, encoder.input_shape[1], batch_size, workers=workers)
     verbose = training.progress_verbosity() if verbose is None else verbose
     return np.asarray(encoder.predict(dataset, verbose=verbose), np.float32)
 
 
-def evaluate_model(model, vocabulary, split, beam_size=3, batch_size=64, workers=2):
+def evaluate_captioner(model, vocabulary, split, beam_size=3, batch_size=64, workers=2):
     """Captions every image of ``split`` greedily and with beam search, and scores both.
 
     Returns:
@@ -665,7 +660,7 @@ def evaluate_model(model, vocabulary, split, beam_size=3, batch_size=64, workers
         references); ``generated`` is ``{"greedy": [...], "beam": [...]}`` caption strings.
     """
     image_features = encode_images(model, split.paths, batch_size, workers)
-    decoder = Decoder(model)
+    decoder = StepDecoder(model)
     references = [[" ".join(words) for words in captions.tokenize(refs)] for refs in split.captions]
     shuffled = np.random.default_rng(0).permutation(len(references))
     metrics, generated = {"split": split.name, "num_images": len(split), "beam_size": beam_size}, {}
@@ -694,7 +689,7 @@ def format_metrics(metrics):
     return "\n".join(lines)
 
 
-def save_evaluation(run, metrics, generated, split, model_path):
+def save_caption_evaluation(run, metrics, generated, split, model_path):
     """Writes ``metrics.json``, ``captions.json`` and the ``captions.png`` grid, and prints the report."""
     metrics["model"] = str(model_path)
     reports.write_json(run.metrics, metrics)
@@ -750,9 +745,9 @@ def caption(model, images, beam_size=3, vocabulary=None, batch_size=32):
     if not images:
         return []
     image_features = np.concatenate([
-        encoder.predict(np.stack([data.load_image(item, size) for item in images[first:first + batch_size]]),
+        encoder.predict(np.stack([data.rgb_array(item, size) for item in images[first:first + batch_size]]),
                         verbose=0) for first in range(0, len(images), batch_size)])
-    ids = Decoder(model).captions(np.asarray(image_features, np.float32), beam_size, vocabulary.max_length)
+    ids = StepDecoder(model).captions(np.asarray(image_features, np.float32), beam_size, vocabulary.max_length)
     return [vocabulary.decode(words) for words in ids]
 
 
@@ -765,7 +760,7 @@ def evaluate(args):
     if name not in splits:
         raise UsageError(f"{args.data_dir} has no {name} split (it has {', '.join(splits)}).")
     data.check_images(splits[name].paths)
-    metrics, _ = evaluate_model(model, vocabulary, splits[name], args.beam_size, args.batch_size)
+    metrics, _ = evaluate_captioner(model, vocabulary, splits[name], args.beam_size, args.batch_size)
     metrics["model"] = str(args.model)
     print(format_metrics(metrics))
     if args.json:
@@ -780,7 +775,7 @@ def caption_command(args):
     paths = data.image_files(args.inputs)
     data.check_images(paths)
     image_features = encode_images(model, paths, args.batch_size, verbose=0)  # stdout: the captions only
-    ids = Decoder(model).captions(image_features, args.beam_size, vocabulary.max_length)
+    ids = StepDecoder(model).captions(image_features, args.beam_size, vocabulary.max_length)
     for path, words in zip(paths, ids):
         print(f"{path}: {vocabulary.decode(words)}")
 

@@ -36,9 +36,9 @@ import os
 import sys
 
 from helpers import cli
+from helpers.backbones import XCEPTION
 
 
-XCEPTION_LAYERS = 133  # layers of keras.applications.Xception(include_top=False, pooling="avg")
 
 
 def parse_args(argv=None):
@@ -48,7 +48,7 @@ def parse_args(argv=None):
     cli.add_data_arguments(train_parser)
     model = train_parser.add_argument_group("model")
     cli.add_weights_argument(model, "Xception")
-    model.add_argument("--image-size", type=int, default=299, help="input size in pixels, >= 71 (default: 299)")
+    model.add_argument("--image-size", type=int, default=299, help=f"input size in pixels, >= {XCEPTION.min_size} (default: 299)")
     model.add_argument("--rnn-timesteps", type=int, default=23,
                        help="timesteps the grayscale image is cut into; must divide image-size**2 (default: 23)")
     model.add_argument("--rnn-units", type=int, default=2048,
@@ -65,8 +65,8 @@ def parse_args(argv=None):
                               "ranges in the tf.data path); turns the feature cache off (default: off, as the seed)")
     training_group = cli.add_training_arguments(train_parser)
     training_group.add_argument("--fine-tune-layers", type=int, default=None, metavar="N",
-                                help=f"phase 2 fine-tunes only Xception's top N of its {XCEPTION_LAYERS} layers "
-                                "(7: block 14, 17: blocks 13-14), a CPU budget lever (default: all, as the seed)")
+                                help=f"phase 2 fine-tunes only Xception's top N of its {XCEPTION.layers} layers "
+                                "(6: block 14, 16: blocks 13-14, 46: blocks 10-14), a CPU budget lever (default: all, as the seed)")
     cli.add_feature_cache_argument(training_group, "Xception", "image",
                                    "Xception is frozen, --augment is off and --distribute is none")
     cli.add_performance_arguments(train_parser)
@@ -79,27 +79,24 @@ def parse_args(argv=None):
     return parser.parse_args(cli.with_default_command(argv))
 
 
-if __name__ == "__main__":  # parse before TensorFlow is imported: --help and flag errors answer at once
-    ARGS = parse_args()
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ INFO and WARNING lines
+if __name__ == "__main__":
+    ARGS = cli.parse_before_backend(parse_args)
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from keras.src.legacy.preprocessing.image import DirectoryIterator, ImageDataGenerator  # noqa: E402
 
-from helpers import backend, data, distribute, multiworker, precision, reports, training  # noqa: E402
-from helpers import features as featurecache  # noqa: E402
+from helpers import backend, data, distribute, features, multiworker, precision, reports, training  # noqa: E402
 from helpers.backbones import pretrained_backbone  # noqa: E402
+from helpers.features import tf_read_rgb  # noqa: E402
 from helpers.errors import UsageError  # noqa: E402
-from helpers.layers import Grayscale  # noqa: E402
+from helpers.layers import ChannelMean  # noqa: E402
 from helpers.optimizers import FusedAdam  # noqa: E402
 from helpers.recurrent import FusedLSTM  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
-BACKBONE = "xception"
-XCEPTION_MIN_SIZE = 71
-XCEPTION_FEATURES = 2048
+BACKBONE = XCEPTION.name
 # The builder's keyword arguments that come from flags of the same name: passed from here
 # (``cli.model_arguments``), and compared by the resume check.
 MODEL_ARGUMENTS = ("image_size", "rnn_timesteps", "rnn_units", "cnn_only", "mixed_precision")
@@ -125,7 +122,7 @@ class CustomImageDataGenerator(ImageDataGenerator):
 
     def standardize(self, x):
         """Args: x: one image ``(height, width, 3)`` float32, 0..255. Returns it in [-1, 1] (in place)."""
-        return keras.applications.xception.preprocess_input(super().standardize(x))
+        return XCEPTION.preprocess_input(super().standardize(x))
 
     def flow_from_directory(self, directory, **kwargs):
         """``ImageDataGenerator.flow_from_directory`` (same arguments and listing) whose iterator
@@ -155,9 +152,9 @@ def check_model_arguments(num_classes, image_size, rnn_timesteps, rnn_units):
     """Raises ``UsageError`` (a ``ValueError``) echoing the first argument the model cannot be built with."""
     if num_classes < 2:
         raise UsageError(f"num_classes must be at least 2. Received: num_classes={num_classes}")
-    if image_size < XCEPTION_MIN_SIZE:
+    if image_size < XCEPTION.min_size:
         raise UsageError(
-            f"image_size must be at least {XCEPTION_MIN_SIZE} (Xception's minimum). "
+            f"image_size must be at least {XCEPTION.min_size} (Xception's minimum). "
             f"Received: image_size={image_size}"
         )
     if rnn_timesteps < 1 or (image_size * image_size) % rnn_timesteps:
@@ -221,7 +218,7 @@ def build_cnn_rnn_classifier(
     inputs = keras.Input((image_size, image_size, 3), name="image")
     policy = precision.resolve(mixed_precision)
     backbone = pretrained_backbone(
-        keras.applications.Xception, weights, policy, input_shape=(image_size, image_size, 3), pooling="avg",
+        XCEPTION.constructor(), weights, policy, input_shape=(image_size, image_size, 3), pooling="avg",
     )
     head = {"predictions": keras.layers.Dense(num_classes, activation="softmax", name="predictions")}
     if not cnn_only:
@@ -230,13 +227,13 @@ def build_cnn_rnn_classifier(
         else:
             lstm = keras.layers.LSTM
         head.update(
-            grayscale=Grayscale(name="grayscale"),  # (batch, size, size, 1)
+            grayscale=ChannelMean(name="grayscale"),  # (batch, size, size, 1)
             timesteps=keras.layers.Reshape((rnn_timesteps, image_size * image_size // rnn_timesteps), name="timesteps"),
             rnn_lstm_1=lstm(rnn_units, return_sequences=True, name="rnn_lstm_1"),
             rnn_lstm_2=lstm(rnn_units, name="rnn_lstm_2"),  # (batch, rnn_units)
             merge=keras.layers.Multiply(name="merge"),
         )
-        if rnn_units != XCEPTION_FEATURES:
+        if rnn_units != XCEPTION.features:
             head["cnn_projection"] = keras.layers.Dense(rnn_units, name="cnn_projection")
     outputs = _apply_head(head, backbone(inputs), inputs)  # Xception's features: (batch, 2048)
     return keras.Model(inputs, outputs, name="cnn_classifier" if cnn_only else "cnn_rnn_classifier")
@@ -273,7 +270,7 @@ def classifier_head(model):
         (for the RNN branch); output ``(batch, num_classes)`` float32 softmax probabilities.
     """
     layers = {layer.name: layer for layer in model.layers if layer.name in HEAD_LAYERS}
-    features = keras.Input((XCEPTION_FEATURES,), name="features")
+    features = keras.Input((XCEPTION.features,), name="features")
     if "rnn_lstm_1" not in layers:
         return keras.Model(features, _apply_head(layers, features, None), name="classifier_head")
     image = keras.Input(model.input_shape[1:], name="image")
@@ -354,12 +351,12 @@ def augmentation_layers(seed=None):
     ], name="augmentation")
 
 
-def image_dataset(split, image_size, batch_size, shuffle, seed=None, workers=None, drop_remainder=False,
+def tf_data_batches(split, image_size, batch_size, shuffle, seed=None, workers=None, drop_remainder=False,
                   shard=None, features=None, augment=False):
     """The ``tf.data`` input path: parallel decoding, batching and prefetch.
 
     The same images, labels and preprocessing as the generator path: each file read by the
-    project's image reader (``helpers.data.read_rgb`` in ``helpers.features.read_image``: PIL,
+    project's image reader (``helpers.data.read_rgb`` in ``helpers.features.tf_read_rgb``: PIL,
     EXIF orientation, RGB, bilinear resize to ``image_size``), then Xception preprocessing.
     The file order is reshuffled every epoch when ``shuffle``.
 
@@ -394,10 +391,10 @@ def image_dataset(split, image_size, batch_size, shuffle, seed=None, workers=Non
     augmentation = augmentation_layers(seed) if augment else None
 
     def load(path, label, *cached):
-        image = featurecache.read_image(path, image_size)
+        image = tf_read_rgb(path, image_size)
         if augmentation is not None:
             image = augmentation(image, training=True)
-        image = keras.applications.xception.preprocess_input(image)
+        image = XCEPTION.preprocess_input(image)
         return (cached[0], image) if cached else image, tf.one_hot(label, num_classes)
 
     # File names as bytes: a name that is not valid UTF-8 is read like any other.
@@ -415,7 +412,7 @@ def _sharded_input(splits, args, batch_size):
     """``(train, val)`` ``multiworker.ShardedInput``s for ``--distribute multi-worker`` (tf.data path only)."""
 
     def dataset_fn(training, context):
-        dataset = image_dataset(splits["train" if training else "val"], args.image_size,
+        dataset = tf_data_batches(splits["train" if training else "val"], args.image_size,
                                 context.get_per_replica_batch_size(batch_size), shuffle=training, seed=args.seed,
                                 workers=args.workers, drop_remainder=True, augment=training and args.augment,
                                 shard=(context.num_input_pipelines, context.input_pipeline_id))
@@ -441,10 +438,10 @@ def training_data(splits, args, batch_size, strategy=None):
 def read_split(split, args, batch_size, shuffle, features=None, drop_remainder=False):
     """One split through the input path ``--input`` chooses, with ``--workers``; the training
     split (``shuffle``) augmented under ``--augment``; with cached ``features`` (``flow_from_split``,
-    ``image_dataset``)."""
+    ``tf_data_batches``)."""
     augment = shuffle and args.augment
     if args.input == "tf.data":
-        return image_dataset(split, args.image_size, batch_size, shuffle, args.seed, args.workers,
+        return tf_data_batches(split, args.image_size, batch_size, shuffle, args.seed, args.workers,
                              drop_remainder=drop_remainder, features=features, augment=augment)
     return flow_from_split(split, args.image_size, batch_size, shuffle, args.seed, args.workers, features=features,
                            augment=augment)
@@ -461,27 +458,21 @@ def phase1_inputs(model, splits, args, trainer, strategy=None):
     ``--no-feature-cache``) the whole model trains from the images (``training_data``); the
     log says which and why.
     """
-    reasons = [reason for off, reason in (
-        (not args.feature_cache, "--no-feature-cache"), (args.augment, "--augment (each epoch's images differ)"),
-        (args.distribute != "none", "--distribute"),
-    ) if off]
-    if reasons or not args.epochs or trainer.run.phase_complete("phase1"):
-        if reasons and args.epochs:
-            logger.info("phase 1: Xception runs on every image every epoch (feature cache off: %s)", ", ".join(reasons))
+    if not features.phase1_on_cache(args, trainer.run, "Xception", "image"):
         return (model, *training_data(splits, args, args.batch_size, strategy))
     backbone = model.get_layer(BACKBONE)
     head = classifier_head(model)
     datasets = []
     for name, shuffle in (("train", True), ("val", False)):
         split = splits[name]
-        features = featurecache.cached_features(
+        cached = features.cached_features(
             backbone, split.paths, trainer.run.features, name, reader=args.input,
             images=lambda: read_split(split, args, args.batch_size, shuffle=False))
         if len(head.inputs) == 2:
-            datasets.append(read_split(split, args, args.batch_size, shuffle, features=features))
+            datasets.append(read_split(split, args, args.batch_size, shuffle, features=cached))
         else:  # --cnn-only: the features are the whole input
-            datasets.append(featurecache.array_batches(
-                features, keras.utils.to_categorical(split.labels, len(split.class_names)), args.batch_size,
+            datasets.append(features.array_batches(
+                cached, keras.utils.to_categorical(split.labels, len(split.class_names)), args.batch_size,
                 shuffle, args.seed))
     logger.info("phase 1: the head trains on cached Xception features of %d images (%s)", len(splits["train"]),
                 trainer.run.features)
@@ -535,8 +526,8 @@ def train(args):
     class_names = splits["train"].class_names
     with cli.in_flag_words(MODEL_ARGUMENTS):
         check_model_arguments(len(class_names), args.image_size, args.rnn_timesteps, args.rnn_units)
-    if args.fine_tune_layers is not None and not 0 <= args.fine_tune_layers <= XCEPTION_LAYERS:
-        raise UsageError(f"--fine-tune-layers must be in [0, {XCEPTION_LAYERS}]. Received: {args.fine_tune_layers}")
+    if args.fine_tune_layers is not None and not 0 <= args.fine_tune_layers <= XCEPTION.layers:
+        raise UsageError(f"--fine-tune-layers must be in [0, {XCEPTION.layers}]. Received: {args.fine_tune_layers}")
     class_weight = (training.balanced_class_weights(splits["train"].labels, len(class_names))
                     if args.class_weight == "balanced" else None)
     # The run directory's lock is held from here on: a second run on it stops at once.
@@ -581,18 +572,13 @@ def train(args):
         if not trainer.chief:  # the chief evaluates and reports
             multiworker.cleanup(args.output_dir)
             return 0
-        split = "test" if "test" in splits else "val"
-        if split == "val":
-            logger.warning("no labelled test/ split in %s: evaluating on val/, which also chose the "
-                           "checkpoint, so the figure is optimistic (the seed's 96.14%% was measured "
-                           "this way). python -m helpers.restructure_dataset --holdout N makes a test/ split.",
-                           args.data_dir)
-        metrics = evaluate_model(keras.saving.load_model(best), splits[split], args.batch_size, args.input,
+        split = data.evaluation_split(splits, args.data_dir)  # the seed's 96.14% was measured on val
+        metrics = evaluate_classifier(keras.saving.load_model(best), splits[split], args.batch_size, args.input,
                                  args.workers)
         reports.save_evaluation(args.output_dir, metrics, best, [words.get(c, c) for c in class_names])
 
 
-def evaluate_model(model, split, batch_size, input_path="generator", workers=2):
+def evaluate_classifier(model, split, batch_size, input_path="generator", workers=2):
     """Scores ``model`` on every image of a ``data.Split`` (one pass, no shuffling),
     read by ``input_path`` (``"generator"`` or ``"tf.data"``) with ``workers`` threads.
 
@@ -601,7 +587,7 @@ def evaluate_model(model, split, batch_size, input_path="generator", workers=2):
         accuracy and the confusion matrix.
     """
     size = model.input_shape[1]
-    read = image_dataset if input_path == "tf.data" else flow_from_split
+    read = tf_data_batches if input_path == "tf.data" else flow_from_split
     probabilities = model.predict(read(split, size, batch_size, shuffle=False, workers=workers),
                                   verbose=training.progress_verbosity())
     metrics = {"split": split.name}
@@ -619,7 +605,7 @@ def evaluate(args):
         raise UsageError(f"{args.model} predicts {model.output_shape[-1]} classes; "
                          f"{split.directory} has {len(split.class_names)}.")
     data.check_images(split.paths)
-    metrics = evaluate_model(model, split, args.batch_size)
+    metrics = evaluate_classifier(model, split, args.batch_size)
     metrics["model"] = str(args.model)
     print(reports.format_report(metrics, classes.get("descriptions")))
     if args.json:
@@ -633,7 +619,7 @@ def classify(model, inputs, top_k=5, class_names=None, batch_size=32):
         model: a saved ``.keras`` classifier (its class names from the ``classes.json``
             beside it) or a loaded ``keras.Model``.
         inputs: image files and/or arrays ``(height, width, 3)`` RGB 0..255 (uint8 or
-            float) of any size (``data.load_image``: files are decoded and resized
+            float) of any size (``data.rgb_array``: files are decoded and resized
             bilinearly, as the training generator reads them).
         top_k: classes per image (capped at the number of classes).
         class_names: the classes in index order (default: the run's ``classes.json``,
@@ -653,8 +639,8 @@ def classify(model, inputs, top_k=5, class_names=None, batch_size=32):
     size = model.input_shape[1]
     ranked = []
     for start in range(0, len(inputs), batch_size):
-        images = np.stack([data.load_image(item, size) for item in inputs[start:start + batch_size]])
-        probabilities = model.predict(keras.applications.xception.preprocess_input(images), verbose=0)
+        images = np.stack([data.rgb_array(item, size) for item in inputs[start:start + batch_size]])
+        probabilities = model.predict(XCEPTION.preprocess_input(images), verbose=0)
         ranked += [reports.top_k(row, names, top_k) for row in probabilities]
     return ranked
 

@@ -2,7 +2,7 @@
 # The main job on the seed's own dataset, end to end on a CPU (about 25 minutes on 2 cores):
 # tiny-imagenet-100 (the first 100 classes of Tiny ImageNet-200, raw download layout)
 # -> python -m helpers.restructure_dataset --holdout 50 (5,000 labelled held-out images, hard links,
-# no copies) -> phase 1 on cached Xception features -> phase 2 fine-tuning Xception's blocks 11-14
+# no copies) -> phase 1 on cached Xception features -> phase 2 fine-tuning Xception's blocks 10-14
 # -> evaluation on the holdout and the report (top-1, top-5, per class, confusion matrix, weakest classes).
 #
 #   bash demo_tiny_imagenet.sh [extra cnn_rnn_classifier.py train flags, e.g. --cnn-only or --augment]
@@ -15,7 +15,7 @@
 # 2x: Xception's features are much better there than at 72 px, and 128 px costs a quarter of 256 px),
 # the grayscale image as 32 timesteps of 512 pixels into two LSTM(256) (the seed's 2048 units cost
 # 8x more per step), 3 epochs of phase 1 (RMSprop 1e-3; validation loss is lowest by then) and one
-# of phase 2 (Adam 1e-4, Xception's top 47 layers, bfloat16 Xception where the CPU has AMX/AVX512_BF16).
+# of phase 2 (Adam 1e-4, Xception's top 46 layers, bfloat16 Xception where the CPU has AMX/AVX512_BF16).
 set -euo pipefail
 cd "$(dirname "$0")"
 TINY_IMAGENET=${TINY_IMAGENET:-../shared/tiny-imagenet-100}
@@ -28,4 +28,4 @@ fi
 python -m helpers.restructure_dataset "$TINY_IMAGENET" --output "$DEMO_DIR/data" --holdout 50
 python cnn_rnn_classifier.py train --data-dir "$DEMO_DIR/data" --output-dir "$DEMO_DIR/run" \
   --weights "$WEIGHTS" --image-size 128 --rnn-timesteps 32 --rnn-units 256 \
-  --epochs 3 --fine-tune-epochs 1 --batch-size 32 --fine-tune-batch-size 32 --fine-tune-layers 47 "$@"
+  --epochs 3 --fine-tune-epochs 1 --batch-size 32 --fine-tune-batch-size 32 --fine-tune-layers 46 "$@"

@@ -34,6 +34,7 @@ import sys
 from pathlib import Path
 
 from helpers import cli
+from helpers.backbones import VGG16
 
 
 # The head's settings and optimizer of each --recipe (README: "LRCN on real footage").
@@ -61,7 +62,7 @@ def parse_args(argv=None):
                         "masked batches bucketed by length when the batch size is above 1")
     model = train_parser.add_argument_group("model")
     cli.add_weights_argument(model, "VGG16")
-    model.add_argument("--image-size", type=int, default=224, help="frame size in pixels, >= 32 (default: 224)")
+    model.add_argument("--image-size", type=int, default=224, help=f"frame size in pixels, >= {VGG16.min_size} (default: 224)")
     model.add_argument("--dense-units", type=int, default=2048, help="per-frame Dense units (default: 2048)")
     model.add_argument("--gru-units", type=int, default=1024, help="GRU units (default: 1024)")
     model.add_argument("--fine-tune-layers", type=int, default=5,
@@ -97,15 +98,13 @@ def parse_args(argv=None):
     return args
 
 
-if __name__ == "__main__":  # parse before TensorFlow is imported: --help and flag errors answer at once
-    ARGS = parse_args()
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ INFO and WARNING lines
+if __name__ == "__main__":
+    ARGS = cli.parse_before_backend(parse_args)
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-from helpers import backend, data, distribute, multiworker, precision, reports, sequences, training  # noqa: E402
-from helpers import features as featurecache  # noqa: E402
+from helpers import backend, data, distribute, features, multiworker, precision, reports, sequences, training  # noqa: E402
 from helpers.backbones import pretrained_backbone  # noqa: E402
 from helpers.errors import UsageError  # noqa: E402
 from helpers.layers import FoldFrames, FrameMask, VGG16Preprocess  # noqa: E402
@@ -113,9 +112,7 @@ from helpers.optimizers import FusedAdam  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
-BACKBONE = "vgg16"
-VGG16_MIN_SIZE = 32
-VGG16_LAYERS = 19  # keras.applications.VGG16(include_top=False): input, 13 conv, 5 pooling
+BACKBONE = VGG16.name
 # The builder's keyword arguments that come from flags of the same name: passed from here
 # (``cli.model_arguments``), and compared by the resume check.
 MODEL_ARGUMENTS = ("image_size", "frames", "dense_units", "gru_units", "fine_tune_layers", "per_frame",
@@ -126,11 +123,11 @@ def check_model_arguments(num_classes, frames, image_size, dense_units, gru_unit
     """Raises ``UsageError`` (a ``ValueError``) echoing the first argument the model cannot be built with."""
     if num_classes < 2:
         raise UsageError(f"num_classes must be at least 2. Received: num_classes={num_classes}")
-    if image_size < VGG16_MIN_SIZE:
-        raise UsageError(f"image_size must be at least {VGG16_MIN_SIZE} (VGG16's minimum). Received: image_size={image_size}")
-    if not 0 <= fine_tune_layers <= VGG16_LAYERS:
-        raise UsageError(f"fine_tune_layers must be in [0, {VGG16_LAYERS}] (VGG16 without top has "
-                         f"{VGG16_LAYERS} layers). Received: fine_tune_layers={fine_tune_layers}")
+    if image_size < VGG16.min_size:
+        raise UsageError(f"image_size must be at least {VGG16.min_size} (VGG16's minimum). Received: image_size={image_size}")
+    if not 0 <= fine_tune_layers <= VGG16.layers:
+        raise UsageError(f"fine_tune_layers must be in [0, {VGG16.layers}] (VGG16 without top has "
+                         f"{VGG16.layers} layers). Received: fine_tune_layers={fine_tune_layers}")
     if frames is not None and frames < 1:
         raise UsageError(f"frames must be None (variable) or at least 1. Received: frames={frames}")
     if dense_units < 1 or gru_units < 1:
@@ -187,7 +184,7 @@ def build_lrcn(num_classes, frames=None, image_size=224, dense_units=2048, gru_u
     recurrent_dropout = settings["recurrent_dropout"] if recurrent_dropout is None else recurrent_dropout
     check_model_arguments(num_classes, frames, image_size, dense_units, gru_units, fine_tune_layers, recurrent_dropout)
     frame = keras.Input((image_size, image_size, 3), name="frame")
-    backbone = pretrained_backbone(keras.applications.VGG16, weights, precision.resolve(mixed_precision),
+    backbone = pretrained_backbone(VGG16.constructor(), weights, precision.resolve(mixed_precision),
                                    input_shape=(image_size, image_size, 3))
     flat = keras.layers.Flatten(name="flatten", dtype="float32")(backbone(VGG16Preprocess(name="vgg16_preprocess")(frame)))
     frame_backbone = keras.Model(frame, flat, name="frame_backbone")
@@ -297,13 +294,7 @@ def phase1_inputs(model, splits, args, trainer, strategy=None):
     same batches (tested). Otherwise (or with ``--no-feature-cache``) the whole model trains
     from the frames (``training_data``); the log says which and why.
     """
-    reasons = [reason for off, reason in (
-        (not args.feature_cache, "--no-feature-cache"), (not args.frames, "--variable-length"),
-        (args.augment, "--augment (each epoch's frames differ)"), (args.distribute != "none", "--distribute"),
-    ) if off]
-    if reasons or not args.epochs or trainer.run.phase_complete("phase1"):
-        if reasons and args.epochs:
-            logger.info("phase 1: VGG16 runs on every frame every epoch (feature cache off: %s)", ", ".join(reasons))
+    if not features.phase1_on_cache(args, trainer.run, "VGG16", "frame", off=((not args.frames, "--variable-length"),)):
         return (model, *training_data(splits, args, args.batch_size, strategy))
     backbone = training.find_layer(model, "frame_backbone")
     size = args.image_size
@@ -315,11 +306,11 @@ def phase1_inputs(model, splits, args, trainer, strategy=None):
     for name in ("train", "val"):
         split = splits[name]
         paths = [p for sample in split.samples for p in sequences.sampled_paths(sample, args.frames)]
-        cached = featurecache.cached_features(backbone, paths, trainer.run.features, name, loader=load)
-        features = cached.reshape(len(split), args.frames, -1)
+        cached = features.cached_features(backbone, paths, trainer.run.features, name, loader=load)
+        frame_features = cached.reshape(len(split), args.frames, -1)
         labels = sequences.one_hot(split.labels, len(split.class_names), args.frames if args.per_frame else None)
-        datasets.append(featurecache.array_batches((features, np.ones(features.shape[:2], bool)), labels,
-                                                   args.batch_size, shuffle=name == "train", seed=args.seed))
+        datasets.append(features.array_batches((frame_features, np.ones(frame_features.shape[:2], bool)), labels,
+                                               args.batch_size, shuffle=name == "train", seed=args.seed))
     logger.info("phase 1: the head trains on cached VGG16 features of %d x %d frames (%s)", len(splits["train"]),
                 args.frames, trainer.run.features)
     return (training.find_layer(model, "lrcn_head"), *datasets)
@@ -394,12 +385,10 @@ def train(args):
         if not trainer.chief:  # the chief evaluates and reports
             multiworker.cleanup(args.output_dir)
             return 0
-        split = splits.get("test", splits["val"])
-        if "test" not in splits:
-            logger.warning("no test/ split: evaluating on val/, which also chose the checkpoint (optimistic)")
+        split = splits[data.evaluation_split(splits, args.data_dir)]
         model = keras.saving.load_model(best)
-        metrics = evaluate_model(model, split, args.batch_size, args.workers)
-        shuffled = evaluate_model(model, split, args.batch_size, args.workers, shuffle_frames=True)
+        metrics = evaluate_lrcn(model, split, args.batch_size, args.workers)
+        shuffled = evaluate_lrcn(model, split, args.batch_size, args.workers, shuffle_frames=True)
         metrics["shuffled_frames_top1"] = shuffled["top1"]
         reports.save_evaluation(args.output_dir, metrics, best, names)
         print(f"top-1 with each clip's frames shuffled: {100 * shuffled['top1']:.2f}% "
@@ -415,7 +404,7 @@ class _ShuffledFrames(sequences.FrameSequences):
         return paths
 
 
-def evaluate_model(model, split, batch_size, workers=2, shuffle_frames=False):
+def evaluate_lrcn(model, split, batch_size, workers=2, shuffle_frames=False):
     """Scores ``model`` on every sample of a ``SequenceSplit``.
 
     Variable-length models see each sample at its own length (batch 1, no padding).
@@ -444,7 +433,7 @@ def evaluate(args):
     model, classes = training.load_checkpoint(args.model, "lrcn")
     split = sequences.list_sequences(args.data_dir / cli.evaluation_split_name(args), classes.get("class_names"))
     sequences.check_sequences(split)
-    metrics = evaluate_model(model, split, args.batch_size)
+    metrics = evaluate_lrcn(model, split, args.batch_size)
     metrics["model"] = str(args.model)
     print(reports.format_report(metrics))
     if args.json:
@@ -490,7 +479,7 @@ def classify(model, clips, top_k=5, class_names=None, max_frames=None):
         elif isinstance(item, (str, os.PathLike)):
             clip = extract_frames.read_video(item, size=size, max_frames=max_frames).astype(np.float32)
         else:
-            clip = np.stack([data.load_image(frame, size) for frame in np.asarray(item)])
+            clip = np.stack([data.rgb_array(frame, size) for frame in np.asarray(item)])
         if frames:
             clip = clip[sequences.sample_indices(len(clip), frames)]
         scores = model.predict(clip[None], verbose=0)[0]

@@ -68,7 +68,7 @@ def phase1_comparison(args, split, vocabulary):
             with tempfile.TemporaryDirectory() as folder:
                 cached = features.cached_features(model.get_layer("encoder"), split.paths, folder, "train")
             extraction = time.perf_counter() - start
-            data = cap.feature_dataset(cached, table, 64, shuffle=True)
+            data = cap.feature_caption_batches(cached, table, 64, shuffle=True)
             decoder.fit(data, epochs=args.epochs, callbacks=[times], verbose=0)
             times.seconds[0] += extraction
         else:
@@ -79,7 +79,7 @@ def phase1_comparison(args, split, vocabulary):
 
             def pair(image, ids, length):
                 tokens, targets = cap._teacher_forcing(ids, length)
-                return (features.read_image(paths[image], args.image_size), tokens), targets
+                return (features.tf_read_rgb(paths[image], args.image_size), tokens), targets
 
             data = cap._batched(pairs.map(pair, num_parallel_calls=tf.data.AUTOTUNE), 64, table.lengths - 1)
             model.fit(data, epochs=args.epochs, callbacks=[times], verbose=0)
@@ -99,7 +99,7 @@ def decoding_throughput(args, split, vocabulary):
         model = cap.build_captioner(vocabulary_size=len(vocabulary), image_size=args.image_size, weights=args.weights,
                                     mixed_precision="auto")
     image_features = cap.encode_images(model, split.paths[: args.decode_images], verbose=0)
-    decoder = cap.Decoder(model)
+    decoder = cap.StepDecoder(model)
     results = {}
     for name, width in (("greedy", 1), ("beam3", 3)):
         decoder.captions(image_features[:64], width, vocabulary.max_length)  # warm-up: tracing

@@ -3,7 +3,7 @@
 model's difference from the first with its paired standard error.
 
 Every model scores the same images (``--split``, default ``test``), read as ``evaluate`` reads them
-(``cnn_rnn_classifier.evaluate_model``'s input path, no shuffling). For a model B against the first
+(``cnn_rnn_classifier.evaluate_classifier``'s input path, no shuffling). For a model B against the first
 model A, with per-image correctness ``a_i, b_i`` in {0, 1}, the difference is ``mean(b - a)`` and
 its standard error ``std(b - a, ddof=1) / sqrt(n)`` (paired: both models saw the same images, so
 the images' difficulty cancels out; the unpaired error is also printed).

@@ -251,7 +251,7 @@ def child_input(config):
         with ThreadPoolExecutor(config["threads"]) as pool:
             images = sum(len(x) for x, _ in pool.map(flow.__getitem__, list(range(len(flow))) * 2))
     else:
-        dataset = crc.image_dataset(split, 299, 16, shuffle=True, seed=0, workers=config["threads"])
+        dataset = crc.tf_data_batches(split, 299, 16, shuffle=True, seed=0, workers=config["threads"])
         next(iter(dataset))
         start = time.perf_counter()
         images = sum(len(x) for x, _ in dataset.repeat(2))

@@ -6,15 +6,58 @@ them in ``~/.keras/models``), ``None`` or ``"none"`` initialises randomly, and a
 other string is the path of a local no-top weights file.
 """
 
+import dataclasses
 import logging
 import warnings
 from pathlib import Path
 
-from helpers import precision
 from helpers.errors import MissingFileError, UsageError
 
 
 logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Backbone:
+    """The constants of one ``keras.applications`` backbone, in one place (importing this
+    module does not import Keras: the scripts use them in ``--help`` before it loads).
+
+    Attributes:
+        name: the nested model's name, as Keras names it (``"xception"``); what
+            ``training.set_backbone_trainable`` looks for.
+        application: the ``keras.applications`` constructor's name (``"Xception"``).
+        layers: ``len(application(include_top=False).layers)``: its input layer included, a
+            ``pooling=`` layer not counted; ``--fine-tune-layers N`` unfreezes the top N of them.
+        min_size: the smallest input height and width in pixels Keras accepts.
+        features: channels of its last feature map (the pooled feature vector's length).
+        preprocessing: what its ``preprocess_input`` does to RGB 0..255.
+    """
+
+    name: str
+    application: str
+    layers: int
+    min_size: int
+    features: int
+    preprocessing: str
+
+    def constructor(self):
+        """The ``keras.applications`` constructor (``keras.applications.Xception``)."""
+        import keras
+
+        return getattr(keras.applications, self.application)
+
+    def preprocess_input(self, images):
+        """The backbone's ``keras.applications.<module>.preprocess_input`` on RGB 0..255
+        ``images`` (any shape ending in 3 channels; float32 in, float32 out)."""
+        import keras
+
+        return getattr(keras.applications, self.application.lower()).preprocess_input(images)
+
+
+XCEPTION = Backbone("xception", "Xception", layers=132, min_size=71, features=2048,
+                    preprocessing="scaled to [-1, 1] (x / 127.5 - 1)")
+VGG16 = Backbone("vgg16", "VGG16", layers=19, min_size=32, features=512,
+                 preprocessing="RGB to BGR, the ImageNet channel means subtracted (caffe mode)")
 
 
 class WeightsUnavailableError(UsageError):
@@ -63,6 +106,8 @@ def pretrained_backbone(application, weights, dtype_policy="float32", **kwargs):
         WeightsUnavailableError: the ImageNet download failed, or the file does not
             fit the architecture. The message names both offline options.
     """
+    from helpers import precision
+
     weights = resolve_weights(weights)
     name = application.__name__
     try:

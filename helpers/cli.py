@@ -9,6 +9,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import re
 import sys
 from pathlib import Path
@@ -21,6 +22,15 @@ logger = logging.getLogger(__name__)
 
 COMMANDS = ("train", "evaluate", "predict", "caption", "export")
 
+
+
+def parse_before_backend(parse_args):
+    """Runs a script's ``parse_args()`` before Keras (and so TensorFlow or JAX) is imported, so
+    ``--help`` and flag errors answer at once, and sets ``TF_CPP_MIN_LOG_LEVEL=2`` (unless it is
+    set) to silence TensorFlow's C++ INFO and WARNING lines. Returns the parsed arguments."""
+    args = parse_args()
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    return args
 
 def with_default_command(argv, default="train"):
     """Prepends ``default`` when ``argv`` starts with no command, so

@@ -158,6 +158,22 @@ def _decode_problem(path):
     return None
 
 
+
+def evaluation_split(splits, data_dir):
+    """The split a finished training run is scored on: ``"test"`` when ``splits`` has one, else
+    ``"val"``, with a warning that val also chose the checkpoint, so its figure is optimistic.
+
+    Args:
+        splits: a mapping from split names (``"train"``, ``"val"``, maybe ``"test"``) to splits.
+        data_dir: the data folder, named in the warning.
+    """
+    if "test" in splits:
+        return "test"
+    logger.warning("no labelled test split in %s: evaluating on val, which also chose the checkpoint, so the "
+                   "figure is optimistic (python -m helpers.restructure_dataset --holdout N carves a test/ split "
+                   "of class folders from train)", data_dir)
+    return "val"
+
 def check_images(paths, workers=None):
     """Decodes every image once with PIL (what the Keras generator uses).
 
@@ -292,7 +308,7 @@ def open_rgb(path):
         return ImageOps.exif_transpose(image).convert("RGB")
 
 
-def load_image(item, size):
+def rgb_array(item, size):
     """One image at ``size x size`` as float32 RGB 0..255: ``(size, size, 3)``.
 
     Args:

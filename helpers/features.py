@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 READER = "read_rgb: PIL, EXIF orientation, RGB, bilinear"  # part of every key: a new reader computes again
 
 
-def read_image(path, image_size):
+def tf_read_rgb(path, image_size):
     """``helpers.data.read_rgb`` as a ``tf.data`` operation: the project's one image reader
     (PIL, EXIF orientation applied, RGB, bilinear resize), in a ``tf.numpy_function``.
 
@@ -73,13 +73,6 @@ class ImageBatches(keras.utils.PyDataset):
         return np.stack([data.read_rgb(path, self.image_size) for path in chunk])
 
 
-def image_dataset(paths, image_size, batch_size, workers=2):
-    """``(batch, image_size, image_size, 3)`` float32 RGB 0..255 batches of ``paths``, in order:
-    an ``ImageBatches`` (``keras.utils.PyDataset``, any backend) with ``workers``
-    threads reading."""
-    return ImageBatches(paths, image_size, batch_size, workers=workers)
-
-
 def cache_key(encoder, paths, reader=""):
     """The SHA-256 (hex) of the encoder's weights, input shape and dtype policy, of the image
     reader's name, and of each file's path, size and modification time."""
@@ -106,7 +99,7 @@ def cached_features(encoder, paths, folder, name, batch_size=32, workers=2, load
         name: the image list's name in the file name (``"train"``).
         batch_size: images per encoder call.
         loader: ``loader(paths) -> (len(paths), size, size, 3)`` float32 RGB 0..255: the images
-            exactly as the uncached path reads them (LRCN: PIL); default: ``image_dataset``.
+            exactly as the uncached path reads them (LRCN: PIL); default: ``ImageBatches``.
         images: instead of ``loader``: ``images()`` returns the encoder's inputs for ``paths`` in
             order, as anything ``encoder.predict`` takes (the classifier: its training input
             path without shuffling), read by ``reader``; called only when the cache misses.
@@ -133,7 +126,7 @@ def cached_features(encoder, paths, folder, name, batch_size=32, workers=2, load
     if images is not None:
         features = encoder.predict(images(), verbose=progress_verbosity())
     elif loader is None:
-        features = encoder.predict(image_dataset(paths, size, batch_size, workers), verbose=progress_verbosity())
+        features = encoder.predict(ImageBatches(paths, size, batch_size, workers=workers), verbose=progress_verbosity())
     else:
         features = np.concatenate([encoder.predict(loader(paths[i:i + batch_size]), verbose=0)
                                    for i in range(0, len(paths), batch_size)])
@@ -188,3 +181,33 @@ class ArrayBatches(keras.utils.PyDataset):
     def on_epoch_end(self):
         if self.shuffle:
             self.order = self.rng.permutation(len(self.labels))
+
+
+def phase1_on_cache(args, run, backbone, unit, off=()):
+    """Whether phase 1 trains on cached backbone features (the backbone is frozen, so each
+    image's or frame's features are the same in every epoch), logging why not when a flag
+    rules the cache out.
+
+    Args:
+        args: the parsed command line: ``epochs``, and where the script has them
+            ``feature_cache`` (``--no-feature-cache``), ``augment`` and ``distribute``.
+        run: the run's ``helpers.rundir.RunDir``.
+        backbone: the backbone's name for the log (``"Xception"``, ``"VGG16"``).
+        unit: what the backbone reads (``"image"``, ``"frame"``).
+        off: more ``(condition, reason)`` pairs that rule the cache out.
+
+    Returns:
+        False when phase 1 does not train (0 epochs, or already complete) or a flag rules the
+        cache out; True otherwise.
+    """
+    if not args.epochs or run.phase_complete("phase1"):
+        return False
+    reasons = [reason for condition, reason in (
+        (not getattr(args, "feature_cache", True), "--no-feature-cache"), *off,
+        (getattr(args, "augment", False), f"--augment (each epoch's {unit}s differ)"),
+        (getattr(args, "distribute", "none") != "none", "--distribute"),
+    ) if condition]
+    if reasons:
+        logger.info("phase 1: %s runs on every %s every epoch (feature cache off: %s)", backbone, unit,
+                    ", ".join(reasons))
+    return not reasons

@@ -8,16 +8,30 @@ in safe mode.
 
 import keras
 
-PACKAGE = "cnn_rnn"
+PACKAGE = "helpers"  # saved models name these classes "helpers>ChannelMean", "helpers>FusedLSTM", ...
+LEGACY_PACKAGE = "cnn_rnn"  # the package of checkpoints written by earlier versions, still loaded
 
 
-@keras.saving.register_keras_serializable(package=PACKAGE)
-class Grayscale(keras.layers.Layer):
-    """Averages the channels of an image batch into one grayscale channel.
+def serializable(legacy_name=None):
+    """``keras.saving.register_keras_serializable(package=PACKAGE)``, plus the class's earlier
+    registered name (``cnn_rnn>`` + ``legacy_name`` or the class name) so that older
+    checkpoints still load in safe mode."""
+
+    def register(cls):
+        cls = keras.saving.register_keras_serializable(package=PACKAGE)(cls)
+        keras.saving.get_custom_objects()[f"{LEGACY_PACKAGE}>{legacy_name or cls.__name__}"] = cls
+        return cls
+
+    return register
+
+
+@serializable(legacy_name="Grayscale")
+class ChannelMean(keras.layers.Layer):
+    """The unweighted mean of an image batch's channels: the RNN branch's grayscale image.
 
     The seed (``000_*.txt``) turns the RGB input into a 299x299x1 grayscale image
-    before it feeds the RNN branch; the plain channel mean is used, so a
-    Xception-preprocessed input in [-1, 1] stays in [-1, 1].
+    before it feeds the RNN branch; this is the plain channel mean (not luminance
+    weights), so a Xception-preprocessed input in [-1, 1] stays in [-1, 1].
 
     Input: ``(batch, height, width, channels)`` float tensor.
     Output: ``(batch, height, width, 1)``, same dtype.
@@ -36,7 +50,7 @@ PAD_VALUE = -1.0
 VGG16_BGR_MEAN = (103.939, 116.779, 123.68)
 
 
-@keras.saving.register_keras_serializable(package=PACKAGE)
+@serializable()
 class VGG16Preprocess(keras.layers.Layer):
     """VGG16's own preprocessing inside the model (``keras.applications.vgg16.preprocess_input``).
 
@@ -53,7 +67,7 @@ class VGG16Preprocess(keras.layers.Layer):
         return bgr - keras.ops.convert_to_tensor(VGG16_BGR_MEAN, dtype=inputs.dtype)
 
 
-@keras.saving.register_keras_serializable(package=PACKAGE)
+@serializable()
 class FrameMask(keras.layers.Layer):
     """The ``(batch, frames)`` mask of real frames: False where a frame is all ``PAD_VALUE``.
 
@@ -71,7 +85,7 @@ class FrameMask(keras.layers.Layer):
         return tuple(input_shape[:2])
 
 
-@keras.saving.register_keras_serializable(package=PACKAGE)
+@serializable()
 class FoldFrames(keras.layers.Wrapper):
     """Applies a per-frame model to every frame by folding frames into the batch axis.
 
@@ -102,7 +116,7 @@ class FoldFrames(keras.layers.Wrapper):
         self.built = True
 
 
-@keras.saving.register_keras_serializable(package=PACKAGE)
+@serializable()
 class XceptionPreprocess(keras.layers.Layer):
     """Xception's own preprocessing inside the model (``keras.applications.xception.preprocess_input``,
     "tf" mode): pixels scaled from 0..255 to -1..1.
@@ -115,7 +129,7 @@ class XceptionPreprocess(keras.layers.Layer):
         return inputs / 127.5 - 1.0
 
 
-@keras.saving.register_keras_serializable(package=PACKAGE)
+@serializable()
 class PrependStep(keras.layers.Layer):
     """Puts a vector in front of a sequence as its first timestep (Show and Tell's image input).
 
@@ -146,7 +160,7 @@ class PrependStep(keras.layers.Layer):
         return (sequence[0], steps, sequence[2])
 
 
-@keras.saving.register_keras_serializable(package=PACKAGE)
+@serializable()
 class DropFirstStep(keras.layers.Layer):
     """Removes a sequence's first timestep, and its mask's: the output of ``PrependStep``'s step.
 
@@ -169,7 +183,7 @@ class DropFirstStep(keras.layers.Layer):
         return (input_shape[0], steps) + tuple(input_shape[2:])
 
 
-@keras.saving.register_keras_serializable(package=PACKAGE)
+@serializable()
 class AddToSteps(keras.layers.Layer):
     """Adds a vector to every timestep of a sequence (the "merge" architecture's image join,
     Tanti et al. 2017), keeping the sequence's mask.

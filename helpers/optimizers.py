@@ -8,10 +8,10 @@ computes the same update in one pass (alternating timings in one process, anothe
 """
 import keras
 
-from helpers.layers import PACKAGE
+from helpers.layers import serializable
 
 
-@keras.saving.register_keras_serializable(package=PACKAGE)
+@serializable()
 class FusedAdam(keras.optimizers.Adam):
     """``keras.optimizers.Adam`` (same arguments, variables and update) with the dense update of
     each float variable done by ``tf.raw_ops.ResourceApplyAdam``:

@@ -30,7 +30,7 @@ README's performance section.
 
 import keras
 
-from helpers.layers import PACKAGE
+from helpers.layers import serializable
 
 
 def _matmul(a, b, dtype, **kwargs):
@@ -105,7 +105,7 @@ def _lstm_recurrence(projected, h0, c0, recurrent_kernel, matmul_dtype=None):
     return recurrence(projected, h0, c0, recurrent_kernel)
 
 
-@keras.saving.register_keras_serializable(package=PACKAGE)
+@serializable()
 class FusedLSTM(keras.layers.LSTM):
     """``keras.layers.LSTM`` with the input projection out of the time loop on CPUs.
 

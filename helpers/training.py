@@ -92,8 +92,8 @@ def set_backbone_trainable(model, backbone_name, trainable, train_batchnorm=Fals
         train_batchnorm: when ``trainable``, also train the BatchNormalization
             layers (their gamma/beta and moving statistics).
         top_layers: when ``trainable``, unfreeze only the backbone's last
-            ``top_layers`` layers (the LRCN seed fine-tunes VGG16's top 5); ``None``
-            unfreezes all.
+            ``top_layers`` layers (the LRCN seed fine-tunes VGG16's top 5), a global pooling
+            layer on top not counted; ``None`` unfreezes all.
 
     Returns:
         The number of trainable weight tensors in the backbone.
@@ -101,7 +101,10 @@ def set_backbone_trainable(model, backbone_name, trainable, train_batchnorm=Fals
     backbone = find_layer(model, backbone_name)
     backbone.trainable = trainable
     if trainable:
-        first_trainable = len(backbone.layers) - top_layers if top_layers is not None else 0
+        # The top N of the backbone's own layers: a ``pooling=`` layer on top (no weights) is not counted,
+        # so N means the same with and without it (``helpers.backbones.Backbone.layers``).
+        pooled = isinstance(backbone.layers[-1], (keras.layers.GlobalAveragePooling2D, keras.layers.GlobalMaxPooling2D))
+        first_trainable = len(backbone.layers) - pooled - top_layers if top_layers is not None else 0
         for index, layer in enumerate(backbone.layers):
             if index < first_trainable or (
                 isinstance(layer, keras.layers.BatchNormalization) and not train_batchnorm

@@ -195,10 +195,10 @@ def test_exif_orientation_is_applied_by_every_reader(tmp_path):
     read = data.read_rgb(path)
     assert read.shape == (24, 16, 3) and read[:6, :, 0].mean() > 200 and read[-6:, :, 0].mean() < 60
     square = data.read_rgb(path, 71)
-    np.testing.assert_array_equal(data.load_image(path, 71), square)  # classify(), caption()
-    np.testing.assert_array_equal(features.image_dataset([path], 71, 1)[0][0], square)  # caches, encoders
+    np.testing.assert_array_equal(data.rgb_array(path, 71), square)  # classify(), caption()
+    np.testing.assert_array_equal(features.ImageBatches([path], 71, 1)[0][0], square)  # caches, encoders
     if backend.is_tensorflow():  # the tf.data paths
-        np.testing.assert_array_equal(features.read_image(str(path), 71).numpy(), square)
+        np.testing.assert_array_equal(features.tf_read_rgb(str(path), 71).numpy(), square)
     folders = tmp_path / "data" / "train" / "a"
     folders.mkdir(parents=True)
     write_exif_rotated(folders / "photo.jpg", upright)

@@ -127,7 +127,7 @@ def test_beam_search_length_penalty_trades_total_for_per_word_probability():
 
 def test_beam_size_one_is_greedy_on_a_trained_shape_model():
     model = tiny_captioner("pre", vocabulary_size=12)
-    decoder = cap.Decoder(model)
+    decoder = cap.StepDecoder(model)
     image_features = np.random.default_rng(3).normal(0, 3, (7, 2048)).astype(np.float32)
     greedy = decoder.captions(image_features, beam_size=1, max_length=6)
     state = decoder.start(image_features)
@@ -161,7 +161,7 @@ def test_step_decoding_carries_the_state_like_the_whole_model(inject):
     model = tiny_captioner(inject, vocabulary_size=12)
     images = np.random.default_rng(4).uniform(0, 255, (3, 71, 71, 3)).astype(np.float32)
     image_features = model.get_layer("encoder").predict(images, verbose=0)
-    found = cap.Decoder(model).captions(image_features, beam_size=1, max_length=5)
+    found = cap.StepDecoder(model).captions(image_features, beam_size=1, max_length=5)
     for row, words in enumerate(found):
         tokens = np.array([[START_ID] + words[:-1]], np.int32)
         probabilities = model.predict([images[row:row + 1], tokens], verbose=0)[0].astype(np.float64)
@@ -335,7 +335,7 @@ def test_coco_format_trains_and_evaluates_on_val_without_test(tmp_path, caplog):
     assert cap.main(["--data-dir", str(make_coco(tmp_path / "coco")), "--output-dir", str(out), *TINY,
                      "--epochs", "1", "--fine-tune-epochs", "0", "--beam-size", "2"]) == 0
     assert json.loads((out / "metrics.json").read_text())["split"] == "val"
-    assert "no test split" in caplog.text
+    assert "no labelled test split" in caplog.text
 
 
 def test_help_answers_without_tensorflow():

@@ -3,6 +3,7 @@ import re
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import keras
@@ -54,7 +55,7 @@ def test_cnn_only_ablation_has_no_rnn_branch():
 
 def test_grayscale_layer_is_channel_mean():
     x = np.random.default_rng(1).uniform(-1, 1, (2, 5, 5, 3)).astype("float32")
-    gray = keras.ops.convert_to_numpy(crc.Grayscale()(x))
+    gray = keras.ops.convert_to_numpy(crc.ChannelMean()(x))
     np.testing.assert_allclose(gray[..., 0], x.mean(axis=-1), rtol=1e-6)
 
 
@@ -122,6 +123,23 @@ def test_safe_mode_round_trip_in_fresh_process(tmp_path):
     subprocess.run([sys.executable, "-c", script, str(ROOT), str(tmp_path / "model.keras"),
                     str(tmp_path / "y.npy"), str(tmp_path / "x.npy")], check=True, capture_output=True)
     np.testing.assert_allclose(np.load(tmp_path / "y.npy"), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_checkpoint_of_the_earlier_package_name_loads(tmp_path):
+    """Checkpoints written before the layers moved to the ``helpers`` package (``cnn_rnn>Grayscale``,
+    ``cnn_rnn>FusedLSTM``) still load in safe mode, with the same predictions."""
+    model = crc.build_cnn_rnn_classifier(num_classes=3, **TINY)
+    x = np.random.default_rng(2).uniform(-1, 1, (2, 71, 71, 3)).astype("float32")
+    model.save(tmp_path / "new.keras")
+    with zipfile.ZipFile(tmp_path / "new.keras") as new, zipfile.ZipFile(tmp_path / "old.keras", "w") as old:
+        for item in new.infolist():
+            content = new.read(item)
+            if item.filename == "config.json":
+                assert b'"helpers>ChannelMean"' in content and b'"helpers>FusedLSTM"' in content
+                content = content.replace(b'"helpers>ChannelMean"', b'"cnn_rnn>Grayscale"').replace(b'"helpers>', b'"cnn_rnn>')
+            old.writestr(item, content)
+    loaded = keras.saving.load_model(tmp_path / "old.keras", safe_mode=True)
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-6)
 
 
 # ---------------------------------------------------------------- data
@@ -353,11 +371,11 @@ def test_tf_data_path_matches_generator(class_folders):
 
     split = data.list_split(class_folders / "train", None, "train")
     generated = crc.flow_from_split(split, 71, 18, shuffle=False)[0]
-    images, labels = next(iter(crc.image_dataset(split, 71, 18, shuffle=False, workers=2)))
+    images, labels = next(iter(crc.tf_data_batches(split, 71, 18, shuffle=False, workers=2)))
     assert images.shape == (18, 71, 71, 3) and images.dtype == "float32"
     np.testing.assert_array_equal(labels, generated[1])
     np.testing.assert_array_equal(images, generated[0])  # one image reader: the same pixels
-    shuffled = [np.argmax(y, 1) for _, y in crc.image_dataset(split, 71, 18, shuffle=True, seed=0)]
+    shuffled = [np.argmax(y, 1) for _, y in crc.tf_data_batches(split, 71, 18, shuffle=True, seed=0)]
     assert sorted(shuffled[0]) == sorted(split.labels) and list(shuffled[0]) != list(split.labels)
 
 
@@ -372,7 +390,7 @@ def test_both_input_paths_read_ppm_and_tiff_alike(class_folders):
     split = data.list_split(class_folders / "train", None, "train")
     iterator = crc.flow_from_split(split, 71, 8, shuffle=False)  # iterating it never ends: index its batches
     generated = np.concatenate([iterator[i][0] for i in range(len(iterator))])
-    read = np.concatenate([x for x, _ in crc.image_dataset(split, 71, 8, shuffle=False)])
+    read = np.concatenate([x for x, _ in crc.tf_data_batches(split, 71, 8, shuffle=False)])
     assert len(read) == 20
     np.testing.assert_array_equal(read, generated)
 
@@ -530,8 +548,8 @@ def test_augment_changes_images_not_labels_in_both_input_paths(class_folders):
     split = data.list_split(class_folders / "train", None, "train")
     plain_images, plain_labels = crc.flow_from_split(split, 71, len(split), shuffle=False)[0]
     augmented = crc.flow_from_split(split, 71, len(split), shuffle=False, augment=True)
-    tf_plain = next(iter(crc.image_dataset(split, 71, len(split), shuffle=False)))[0]
-    tf_augmented = crc.image_dataset(split, 71, len(split), shuffle=False, seed=0, augment=True)
+    tf_plain = next(iter(crc.tf_data_batches(split, 71, len(split), shuffle=False)))[0]
+    tf_augmented = crc.tf_data_batches(split, 71, len(split), shuffle=False, seed=0, augment=True)
     epochs = [(np.asarray(augmented[0][0]), augmented[0][1]) for _ in range(2)]
     epochs += [tuple(np.asarray(t) for t in next(iter(tf_augmented))) for _ in range(2)]
     for i, (images, labels) in enumerate(epochs):

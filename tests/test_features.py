@@ -27,7 +27,7 @@ def paths(tmp_path):
 def test_cached_features_equal_the_encoder_and_are_reused(paths, tmp_path, monkeypatch, caplog):
     encoder = tiny_encoder()
     cached = features.cached_features(encoder, paths, tmp_path / "cache", "train", batch_size=2)
-    images = np.concatenate([features.image_dataset(paths, 16, 2)[i] for i in range(3)])
+    images = np.concatenate([features.ImageBatches(paths, 16, 2)[i] for i in range(3)])
     np.testing.assert_allclose(cached, encoder.predict(images, verbose=0), rtol=1e-6, atol=1e-6)
     assert len(list((tmp_path / "cache").glob("train-*.npy"))) == 1
 

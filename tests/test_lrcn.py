@@ -54,7 +54,7 @@ def test_seed_shapes_fixed_and_variable(recipe):
 def test_frozen_and_trainable_vgg16_layers():
     model = lrcn.build_lrcn(3, frames=2, fine_tune_layers=5, **TINY)
     vgg = training.find_layer(model, "vgg16")
-    assert len(vgg.layers) == lrcn.VGG16_LAYERS
+    assert len(vgg.layers) == lrcn.VGG16.layers
     training.set_backbone_trainable(model, "vgg16", False)
     assert len(vgg.trainable_weights) == 0
     training.set_backbone_trainable(model, "vgg16", True, top_layers=5)
@@ -226,7 +226,7 @@ def test_short_run_writes_every_output(clips, tmp_path, capsys, length_flags):
     assert "top5" not in metrics and set(metrics["per_class_accuracy"]) == {"a", "b"}
     assert "frames shuffled" in capsys.readouterr().out
     one, two = (keras.saving.load_model(out / f"phase{i}_best.keras") for i in (1, 2))
-    shuffled = lrcn.evaluate_model(two, sequences.list_sequences(clips / "test"), 2, workers=1, shuffle_frames=True)
+    shuffled = lrcn.evaluate_lrcn(two, sequences.list_sequences(clips / "test"), 2, workers=1, shuffle_frames=True)
     assert metrics["shuffled_frames_top1"] == pytest.approx(shuffled["top1"])
     # phase 2 changed block5 but not block1
     get = lambda m, n: training.find_layer(m, n).get_weights()[0]  # noqa: E731

@@ -250,5 +250,5 @@ def test_tf_data_path_reads_a_file_name_that_is_not_utf8(class_folders):
     odd = os.fsencode(class_folders / "train" / "cat") + b"/\xff.jpg"
     write_jpeg(Path(os.fsdecode(odd)), 7)
     split = data.load_splits(class_folders)["train"]
-    images, labels = next(iter(crc.image_dataset(split, 71, 32, shuffle=False)))
+    images, labels = next(iter(crc.tf_data_batches(split, 71, 32, shuffle=False)))
     assert images.shape[0] == len(split) == 19 and int(np.argmax(labels[0])) == 0

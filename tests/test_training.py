@@ -179,3 +179,18 @@ def test_best_checkpoint_holds_no_optimizer_state(tmp_path):
     checkpoint.on_epoch_end(0, {"val_loss": 1.0})
     assert optimizer_groups(tmp_path / "nested_full.keras") and not optimizer_groups(tmp_path / "nested.keras")
     assert (tmp_path / "nested.keras").stat().st_size < (tmp_path / "nested_full.keras").stat().st_size
+
+
+def test_fine_tune_layers_mean_the_same_with_and_without_pooling():
+    """``top_layers`` counts the backbone's own layers: a ``pooling=`` layer on top (the classifier's)
+    is not counted, so the classifier and the captioner unfreeze the same blocks for the same N."""
+    def trained(pooling, top_layers):
+        keras.backend.clear_session()  # the same automatic layer names (conv2d_3) in every build
+        backbone = keras.applications.Xception(include_top=False, weights=None, input_shape=(71, 71, 3),
+                                               pooling=pooling)
+        training.set_backbone_trainable(keras.Sequential([backbone]), "xception", True, top_layers=top_layers)
+        return sorted(weight.path for weight in backbone.trainable_weights)
+
+    for top_layers, blocks in ((6, {"block14"}), (16, {"block13", "block14", "conv2d"})):
+        assert trained(None, top_layers) == trained("avg", top_layers)
+        assert {path.split("_")[0] for path in trained(None, top_layers)} == blocks
