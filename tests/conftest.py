@@ -33,6 +33,77 @@ if BACKEND != "tensorflow":
     sys.meta_path.insert(0, NoTensorFlow())
 
 
+# ---------------------------------------------------------------- both backends in one command
+# `python -m pytest` on the default backend (TensorFlow) also runs the same selection of tests on each
+# other backend of TEST_BACKENDS (default "tensorflow,jax"; JAX when it is installed), in a child
+# process started at once and run beside this one, TensorFlow hidden from it. Its failures fail the
+# session; its summary line is printed at the end. TEST_BACKENDS=tensorflow runs TensorFlow alone.
+OTHER_RUNS = {}
+
+
+def _installed(backend_name):
+    import importlib.util
+
+    return importlib.util.find_spec({"jax": "jax", "torch": "torch"}.get(backend_name, backend_name)) is not None
+
+
+def pytest_configure(config):
+    backends = [b.strip() for b in os.environ.get("TEST_BACKENDS", "tensorflow,jax").split(",") if b.strip()]
+    if BACKEND != "tensorflow" or hasattr(config, "workerinput") or config.option.collectonly:
+        return
+    import subprocess
+    import tempfile
+
+    for other in backends:
+        if other == BACKEND:
+            continue
+        if not _installed(other):
+            OTHER_RUNS[other] = None  # reported as not run
+            continue
+        log = tempfile.NamedTemporaryFile("w+", prefix=f"pytest-{other}-", suffix=".log", delete=False)
+        env = dict(os.environ, KERAS_BACKEND=other, TEST_BACKENDS=other)
+        command = [sys.executable, "-m", "pytest", *config.invocation_params.args]
+        OTHER_RUNS[other] = (subprocess.Popen(command, cwd=config.invocation_params.dir, env=env, stdout=log,
+                                              stderr=subprocess.STDOUT), log)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    failed = False
+    for other, run in OTHER_RUNS.items():
+        if run is not None and run[0].wait() not in (0, 5):  # 5: nothing selected on that backend
+            failed = True
+    if failed and session.exitstatus == 0:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter):
+    for other, run in OTHER_RUNS.items():
+        if run is None:
+            terminalreporter.write_line(f"{other}: not run ({other} is not installed: pip install -r "
+                                        f"requirements-{other}.txt)", yellow=True)
+            continue
+        process, log = run
+        log.seek(0)
+        lines = log.read().rstrip().splitlines()
+        ok = process.returncode in (0, 5)
+        if not ok:  # its failures, as it reported them
+            start = next((i for i, line in enumerate(lines) if "= FAILURES =" in line or "= ERRORS =" in line), 0)
+            terminalreporter.section(f"the same tests on {other}", sep="=", red=True)
+            for line in lines[start:]:
+                terminalreporter.write_line(line)
+        durations = next((i for i, line in enumerate(lines) if "slowest" in line and "durations" in line), None)
+        if durations is not None:  # what --durations printed there
+            end = next((i for i in range(durations + 1, len(lines)) if not lines[i].strip() or
+                        lines[i].startswith("=")), len(lines))
+            terminalreporter.section(f"{other}: {lines[durations].strip('= ')}", sep="=")
+            for line in lines[durations + 1:end]:
+                terminalreporter.write_line(line)
+        terminalreporter.write_line(f"{other}: {lines[-1].strip('= ') if lines else 'no output'}",
+                                    green=ok, red=not ok)
+        log.close()
+        os.unlink(log.name)
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked ``tensorflow`` (what TensorFlow alone does: tf.data, FusedLSTM's kernels,
     tf.distribute, SavedModel export) are skipped on the other backends."""
