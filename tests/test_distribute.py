@@ -1,3 +1,4 @@
+import importlib.util
 import json
 import re
 import os
@@ -295,3 +296,49 @@ def test_multi_worker_flag_errors(tmp_path, monkeypatch, caplog):
     assert lrcn.main(flags + ["--variable-length"]) == 1
     assert "needs --frames N and one label per sequence" in caplog.text
     assert not (tmp_path / "run").exists()
+
+
+DATA_PARALLEL = """
+import json, sys
+import numpy as np
+import keras
+from helpers import distribute
+
+assert keras.backend.backend() == "jax" and len(keras.distribution.list_devices("cpu")) == 2
+
+
+def fit(strategy):
+    keras.utils.set_random_seed(0)
+    x = np.random.default_rng(0).normal(size=(32, 6)).astype("float32")
+    y = keras.utils.to_categorical(np.arange(32) % 3, 3)
+    with distribute.scope(strategy):
+        model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(4, activation="relu"),
+                                  keras.layers.Dense(3, activation="softmax")])
+        model.compile(keras.optimizers.SGD(0.1), "categorical_crossentropy")
+        history = model.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0)
+    return history.history["loss"], [w.tolist() for w in model.get_weights()]
+
+
+strategy = distribute.make_strategy("mirrored")
+single, parallel = fit(None), fit(strategy)
+json.dump({"replicas": strategy.num_replicas_in_sync, "single": single, "parallel": parallel,
+           "data_sharded": str(strategy.distribution.get_data_layout((8, 6)).axes)}, open(sys.argv[1], "w"))
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="needs jax (requirements-jax.txt)")
+def test_mirrored_on_jax_is_keras_data_parallel_with_the_single_device_result(tmp_path):
+    """--distribute mirrored on JAX: keras.distribution.DataParallel over two (forced) CPU devices
+    gives the single-device losses and weights for the same global batch."""
+    script = tmp_path / "data_parallel.py"
+    script.write_text(DATA_PARALLEL)
+    env = dict(os.environ, KERAS_BACKEND="jax", XLA_FLAGS="--xla_force_host_platform_device_count=2",
+               PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    result = subprocess.run([sys.executable, str(script), str(tmp_path / "out.json")], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads((tmp_path / "out.json").read_text())
+    assert out["replicas"] == 2 and "batch" in out["data_sharded"]
+    np.testing.assert_allclose(out["parallel"][0], out["single"][0], rtol=1e-5)
+    for a, b in zip(out["parallel"][1], out["single"][1]):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
