@@ -283,3 +283,43 @@ def tiny_imagenet(tmp_path):
 @pytest.fixture
 def class_folders(tmp_path):
     return make_class_folders(tmp_path / "data")
+
+
+def stand_in_backbone(spec):
+    """A five-layer stand-in for ``spec.constructor()`` (``helpers.backbones.Backbone``): the same
+    name, call signature (``include_top``, ``weights``, ``input_shape``, ``pooling``) and output
+    channels, a BatchNormalization inside (frozen in inference mode as the real one's are), a
+    feature map about 1/32 of the input (71 px: 2 x 2; 32 px: 1 x 1); weights from a file of its
+    own saved weights. For tests of the training core, where Xception's or VGG16's depth costs
+    minutes of graph building and says nothing."""
+    import keras
+
+    def build(include_top=False, weights=None, input_shape=None, pooling=None, **kwargs):
+        inputs = keras.Input(input_shape)
+        x = keras.layers.Conv2D(8, 3, strides=4, name="block1_conv1")(inputs)
+        x = keras.layers.BatchNormalization(name="block1_conv1_bn")(x)
+        x = keras.layers.Activation("relu", name="block1_conv1_act")(x)
+        x = keras.layers.AveragePooling2D(8, name="block1_pool")(x)
+        x = keras.layers.Conv2D(spec.features, 1, name="block2_conv1")(x)
+        if pooling == "avg":
+            x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
+        model = keras.Model(inputs, x, name=spec.name)
+        if weights == "imagenet":
+            raise Exception("URL fetch failure: the test stand-in has no ImageNet weights")
+        if weights is not None:
+            model.load_weights(weights)
+        return model
+
+    build.__name__ = spec.application
+    return build
+
+
+@pytest.fixture
+def stand_in_backbones():
+    """Every script builds ``stand_in_backbone``s in place of Xception and VGG16 (a patch of its own,
+    which a test's ``monkeypatch.undo()`` leaves in place)."""
+    from helpers import backbones
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(backbones.Backbone, "constructor", stand_in_backbone)
+        yield

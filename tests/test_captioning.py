@@ -311,6 +311,7 @@ def test_two_phase_run_writes_every_output_then_evaluate_and_caption(flickr, tmp
     assert words <= set(vocabulary.tokens[4:])
 
 
+@pytest.mark.usefixtures("stand_in_backbones")  # about the training core, not Xception
 def test_interrupted_run_resumes_reuses_features_and_refuses_other_flags(flickr, tmp_path, monkeypatch, caplog):
     out = tmp_path / "run"
     args = ["--data-dir", str(flickr), "--output-dir", str(out), *TINY, "--epochs", "3", "--fine-tune-epochs", "0",
@@ -330,6 +331,7 @@ def test_interrupted_run_resumes_reuses_features_and_refuses_other_flags(flickr,
     assert json.loads((out / "metrics.json").read_text())["num_images"] == 3
 
 
+@pytest.mark.usefixtures("stand_in_backbones")  # about the training core, not Xception
 def test_coco_format_trains_and_evaluates_on_val_without_test(tmp_path, caplog):
     out = tmp_path / "run"
     assert cap.main(["--data-dir", str(make_coco(tmp_path / "coco")), "--output-dir", str(out), *TINY,

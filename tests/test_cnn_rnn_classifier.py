@@ -224,6 +224,7 @@ def test_two_phase_run_writes_every_output(class_folders, tmp_path, capsys):
     assert (out / "phase2_best.keras").stat().st_mtime_ns == before
 
 
+@pytest.mark.usefixtures("stand_in_backbones")  # about the training core, not Xception
 def test_model_flags_reach_the_builder(class_folders, tmp_path):
     """Every flag the resume check compares is a keyword of the builder, and the command line
     passes them: --mixed-precision bfloat16 gives a bfloat16 Xception in the saved model."""
@@ -238,6 +239,7 @@ def test_model_flags_reach_the_builder(class_folders, tmp_path):
     assert model.get_layer("rnn_lstm_1").dtype_policy.name == "float32"
 
 
+@pytest.mark.usefixtures("stand_in_backbones")  # about the training core, not Xception
 def test_fine_tune_only_and_cnn_only(class_folders, tmp_path):
     out = tmp_path / "run"
     assert crc.main(train_args(class_folders, out, "--epochs", "0", "--fine-tune-epochs", "1", "--cnn-only")) == 0
@@ -246,6 +248,7 @@ def test_fine_tune_only_and_cnn_only(class_folders, tmp_path):
     assert keras.saving.load_model(out / "phase2_best.keras").name == "cnn_classifier"
 
 
+@pytest.mark.usefixtures("stand_in_backbones")  # about the training core, not Xception
 def test_resume_after_interruption(class_folders, tmp_path, monkeypatch):
     out = tmp_path / "run"
     args = train_args(class_folders, out, "--epochs", "3", "--fine-tune-epochs", "0", "--steps-per-epoch", "2")
@@ -263,6 +266,7 @@ def test_resume_after_interruption(class_folders, tmp_path, monkeypatch):
     assert not (out / "backup").exists()
 
 
+@pytest.mark.usefixtures("stand_in_backbones")  # about the training core, not Xception
 def test_resume_with_other_model_flags_is_refused(class_folders, tmp_path, caplog):
     out = tmp_path / "run"
     assert crc.main(train_args(class_folders, out, "--epochs", "1", "--fine-tune-epochs", "0", "--steps-per-epoch", "1")) == 0
@@ -302,6 +306,7 @@ def test_nan_loss_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     assert not (tmp_path / "phase1_done.json").exists()
 
 
+@pytest.mark.usefixtures("stand_in_backbones")  # about the training core, not Xception
 def test_nan_loss_in_cli_is_one_clear_error(class_folders, tmp_path, caplog):
     code = crc.main(train_args(class_folders, tmp_path / "run", "--epochs", "2", "--fine-tune-epochs", "0",
                                "--learning-rate", "1e30"))
@@ -395,6 +400,7 @@ def test_both_input_paths_read_ppm_and_tiff_alike(class_folders):
     np.testing.assert_array_equal(read, generated)
 
 
+@pytest.mark.usefixtures("stand_in_backbones")  # about the training core, not Xception
 @pytest.mark.tensorflow  # the tf.data input path
 def test_train_with_tf_data_input(class_folders, tmp_path):
     out = tmp_path / "run"
@@ -412,6 +418,7 @@ def _input_args(input_path="generator", augment=False):
     return argparse.Namespace(input=input_path, image_size=71, seed=0, workers=1, augment=augment)
 
 
+@pytest.mark.usefixtures("stand_in_backbones")  # about the training core, not Xception
 @pytest.mark.parametrize("mixed_precision", ["off", pytest.param("bfloat16", marks=pytest.mark.tensorflow)])
 def test_phase1_on_cached_features_equals_the_whole_model(class_folders, tmp_path, mixed_precision):
     """classifier_head trained on cached Xception features (and the images, for the RNN branch) takes
@@ -483,6 +490,7 @@ def test_cnn_only_head_takes_only_the_features():
     assert [layer.name for layer in head.layers if layer.weights] == ["predictions"]
 
 
+@pytest.mark.usefixtures("stand_in_backbones")  # about the training core, not Xception
 def test_phase1_cache_is_on_by_default_and_a_flag_turns_it_off(class_folders, tmp_path, caplog):
     import logging
 
@@ -508,6 +516,7 @@ def test_phase1_cache_is_on_by_default_and_a_flag_turns_it_off(class_folders, tm
             np.testing.assert_allclose(stored, expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.usefixtures("stand_in_backbones")  # about the training core, not Xception
 def test_cache_is_reused_on_resume_and_computed_again_when_an_image_changes(class_folders, tmp_path, monkeypatch,
                                                                             caplog):
     import logging

@@ -270,6 +270,7 @@ def test_cli_bad_inputs(clips, tmp_path, caplog):
     assert "does not exist" in caplog.text
 
 
+@pytest.mark.usefixtures("stand_in_backbones")  # about the training core, not VGG16
 def test_resume_after_interruption(clips, tmp_path, monkeypatch):
     out = tmp_path / "run"
     args = ["--data-dir", str(clips), "--output-dir", str(out), "--frames", "3", *TINY_FLAGS,
@@ -327,6 +328,7 @@ def test_one_call_extraction_of_class_folders_split_by_group(tmp_path, caplog):
     assert "none is left for training" in caplog.text
 
 
+@pytest.mark.usefixtures("stand_in_backbones")  # about the training core, not VGG16
 @pytest.mark.parametrize("mixed_precision", ["off", "bfloat16"])
 def test_phase1_on_cached_features_equals_the_whole_model(tmp_path, mixed_precision):
     """The head trained on cached frame features takes the same steps as the whole LRCN on the frames
@@ -363,6 +365,7 @@ def test_phase1_on_cached_features_equals_the_whole_model(tmp_path, mixed_precis
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.usefixtures("stand_in_backbones")  # about the training core, not VGG16
 def test_default_recipe_trains_on_cached_features_and_the_seed_recipe_is_a_flag(clips, tmp_path, caplog):
     for recipe, cached in (("small-data", True), ("seed", True), ("small-data", False)):
         out = tmp_path / f"{recipe}-{cached}"

@@ -19,6 +19,9 @@ from helpers.restructure_dataset import restructure
 from tests.conftest import Killed, kill_at_batch, make_class_folders, make_tiny_imagenet, write_jpeg
 from tests.conftest import classifier_train_args as train_args
 
+# The runs here are about the training core's files, not about Xception: a stand-in backbone.
+pytestmark = pytest.mark.usefixtures("stand_in_backbones")
+
 ROOT = Path(__file__).resolve().parents[1]
 SHORT = ["--epochs", "2", "--fine-tune-epochs", "1", "--steps-per-epoch", "2", "--skip-image-check"]
 
