@@ -481,13 +481,15 @@ def phase1_inputs(model, splits, args, trainer, strategy=None):
 
 def compile_classifier(model, optimizer, jit_compile=False):
     """Compiles for one-hot labels: categorical cross-entropy, accuracy and top-5 accuracy
-    (``top5_accuracy``), with ``optimizer`` wrapped for float16 loss scaling when the
+    (``top5_accuracy``; top-k over all classes, 1.0, with fewer than 5: PyTorch's top-k refuses a
+    k above the class count), with ``optimizer`` wrapped for float16 loss scaling when the
     backbone computes in float16 (``precision.loss_scaled``)."""
+    top_k = min(5, model.output_shape[-1])
     model.compile(
         optimizer=precision.loss_scaled(model, optimizer),
         jit_compile=backend.jit_compile(jit_compile),
         loss="categorical_crossentropy",
-        metrics=["accuracy", keras.metrics.TopKCategoricalAccuracy(k=5, name="top5_accuracy")],
+        metrics=["accuracy", keras.metrics.TopKCategoricalAccuracy(k=top_k, name="top5_accuracy")],
     )
 
 
