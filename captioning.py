@@ -595,6 +595,10 @@ class StepDecoder:
                                       autograph=False)
             self._step = tf.function(self._step, input_signature=[tf.TensorSpec((None,), tf.int32)] + [
                 tf.TensorSpec((None, None), tf.float32)] * 3, autograph=False)
+        elif backend.name() == "jax":  # compiled once per batch shape; the weights enter as constants
+            import jax
+
+            self._start, self._step = jax.jit(self._start), jax.jit(self._step)
 
     def _start(self, image_features):
         image = self.image_embedding(image_features)
