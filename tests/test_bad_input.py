@@ -17,11 +17,11 @@ from PIL import Image
 import captioning as cap
 import cnn_rnn_classifier as crc
 import lrcn
-from helpers import backend, captions, data, extract_frames, features, rundir, sequences, training
+from helpers import backbones, backend, captions, data, extract_frames, features, rundir, sequences, training
 from helpers.backbones import WeightsUnavailableError, pretrained_backbone
 from helpers.data import DatasetError
 from helpers.errors import UsageError
-from tests.conftest import make_class_folders, make_flickr8k, write_jpeg, write_video
+from tests.conftest import make_class_folders, make_flickr8k, stand_in_backbone, write_jpeg, write_video
 
 SCRIPTS = {"classifier": crc, "lrcn": lrcn, "captioner": cap}
 
@@ -31,13 +31,15 @@ def saved_models(tmp_path_factory):
     """A tiny saved model of each kind, with the run files beside it: ``{kind: path}``."""
     root = tmp_path_factory.mktemp("models")
     keras.utils.set_random_seed(0)
-    models = {
-        "classifier": crc.build_cnn_rnn_classifier(num_classes=3, image_size=71, rnn_timesteps=71, rnn_units=8,
-                                                   weights=None),
-        "lrcn": lrcn.build_lrcn(3, frames=2, image_size=32, dense_units=8, gru_units=8, weights=None),
-        "captioner": cap.build_captioner(vocabulary_size=8, image_size=71, embedding_dim=8, lstm_units=8,
-                                         dropout=0.0, weights=None),
-    }
+    with pytest.MonkeyPatch.context() as patch:  # the commands' checks, not the backbones, are under test
+        patch.setattr(backbones.Backbone, "constructor", stand_in_backbone)
+        models = {
+            "classifier": crc.build_cnn_rnn_classifier(num_classes=3, image_size=71, rnn_timesteps=71, rnn_units=8,
+                                                       weights=None),
+            "lrcn": lrcn.build_lrcn(3, frames=2, image_size=32, dense_units=8, gru_units=8, weights=None),
+            "captioner": cap.build_captioner(vocabulary_size=8, image_size=71, embedding_dim=8, lstm_units=8,
+                                             dropout=0.0, weights=None),
+        }
     paths = {}
     for kind, model in models.items():
         folder = root / kind
@@ -301,6 +303,7 @@ def test_caption_flags_are_refused_before_any_file_in_their_words(flickr, tmp_pa
     assert not out.exists()
 
 
+@pytest.mark.usefixtures("stand_in_backbones")  # about the training core, not Xception
 def test_steps_per_epoch_beyond_the_data_is_capped_and_said(tmp_path, caplog):
     folder = make_class_folders(tmp_path / "data", per_class=(4, 1, 1))  # 12 images: 3 batches of 4
     out = tmp_path / "run"
@@ -313,6 +316,7 @@ def test_steps_per_epoch_beyond_the_data_is_capped_and_said(tmp_path, caplog):
     assert history["learning_rate"][-1] == pytest.approx(0.0, abs=1e-9)  # the schedule ends where the phase ends
 
 
+@pytest.mark.usefixtures("stand_in_backbones")  # about the training core, not Xception
 def test_a_finished_phase_rerun_with_other_epochs_is_refused_and_args_kept(tmp_path, caplog):
     folder = make_class_folders(tmp_path / "data", per_class=(2, 1, 1))
     out = tmp_path / "run"
