@@ -36,6 +36,7 @@ def tiny_captioner(inject="pre", vocabulary_size=12):
 
 # ----------------------------------------------------------------------------- model
 
+@pytest.mark.usefixtures("stand_in_backbones")  # the decoder is under test, not Xception
 @pytest.mark.parametrize("inject", cap.INJECT)
 def test_shapes_and_padding_does_not_change_loss(inject):
     model = tiny_captioner(inject)
@@ -65,6 +66,7 @@ def test_bad_model_arguments_are_refused_with_their_value(kwargs, message):
         cap.build_captioner(**arguments)
 
 
+@pytest.mark.usefixtures("stand_in_backbones")  # the decoder is under test, not Xception
 def test_saved_model_loads_in_safe_mode_in_a_fresh_process(tmp_path):
     model = tiny_captioner("pre")
     path = tmp_path / "captioner.keras"
