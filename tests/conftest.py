@@ -38,6 +38,7 @@ if BACKEND != "tensorflow":
 # other backend of TEST_BACKENDS (default "tensorflow,jax"; JAX when it is installed), in a child
 # process started at once and run beside this one, TensorFlow hidden from it. Its failures fail the
 # session; its summary line is printed at the end. TEST_BACKENDS=tensorflow runs TensorFlow alone.
+# The child has TEST_BESIDE set: a test that starts its own processes on each backend runs once.
 OTHER_RUNS = {}
 
 
@@ -61,7 +62,7 @@ def pytest_configure(config):
             OTHER_RUNS[other] = None  # reported as not run
             continue
         log = tempfile.NamedTemporaryFile("w+", prefix=f"pytest-{other}-", suffix=".log", delete=False)
-        env = dict(os.environ, KERAS_BACKEND=other, TEST_BACKENDS=other)
+        env = dict(os.environ, KERAS_BACKEND=other, TEST_BACKENDS=other, TEST_BESIDE=BACKEND)
         command = [sys.executable, "-m", "pytest", *config.invocation_params.args]
         OTHER_RUNS[other] = (subprocess.Popen(command, cwd=config.invocation_params.dir, env=env, stdout=log,
                                               stderr=subprocess.STDOUT), log)

@@ -17,6 +17,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 @pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="JAX is not installed")
+@pytest.mark.skipif(bool(os.environ.get("TEST_BESIDE")), reason="the run beside this one runs it (on JAX, in its own process)")
 def test_smoke_run_prints_the_table(tmp_path):
     result = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--smoke", "--steps", "1", "--only", "lrcn",
                              "--json", str(tmp_path / "check.json")], cwd=ROOT, capture_output=True, text=True,
