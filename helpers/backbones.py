@@ -30,7 +30,6 @@ class Backbone:
             ``pooling=`` layer not counted; ``--fine-tune-layers N`` unfreezes the top N of them.
         min_size: the smallest input height and width in pixels Keras accepts.
         features: channels of its last feature map (the pooled feature vector's length).
-        preprocessing: what its ``preprocess_input`` does to RGB 0..255.
     """
 
     name: str
@@ -38,7 +37,6 @@ class Backbone:
     layers: int
     min_size: int
     features: int
-    preprocessing: str
 
     def constructor(self):
         """The ``keras.applications`` constructor (``keras.applications.Xception``)."""
@@ -54,10 +52,8 @@ class Backbone:
         return getattr(keras.applications, self.application.lower()).preprocess_input(images)
 
 
-XCEPTION = Backbone("xception", "Xception", layers=132, min_size=71, features=2048,
-                    preprocessing="scaled to [-1, 1] (x / 127.5 - 1)")
-VGG16 = Backbone("vgg16", "VGG16", layers=19, min_size=32, features=512,
-                 preprocessing="RGB to BGR, the ImageNet channel means subtracted (caffe mode)")
+XCEPTION = Backbone("xception", "Xception", layers=132, min_size=71, features=2048)  # preprocessing: [-1, 1]
+VGG16 = Backbone("vgg16", "VGG16", layers=19, min_size=32, features=512)  # preprocessing: BGR, ImageNet means off
 
 
 class WeightsUnavailableError(UsageError):
