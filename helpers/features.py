@@ -2,8 +2,8 @@
 
 While a backbone is frozen (and the images are not augmented), it maps each image to the
 same features in every epoch, so a phase can train the layers above it from the cached
-features instead of running the backbone again. The cache is one float32 ``.npy`` array
-``(num_images, features)`` per image list, in the run's ``features/`` folder
+features instead of running the backbone again. The cache is one ``.npy`` array
+``(num_images, features)`` (float32; or float16 for a feature grid) per image list, in the run's ``features/`` folder
 (``rundir.RunDir.features``), named ``<name>-<key>.npy``. The key is a SHA-256 of
 everything the features depend on: the encoder's weights (so ImageNet, random or a
 file's weights, and a bfloat16 policy, all give other keys), its input size and dtype
@@ -88,12 +88,12 @@ def cache_key(encoder, paths, reader=""):
 
 
 def cached_features(encoder, paths, folder, name, batch_size=32, workers=2, loader=None,
-                    images=None, reader=None):
+                    images=None, reader=None, dtype="float32"):
     """The encoder's output for every image of ``paths``, from the cache or computed (then cached).
 
     Args:
         encoder: a ``keras.Model`` from ``(batch, size, size, 3)`` RGB 0..255 images to
-            ``(batch, features)``; frozen.
+            ``(batch, features)`` (or ``(batch, positions, features)``, a feature grid); frozen.
         paths: image files.
         folder: the cache folder (``RunDir.features``).
         name: the image list's name in the file name (``"train"``).
@@ -104,14 +104,16 @@ def cached_features(encoder, paths, folder, name, batch_size=32, workers=2, load
             order, as anything ``encoder.predict`` takes (the classifier: its training input
             path without shuffling), read by ``reader``; called only when the cache misses.
         reader: the name of the image reader, part of the key (default: ``loader``'s name).
+        dtype: the stored dtype: ``"float32"``, or ``"float16"`` for large feature grids (half
+            the disk and memory; relative error below 1e-3), part of the key.
 
     Returns:
-        ``(len(paths), features)`` float32 numpy array.
+        ``(len(paths), *features)`` numpy array of ``dtype``.
     """
     folder = Path(folder)
     if reader is None:
         reader = "" if loader is None else f"{loader.__module__}.{loader.__qualname__}"
-    key = cache_key(encoder, paths, reader)[:20]
+    key = cache_key(encoder, paths, reader + ("" if dtype == "float32" else f" as {dtype}"))[:20]
     path = folder / f"{name}-{key}.npy"
     if path.is_file():
         try:
@@ -124,18 +126,22 @@ def cached_features(encoder, paths, folder, name, batch_size=32, workers=2, load
     logger.info("computing the backbone features of %d %s images once (cached in %s)", len(paths), name, path)
     size = encoder.input_shape[1]
     if images is not None:
-        features = encoder.predict(images(), verbose=progress_verbosity())
-    elif loader is None:
-        features = encoder.predict(ImageBatches(paths, size, batch_size, workers=workers), verbose=progress_verbosity())
+        features = np.asarray(encoder.predict(images(), verbose=progress_verbosity()), dtype)
+    elif loader is None:  # chunk by chunk into the stored dtype: a float16 grid never exists in float32 whole
+        features = np.empty((len(paths), *encoder.output_shape[1:]), dtype)
+        chunk = batch_size * 32
+        for first in range(0, len(paths), chunk):
+            features[first:first + chunk] = encoder.predict(
+                ImageBatches(paths[first:first + chunk], size, batch_size, workers=workers),
+                verbose=progress_verbosity())
     else:
-        features = np.concatenate([encoder.predict(loader(paths[i:i + batch_size]), verbose=0)
+        features = np.concatenate([np.asarray(encoder.predict(loader(paths[i:i + batch_size]), verbose=0), dtype)
                                    for i in range(0, len(paths), batch_size)])
-    features = np.asarray(features, dtype=np.float32)
     for stale in folder.glob(f"{name}-*.npy"):
         stale.unlink(missing_ok=True)
     rundir.write_atomically(path, lambda partial: np.save(partial, features, allow_pickle=False))
+    logger.info("feature cache %s: %.1f MB on disk", path, path.stat().st_size / 1e6)
     return features
-
 
 
 def array_batches(inputs, labels, batch_size, shuffle=False, seed=0):
