@@ -46,9 +46,11 @@ DECODERS = ("show-and-tell", "attention")
 
 
 def parse_args(argv=None):
-    parser, train_parser, evaluate_parser, caption_parser = cli.parser_with_commands(
-        "Xception + LSTM image captioning (seed 004; Show and Tell), trained in two phases.",
-        predict=("caption", "print a caption for each image file or folder"), export=False)
+    parser, train_parser, evaluate_parser, caption_parser, export_parser = cli.parser_with_commands(
+        "Xception + LSTM image captioning (seed 004; Show and Tell, or Show, Attend and Tell), trained in two phases.",
+        predict=("caption", "print a caption for each image file or folder"),
+        export="write a TensorFlow SavedModel for serving: encoded images (JPEG/PNG bytes) in, caption strings out "
+        "(beam search and greedy inside the graph; needs the TensorFlow backend)")
     data = cli.add_data_arguments(train_parser, require_data=False)
     data.description = ("--data-dir: Flickr8k (Flickr8k.token.txt, the Flickr_8k.*Images.txt split files, the "
                         "images folder) or COCO captions (captions_<split>.json and the images)")
@@ -93,8 +95,12 @@ def parse_args(argv=None):
     caption_parser.add_argument("--model", required=True, type=Path, help="a saved captioner .keras; required")
     _add_decoding_arguments(caption_parser)
     caption_parser.add_argument("--batch-size", type=int, default=32, help="images per batch (default: 32)")
+    caption_parser.add_argument("--attention-maps", type=Path, metavar="DIR",
+                                help="also write DIR/<image name>.png per image: each word and where the attention "
+                                "decoder looked for it (--decoder attention models) (default: off)")
     caption_parser.add_argument("--verbose", action="store_true", help="debug logging (default: off)")
     caption_parser.add_argument("inputs", nargs="+", help="image files or folders (searched recursively)")
+    _add_decoding_arguments(export_parser)
     return parser.parse_args(cli.with_default_command(argv))
 
 
@@ -736,6 +742,22 @@ class StepDecoder:
         probabilities = self.head(words + self.deep_hidden(h) + self.deep_context(z))
         return ops.log(ops.maximum(probabilities, 1e-30)), h, c, alpha
 
+    def graph_start(self, image_features):
+        """``start`` in backend tensors, traceable: ``(state, constants)`` tuples (the attention
+        decoder's per-image annotations and keys are its constants; show-and-tell has none)."""
+        if self.attention:
+            h, c, annotations, keys = self._attention_start(image_features)
+            return (h, c), (annotations, keys)
+        return tuple(self._start(image_features)), ()
+
+    def graph_step(self, tokens, state, constants):
+        """``step`` in backend tensors, traceable: ``(log_probs, state)``."""
+        if self.attention:
+            log_probs, h, c, _ = self._attention_step(tokens, *state, *constants)
+            return log_probs, (h, c)
+        log_probs, h, c = self._step(tokens, *state)
+        return log_probs, (h, c, state[2])
+
     def start(self, image_features):
         """The state after the image, numpy arrays with one row per image: ``(h, c)`` (the
         attention decoder's annotations and keys are kept for the following steps), or
@@ -803,6 +825,41 @@ class StepDecoder:
 
 # ----------------------------------------------------------------------------- evaluation
 
+ATTENTION_IN_GRID = 3  # images whose attention maps join the evaluation's captions.png
+
+
+def grid_shape(model):
+    """``(rows, columns)`` of an attention captioner's feature grid (10 x 10 at 299 px)."""
+    return tuple(model.get_layer("encoder").get_layer(BACKBONE).output_shape[1:3])
+
+
+def write_attention_maps(model, vocabulary, paths, image_features, ids, folder):
+    """Writes ``folder/<image name>.png`` for each image: its caption's words and, per word, where
+    the attention decoder looked (``helpers.reports.plot_attention``); returns the files.
+
+    Args:
+        image_features: ``(num_images, positions, 2048)`` the encoder's grids of ``paths``.
+        ids: per image, the caption's word ids (``StepDecoder.captions``).
+
+    Raises:
+        helpers.errors.UsageError: the captioner has no attention decoder.
+    """
+    decoder, shape, folder = StepDecoder(model), grid_shape(model), Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    written, names = [], set()
+    for first in range(0, len(paths), 32):
+        chunk = ids[first:first + 32]
+        weights = decoder.attention_weights(image_features[first:first + 32], chunk)
+        for path, words, weight in zip(paths[first:first + 32], chunk, weights):
+            name = Path(path).stem
+            while name in names:  # two images of the same name in different folders
+                name += "_"
+            names.add(name)
+            written.append(reports.plot_attention(path, vocabulary.decode(words).split(), weight, shape,
+                                                  folder / f"{name}.png"))
+    return written
+
+
 def encode_images(model, paths, batch_size=32, workers=2, verbose=None):
     """The model's encoder output for each image file: ``(num_images, 2048)`` float32."""
     encoder = model.get_layer("encoder")
@@ -819,7 +876,9 @@ def evaluate_captioner(model, vocabulary, split, beam_size=3, batch_size=64, wor
         ``beam`` (each ``captions.caption_scores`` plus ``distinct_captions``, the share of
         different captions over the images, ``vocabulary_used``, the different words they
         use, and ``bleu4_shuffled``, BLEU-4 with the images shuffled against their
-        references); ``generated`` is ``{"greedy": [...], "beam": [...]}`` caption strings.
+        references); ``generated`` is ``{"greedy": [...], "beam": [...]}`` caption strings, and
+        for an attention captioner ``"attention"``: ``(grid_shape, [(path, words, weights)])``
+        for the first ``ATTENTION_IN_GRID`` images (``helpers.reports.plot_captions``).
     """
     image_features = encode_images(model, split.paths, batch_size, workers)
     decoder = StepDecoder(model)
@@ -834,6 +893,12 @@ def evaluate_captioner(model, vocabulary, split, beam_size=3, batch_size=64, wor
         scores["distinct_captions"] = len(set(texts)) / len(texts)
         scores["vocabulary_used"] = len({word for text in texts for word in text.split()})
         metrics[name], generated[name] = scores, texts
+        if name == "beam" and decoder.attention:
+            ids = [ids_row for ids_row in decoder.captions(image_features[:ATTENTION_IN_GRID], width,
+                                                           vocabulary.max_length)]
+            generated["attention"] = (grid_shape(model), list(zip(
+                split.paths[:ATTENTION_IN_GRID], [vocabulary.decode(i).split() for i in ids],
+                decoder.attention_weights(image_features[:ATTENTION_IN_GRID], ids))))
     return metrics, generated
 
 
@@ -859,7 +924,8 @@ def save_caption_evaluation(run, metrics, generated, split, model_path):
                                       for path, g, b, refs in zip(split.paths, generated["greedy"], generated["beam"],
                                                                   split.captions)])
     reports.plot_captions(split.paths[:12], generated["beam"][:12], [refs[0] for refs in split.captions[:12]],
-                          run.captions_grid, f"{split.name}: beam {metrics['beam_size']} (top) and a reference")
+                          run.captions_grid, f"{split.name}: beam {metrics['beam_size']} (top) and a reference",
+                          attention=generated.get("attention"))
     print(format_metrics(metrics))
     print(f"outputs in {run.path}")
 
@@ -936,15 +1002,46 @@ def caption_command(args):
     model, vocabulary = load_captioner(args.model)
     paths = data.image_files(args.inputs)
     data.check_images(paths)
+    if args.attention_maps is not None:
+        if not StepDecoder(model).attention:
+            raise UsageError(f"--attention-maps needs a captioner trained with --decoder attention; {args.model} "
+                             "is a show-and-tell captioner.")
+        if args.attention_maps.exists() and not args.attention_maps.is_dir():
+            raise UsageError(f"--attention-maps {args.attention_maps} is a file; give a folder (new or existing).")
+        rundir.check_writable(args.attention_maps / "map.png", "--attention-maps")
     image_features = encode_images(model, paths, args.batch_size, verbose=0)  # stdout: the captions only
     ids = StepDecoder(model).captions(image_features, args.beam_size, vocabulary.max_length)
     for path, words in zip(paths, ids):
         print(f"{path}: {vocabulary.decode(words)}")
+    if args.attention_maps is not None:
+        written = write_attention_maps(model, vocabulary, paths, image_features, ids, args.attention_maps)
+        logger.info("attention maps of %d images in %s", len(written), args.attention_maps)
+
+
+def export_command(args):
+    """The ``export`` command: a TensorFlow SavedModel of ``--model`` that captions encoded images
+    (``helpers.export.export_captioner``), with ``--beam-size`` for its ``caption`` signature.
+
+    Raises:
+        helpers.errors.UsageError: TensorFlow is not the backend, ``--output`` cannot be written,
+            the model is not a captioner or has no vocabulary beside it.
+    """
+    from helpers import export
+
+    if args.beam_size < 1:
+        raise UsageError(f"--beam-size must be >= 1. Received: {args.beam_size}")
+    backend.require_tensorflow("export (a TensorFlow SavedModel)")
+    rundir.check_writable(args.output, "--output", folder=True)
+    model, vocabulary = load_captioner(args.model)
+    written = export.export_captioner(model, StepDecoder(model), vocabulary, args.output, args.beam_size,
+                                      forbidden=(PAD_ID, START_ID, UNK_ID))
+    print(f"exported {args.model} to {written}")
 
 
 def main(argv=None, args=None):
     """Runs a command: ``argv`` (default: ``sys.argv[1:]``) or already parsed ``args``."""
-    return cli.run(args or parse_args(argv), {"train": train, "evaluate": evaluate, "caption": caption_command})
+    return cli.run(args or parse_args(argv), {"train": train, "evaluate": evaluate, "caption": caption_command,
+                                              "export": export_command})
 
 
 if __name__ == "__main__":

@@ -373,7 +373,9 @@ def parser_with_commands(description, predict=("predict", "top-k classes of imag
 
     Args:
         predict: ``(name, help)`` of the third command (captioning's is ``caption``).
-        export: add the ``export`` command (``helpers.export``).
+        export: ``True``: add the classifiers' ``export`` command (``helpers.export``); a string:
+            add an ``export`` command with this help, ``--model`` and ``--output``, and return its
+            sub-parser as a fifth element for the script's own flags; ``False``: none.
     """
     parser = argparse.ArgumentParser(description=description)
     names = ["train", "evaluate", predict[0]] + (["export"] if export else [])
@@ -382,12 +384,14 @@ def parser_with_commands(description, predict=("predict", "top-k classes of imag
     evaluate = commands.add_parser("evaluate", help="score a saved model on a labelled split")
     third = commands.add_parser(predict[0], help=predict[1])
     if export:
-        exporter = commands.add_parser("export", help="write a saved model for serving: raw RGB pixels 0..255 in, "
-                                       "class probabilities out (TensorFlow SavedModel or TFLite; needs the "
-                                       "TensorFlow backend)")
+        exporter = commands.add_parser("export", help=export if isinstance(export, str) else (
+            "write a saved model for serving: raw RGB pixels 0..255 in, class probabilities out (TensorFlow "
+            "SavedModel or TFLite; needs the TensorFlow backend)"))
         _add_saved_model_arguments(exporter)
         exporter.add_argument("--output", required=True, type=Path,
                               help="the folder to create (must not exist or be empty); required")
+        if isinstance(export, str):
+            return parser, train, evaluate, third, exporter
         exporter.add_argument("--format", choices=options.EXPORT_FORMATS, default="saved_model",
                               help="saved_model: TensorFlow SavedModel with signatures serve (float32) and "
                               "serve_uint8; tflite: OUTPUT/model.tflite (default: saved_model)")

@@ -205,3 +205,8 @@ class AddToSteps(keras.layers.Layer):
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape[0])
+
+
+# The attention decoder's layers register themselves on import: loading any saved model needs
+# only this module imported.
+from helpers import attention  # noqa: E402,F401

@@ -179,27 +179,92 @@ def print_ranked(name, ranked, descriptions=None):
         print(f"  {rank}. {label}: {probability:.4f}")
 
 
-def plot_captions(paths, generated, references, path, title, columns=4):
+def _attention_overlay(axis, image, weights, grid_shape):
+    """The photo with one word's attention weights (``(positions,)``, the ``grid_shape`` grid
+    flattened row by row) upsampled bilinearly to its size, as a heat map over it."""
+    from PIL import Image
+
+    heat = np.asarray(weights, np.float32).reshape(grid_shape)
+    heat = heat / max(float(heat.max()), 1e-12)
+    heat = np.asarray(Image.fromarray(heat).resize(image.size, Image.BILINEAR))
+    axis.imshow(image)
+    axis.imshow(heat, cmap="inferno", alpha=0.6, vmin=0, vmax=1)
+
+
+def plot_attention(image_path, words, weights, grid_shape, path, columns=5, title=None):
+    """One image's attention map: the photo with its caption, then one panel per word showing
+    where the decoder looked while it produced that word (Xu et al. 2015, figure 3).
+
+    Args:
+        image_path: the image file.
+        words: the caption's words, ``n`` strings.
+        weights: ``(n, positions)`` attention weights, rows summing to 1 (``positions`` =
+            ``rows * columns`` of ``grid_shape``).
+        grid_shape: ``(rows, columns)`` of the feature grid (10 x 10 for Xception at 299 px).
+        path: the PNG to write (atomically).
+        columns: panels per row of the figure.
+        title: the first panel's title (default: the caption).
+
+    Raises:
+        ValueError: ``weights`` does not have one row per word or one column per grid position.
+    """
+    import textwrap
+
+    from PIL import Image
+
+    weights = np.asarray(weights)
+    if weights.shape != (len(words), grid_shape[0] * grid_shape[1]):
+        raise ValueError(f"weights must be (words, positions) = ({len(words)}, {grid_shape[0] * grid_shape[1]}). "
+                         f"Received: {weights.shape}")
+    rows = -(-(len(words) + 1) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(2.6 * columns, 2.9 * rows), squeeze=False)
+    for axis in axes.ravel():
+        axis.axis("off")
+    with Image.open(image_path) as opened:
+        image = opened.convert("RGB")
+    axes[0, 0].imshow(image)
+    axes[0, 0].set_title("\n".join(textwrap.wrap(title or " ".join(words), 28)[:3]), fontsize=8, loc="left")
+    for axis, word, row in zip(axes.ravel()[1:], words, weights):
+        _attention_overlay(axis, image, row, grid_shape)
+        axis.set_title(word, fontsize=10)
+    figure.tight_layout()
+    rundir.write_atomically(path, lambda partial: figure.savefig(partial, dpi=72, format="png"))
+    plt.close(figure)
+    return path
+
+
+def plot_captions(paths, generated, references, path, title, columns=4, attention=None):
     """A grid of images, each with its generated caption and one reference caption below it.
 
     Args:
         paths: image files (at most a dozen or so make a readable figure).
         generated, references: one caption string per image.
         path: the PNG to write.
+        attention: optional, for an attention captioner: ``(grid_shape, [(image_path, words,
+            weights), ...])`` as for ``plot_attention``; each image gets a row below the grid
+            with its first ``columns`` words' attention maps.
     """
     import textwrap
 
     from PIL import Image
 
+    maps = attention[1] if attention else []
     rows = max(1, -(-len(paths) // columns))
-    figure, axes = plt.subplots(rows, columns, figsize=(4 * columns, 5.2 * rows), squeeze=False)
+    figure, axes = plt.subplots(rows + len(maps), columns, figsize=(4 * columns, 5.2 * rows + 4.2 * len(maps)),
+                                squeeze=False)
     for axis in axes.ravel():
         axis.axis("off")
-    for axis, image_path, ours, reference in zip(axes.ravel(), paths, generated, references):
+    for axis, image_path, ours, reference in zip(axes[:rows].ravel(), paths, generated, references):
         with Image.open(image_path) as image:
             axis.imshow(image.convert("RGB"))
         axis.set_title("\n".join(textwrap.wrap(ours, 40)[:2]) + "\n" + "\n".join(
             textwrap.wrap(f"ref: {reference}", 40)[:2]), fontsize=9, loc="left")
+    for row, (image_path, words, weights) in enumerate(maps, rows):
+        with Image.open(image_path) as opened:
+            image = opened.convert("RGB")
+        for axis, word, weight in zip(axes[row], words, weights):
+            _attention_overlay(axis, image, weight, attention[0])
+            axis.set_title(f"attention: {word}", fontsize=10)
     figure.suptitle(title)
     figure.tight_layout()
     rundir.write_atomically(path, lambda partial: figure.savefig(partial, dpi=80, format="png"))

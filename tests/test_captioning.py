@@ -28,18 +28,22 @@ def flickr(tmp_path):
     return make_flickr8k(tmp_path / "flickr8k")
 
 
-def tiny_captioner(inject="pre", vocabulary_size=12):
+def tiny_captioner(inject="pre", vocabulary_size=12, decoder="show-and-tell", penalty=1.0):
     keras.utils.set_random_seed(0)
     return cap.build_captioner(vocabulary_size=vocabulary_size, image_size=71, embedding_dim=8, lstm_units=8,
-                               inject=inject, dropout=0.0, weights=None, mixed_precision="off")
+                               decoder=decoder, inject=inject, attention_dim=8, attention_penalty=penalty,
+                               dropout=0.0, weights=None, mixed_precision="off")
+
+
+DECODERS = [("pre", "show-and-tell"), ("merge", "show-and-tell"), ("pre", "attention")]  # (inject, decoder)
 
 
 # ----------------------------------------------------------------------------- model
 
 @pytest.mark.usefixtures("stand_in_backbones")  # the decoder is under test, not Xception
-@pytest.mark.parametrize("inject", cap.INJECT)
-def test_shapes_and_padding_does_not_change_loss(inject):
-    model = tiny_captioner(inject)
+@pytest.mark.parametrize("inject, decoder", DECODERS)
+def test_shapes_and_padding_does_not_change_loss(inject, decoder):
+    model = tiny_captioner(inject, decoder=decoder, penalty=0.0)
     cap.compile_captioner(model, keras.optimizers.Adam())
     images = np.random.default_rng(0).uniform(0, 255, (2, 71, 71, 3)).astype(np.float32)
     tokens = np.array([[START_ID, 5, 6, 7], [START_ID, 8, 9, 0]], np.int32)
@@ -59,6 +63,8 @@ def test_shapes_and_padding_does_not_change_loss(inject):
     ({"vocabulary_size": 4}, "vocabulary_size=4"), ({"image_size": 64}, "image_size=64"),
     ({"embedding_dim": 0}, "embedding_dim=0"), ({"lstm_units": 0}, "lstm_units=0"),
     ({"inject": "post"}, "inject='post'"), ({"dropout": 1.0}, "dropout=1.0"),
+    ({"decoder": "transformer"}, "decoder='transformer'"), ({"attention_dim": 0}, "attention_dim=0"),
+    ({"attention_penalty": -1.0}, "attention_penalty=-1.0"),
 ])
 def test_bad_model_arguments_are_refused_with_their_value(kwargs, message):
     arguments = dict(vocabulary_size=12, image_size=71, weights=None) | kwargs
@@ -67,20 +73,94 @@ def test_bad_model_arguments_are_refused_with_their_value(kwargs, message):
 
 
 @pytest.mark.usefixtures("stand_in_backbones")  # the decoder is under test, not Xception
-def test_saved_model_loads_in_safe_mode_in_a_fresh_process(tmp_path):
-    model = tiny_captioner("pre")
-    path = tmp_path / "captioner.keras"
-    model.save(path)
+def test_saved_models_load_in_safe_mode_in_a_fresh_process(tmp_path):
+    """Both decoders (the attention one's registered layers included) load in safe mode where only
+    ``helpers.layers`` is imported, and predict as before."""
     images = np.random.default_rng(1).uniform(0, 255, (1, 71, 71, 3)).astype(np.float32)
     tokens = np.array([[START_ID, 5, 6]], np.int32)
     np.save(tmp_path / "x.npy", images)
-    np.save(tmp_path / "expected.npy", model.predict([images, tokens], verbose=0))
+    for decoder in cap.DECODERS:
+        model = tiny_captioner("pre", decoder=decoder)
+        model.save(tmp_path / f"{decoder}.keras")
+        np.save(tmp_path / f"{decoder}.npy", model.predict([images, tokens], verbose=0))
     code = (f"import numpy as np, keras, helpers.layers\n"
-            f"m = keras.saving.load_model({str(path)!r}, safe_mode=True)\n"
-            f"out = m.predict([np.load({str(tmp_path / 'x.npy')!r}), np.array([[{START_ID}, 5, 6]], 'int32')], verbose=0)\n"
-            f"assert np.allclose(out, np.load({str(tmp_path / 'expected.npy')!r}), atol=1e-6), abs(out).max()\n")
+            f"for name in {list(cap.DECODERS)!r}:\n"
+            f"    m = keras.saving.load_model({str(tmp_path)!r} + '/' + name + '.keras', safe_mode=True)\n"
+            f"    out = m.predict([np.load({str(tmp_path / 'x.npy')!r}), np.array([[{START_ID}, 5, 6]], 'int32')], verbose=0)\n"
+            f"    expected = np.load({str(tmp_path)!r} + '/' + name + '.npy')\n"
+            f"    assert np.allclose(out, expected, atol=1e-6), (name, abs(out - expected).max())\n")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_attention_penalty_is_the_spread_of_coverage_over_real_steps():
+    """Xu et al.'s eq. 14 less its constant: sum_i (T/L - sum_t alpha_ti)^2, mean over captions,
+    the padded steps left out."""
+    from helpers.attention import DoublyStochasticPenalty
+
+    alphas = np.zeros((2, 3, 4), np.float32)
+    alphas[0] = [[1, 0, 0, 0], [1, 0, 0, 0], [0.25] * 4]  # 3 real steps, looks at position 0 twice
+    alphas[1, :2] = 0.25  # 2 real steps, even; its 3rd (padded) step looks at position 3 only
+    alphas[1, 2] = [0, 0, 0, 1]
+    mask = np.array([[1, 1, 1], [1, 1, 0]], bool)
+    layer = DoublyStochasticPenalty(2.0)
+    sequence = np.ones((2, 3, 5), np.float32)
+    out = layer([sequence, alphas], mask=[mask, mask])
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(out), sequence)
+    coverage = np.array([2.25, 0.25, 0.25, 0.25])
+    expected = 2.0 * (((0.75 - coverage) ** 2).sum() + 0.0) / 2
+    assert float(keras.ops.convert_to_numpy(layer.losses[0])) == pytest.approx(expected, rel=1e-6)
+    # Xu et al.'s form differs by L (1 - T/L)^2 per caption only: a constant, so the same gradients
+    xu = ((1 - coverage) ** 2).sum()
+    assert xu - ((0.75 - coverage) ** 2).sum() == pytest.approx(4 * (1 - 0.75) ** 2)
+
+
+def test_attention_over_grouped_captions_equals_one_grid_per_caption():
+    """Phase 1 feeds each grid once with all its captions (image-major; batches of unequal sizes,
+    which Keras takes from a dataset, not from arrays): the same probabilities, loss and attention
+    weights as repeating the grid for every caption."""
+    keras.utils.set_random_seed(3)
+    decoder = cap.build_attention_decoder(12, (4, 6), 8, 8, 8, 1.0, 0.0)
+    rng = np.random.default_rng(3)
+    grids = rng.uniform(0, 2, (2, 4, 6)).astype(np.float32)
+    tokens = rng.integers(4, 12, (6, 5)).astype(np.int32)
+    tokens[:, 0], tokens[1, 3:], tokens[5, 2:] = START_ID, 0, 0
+    grouped = decoder.predict_on_batch([grids, tokens])
+    repeated = decoder.predict_on_batch([np.repeat(grids, 3, axis=0), tokens])
+    np.testing.assert_allclose(grouped, repeated, atol=1e-6)
+    alphas = keras.Model(decoder.inputs, decoder.get_layer("lstm").output[2])
+    np.testing.assert_allclose(alphas.predict_on_batch([grids, tokens]),
+                               alphas.predict_on_batch([np.repeat(grids, 3, axis=0), tokens]), atol=1e-6)
+    np.testing.assert_allclose(alphas.predict_on_batch([grids, tokens]).sum(-1), 1.0, atol=1e-5)
+    decoder.compile(loss="sparse_categorical_crossentropy")
+    targets = np.roll(tokens, -1, axis=1)
+    assert decoder.test_on_batch([grids, tokens], targets) == pytest.approx(
+        decoder.test_on_batch([np.repeat(grids, 3, axis=0), tokens], targets), rel=1e-5)
+
+
+def test_grid_batches_hold_each_image_once_with_all_its_captions():
+    split = captions.CaptionSplit("train", [f"{i}.jpg" for i in range(5)],
+                                  [["a b"] * 3, ["a b c d e"] * 2, ["a"] * 3, ["b c"] * 3, ["a b c"]], Path("x"))
+    vocabulary = captions.Vocabulary.from_captions(["a b c d e"], 1, 10)
+    table = cap.CaptionTable(split, vocabulary)
+    grids = np.arange(5, dtype=np.float16)[:, None, None] * np.ones((5, 2, 3), np.float16)
+    batches = cap.CaptionBatches(table, 6, shuffle=True, seed=1, features=grids)
+    seen = []
+    for index in range(len(batches)):
+        (grid, tokens), targets = batches[index]
+        images = grid[:, 0, 0].astype(int).tolist()
+        seen += images
+        assert grid.dtype == np.float32 and tokens.shape == (3 * len(images), targets.shape[1])
+        for row, image in enumerate(np.repeat(images, 3)):  # image-major, 3 rows per image
+            k = row % 3
+            if k < table.count[image]:
+                ids = table.ids[table.first[image] + k]
+                n = table.lengths[table.first[image] + k] - 1
+                assert tokens[row, :n].tolist() == ids[:n].tolist() and targets[row, :n].tolist() == ids[1:n + 1].tolist()
+                assert not tokens[row, n:].any() and not targets[row, n:].any()
+            else:  # an image with fewer captions: an empty row, all padding
+                assert not tokens[row].any() and not targets[row].any()
+    assert sorted(seen) == list(range(5))
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -156,11 +236,11 @@ def test_without_end_the_best_unfinished_caption_is_returned():
     assert greedy == [[A, A, A, A]]
 
 
-@pytest.mark.parametrize("inject", cap.INJECT)
-def test_step_decoding_carries_the_state_like_the_whole_model(inject):
+@pytest.mark.parametrize("inject, decoder", DECODERS)
+def test_step_decoding_carries_the_state_like_the_whole_model(inject, decoder):
     """Greedy decoding step by step picks, at every step, the argmax of the full model run on the
     words decoded so far (teacher forcing): the LSTM state is carried, not restarted."""
-    model = tiny_captioner(inject, vocabulary_size=12)
+    model = tiny_captioner(inject, vocabulary_size=12, decoder=decoder)
     images = np.random.default_rng(4).uniform(0, 255, (3, 71, 71, 3)).astype(np.float32)
     image_features = model.get_layer("encoder").predict(images, verbose=0)
     found = cap.StepDecoder(model).captions(image_features, beam_size=1, max_length=5)
