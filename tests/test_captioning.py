@@ -15,6 +15,7 @@ from PIL import Image
 
 import captioning as cap
 from helpers import captions, rundir
+from helpers.attention import SoftAttentionLSTM
 from helpers.captions import END_ID, PAD_ID, START_ID, UNK_ID
 from tests.conftest import Killed, colour_captions, kill_at_batch, make_coco, make_flickr8k
 
@@ -437,6 +438,46 @@ def test_two_phase_run_writes_every_output_then_evaluate_and_caption(flickr, tmp
     assert len(lines) == 16 and lines[0].startswith(str(flickr / "Flicker8k_Dataset" / "1000_red.jpg") + ":")
     words = {w for line in lines for w in line.rsplit(":", 1)[1].split()}
     assert words <= set(vocabulary.tokens[4:])
+
+
+@pytest.mark.usefixtures("stand_in_backbones")  # the attention decoder's run, not Xception
+def test_attention_run_caches_grids_in_float16_and_draws_where_it_looks(flickr, tmp_path, caplog, capsys):
+    out = tmp_path / "run"
+    caplog.set_level(logging.INFO)
+    assert cap.main(["--data-dir", str(flickr), "--output-dir", str(out), *TINY, "--decoder", "attention",
+                     "--attention-dim", "8", "--epochs", "1", "--fine-tune-epochs", "1", "--beam-size", "2"]) == 0
+    run = rundir.RunDir(out)
+    cached = np.load(next(run.features.glob("train-*.npy")))
+    assert cached.dtype == np.float16 and cached.shape == (9, 4, 2048)  # 71 px: a 2 x 2 grid
+    assert "MB on disk" in caplog.text
+    metrics = json.loads(run.metrics.read_text())
+    assert 0 <= metrics["beam"]["bleu4"] <= 1 and metrics["num_images"] == 3
+    with Image.open(run.captions_grid) as grid:  # 3 images (one row) and 3 rows of attention maps
+        assert grid.size[1] > 2.5 * grid.size[0] / 4 * 1.3
+    model, vocabulary = cap.load_captioner(run.best("phase2"))
+    assert isinstance(model.get_layer("decoder").get_layer("lstm"), SoftAttentionLSTM)
+    capsys.readouterr()
+    images = flickr / "Flicker8k_Dataset"
+    maps = tmp_path / "maps"
+    assert cap.main(["caption", "--model", str(run.best("phase2")), "--attention-maps", str(maps), str(images)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 15 and sorted(p.stem for p in maps.glob("*.png")) == sorted(p.stem for p in images.glob("*"))
+    decoder = cap.StepDecoder(model)
+    features = cap.encode_images(model, sorted(images.glob("*.jpg"))[:2], verbose=0)
+    ids = decoder.captions(features, 1, vocabulary.max_length)
+    for weights, words in zip(decoder.attention_weights(features, ids), ids):
+        assert weights.shape == (len([w for w in words if w != END_ID]), 4)
+        np.testing.assert_allclose(weights.sum(axis=1), 1.0, atol=1e-5)
+    with Image.open(next(maps.glob("*.png"))) as picture:
+        assert picture.size[0] > 300
+    # a show-and-tell captioner has no attention: one line, nothing written
+    tiny_captioner("pre").save(tmp_path / "plain.keras")
+    vocabulary.save(tmp_path / "vocabulary.json")
+    caplog.clear()
+    assert cap.main(["caption", "--model", str(tmp_path / "plain.keras"), "--attention-maps",
+                     str(tmp_path / "none"), str(images)]) == 1
+    assert "--attention-maps needs a captioner trained with --decoder attention" in caplog.text
+    assert not (tmp_path / "none").exists()
 
 
 @pytest.mark.usefixtures("stand_in_backbones")  # about the training core, not Xception
