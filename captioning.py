@@ -14,7 +14,13 @@ al., CVPR 2015)::
       -> Dense(vocabulary, softmax): the next word (w1 ... wn <end>), teacher forcing
 
 ``--inject merge`` (Tanti et al. 2017) is the ablation: the LSTM reads the words only and
-the image joins its output before the softmax.
+the image joins its output before the softmax. ``--decoder attention`` is Show, Attend and
+Tell (Xu et al., ICML 2015): the LSTM attends over Xception's 10 x 10 feature grid at every
+word (``helpers.attention``)::
+
+    image -> Xception (no pooling) (10, 10, 2048) -> 100 annotation vectors -> Dense(attention_dim)
+    at each step t: alpha_t = softmax(MLP(annotations, h_{t-1})), z_t = sigmoid(f(h_{t-1})) * sum alpha_t a
+      h_t = LSTM([E w_{t-1}, z_t]) -> softmax(L_o(E w_{t-1} + L_h h_t + L_z z_t)): the next word
 
 Phase 1 freezes Xception and trains the decoder and the image embedding on Xception's
 features, computed once per image and cached in the run (``helpers.features``). Phase 2
@@ -28,7 +34,8 @@ Usage::
 
     python captioning.py [train] --data-dir FLICKR8K --output-dir runs/captioning [--weights imagenet|none|PATH]
     python captioning.py evaluate --model runs/captioning/phase2_best.keras --data-dir FLICKR8K [--split test]
-    python captioning.py caption --model runs/captioning/phase2_best.keras [--beam-size 3] IMAGE_OR_DIR...
+    python captioning.py caption --model runs/captioning/phase2_best.keras [--beam-size 3] [--attention-maps DIR] IMAGE_OR_DIR...
+    python captioning.py export --model runs/captioning/phase2_best.keras --output DIR   # SavedModel: image bytes -> caption
 
 A saved model loads in safe mode with ``keras.saving.load_model(path)`` once this module
 (or ``helpers.layers``) has been imported; its words are the ``vocabulary.json`` beside it.

@@ -252,6 +252,7 @@ def test_step_decoding_carries_the_state_like_the_whole_model(inject, decoder):
         assert probabilities.argmax(axis=1).tolist() == words
 
 
+@pytest.mark.tensorflow  # a SavedModel is TensorFlow's
 @pytest.mark.usefixtures("stand_in_backbones")  # the search and the serving graph are under test, not Xception
 def test_exported_captioner_captions_encoded_images_like_the_caption_command(tmp_path):
     """``export``: a SavedModel that TensorFlow alone loads (a fresh process importing nothing of
