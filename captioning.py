@@ -338,14 +338,35 @@ def _batched(dataset, batch_size, target_lengths):
     ).apply(tf.data.experimental.assert_cardinality(batches)).prefetch(2)
 
 
+def _tf_data_from(batches):
+    """A ``CaptionBatches`` as a ``tf.data.Dataset`` whose tensor shapes are declared with free
+    batch and step sizes (Keras infers them from the first batches, and then refuses a batch of
+    another caption length); its ``on_epoch_end`` reshuffles after each full pass."""
+    import tensorflow as tf
+
+    def generate():
+        for index in range(len(batches)):
+            yield batches[index]
+        batches.on_epoch_end()
+
+    (first, _), _ = batches[0]
+    free = tf.TensorSpec((None, None), tf.int32)
+    signature = ((tf.TensorSpec((None, *first.shape[1:]), tf.float32), free), free)
+    return tf.data.Dataset.from_generator(generate, output_signature=signature).apply(
+        tf.data.experimental.assert_cardinality(len(batches))).prefetch(2)
+
+
 def feature_caption_batches(cached, table, batch_size, shuffle=False, seed=0):
     """Phase 1 input: ``((features (batch, 2048) or (batch, positions, 2048) float32, tokens (batch,
     steps) int32), targets (batch, steps) int32)`` for every caption (an epoch sees each caption
     once), from cached features (float32, or a float16 grid), bucketed by length: ``tf.data``
     for pooled features on the TensorFlow backend, else a ``CaptionBatches``."""
-    if not backend.is_tensorflow() or cached.ndim > 2:  # a feature grid stays in numpy, gathered per batch
+    if not backend.is_tensorflow():
         return CaptionBatches(table, batch_size, shuffle, seed, features=cached)
     import tensorflow as tf
+
+    if cached.ndim > 2:  # a feature grid stays in numpy (gathered per batch), read through tf.data
+        return _tf_data_from(CaptionBatches(table, batch_size, shuffle, seed, features=cached))
 
     cached = tf.constant(cached)
     dataset = tf.data.Dataset.from_tensor_slices((table.image, table.ids, table.lengths))

@@ -16,7 +16,9 @@ Run by hand, never part of pass/fail::
    average-pooled features are the mean of its feature grid over the positions, so both decoders
    learn from the same features, and Xception runs once (the grid is stored in float16: the
    means differ from a float32 pooling by about 1e-4 relative).
-3. Both runs' test captions are scored with the COCO caption evaluation code (BLEU-4, CIDEr-D)
+3. The choice: both runs' final models caption the val images from their own val caches,
+   greedy and beam, BLEU-4 and CIDEr-D.
+4. Both runs' test captions are scored with the COCO caption evaluation code (BLEU-4, CIDEr-D)
    and compared image by image: ``--resamples`` bootstrap resamples of the test images (the
    same draw for both decoders), the difference attention - show-and-tell recomputed on each
    (corpus BLEU-4 from per-image n-gram counts, as the COCO code sums them; CIDEr-D as the mean of
@@ -130,6 +132,30 @@ def compare(attention_run, show_and_tell_run, resamples, seed=0):
     return results
 
 
+def val_scores(run, data_dir, beam_size):
+    """Greedy and beam BLEU-4 / CIDEr-D of a run's final model on the val split, decoded from the
+    run's own val feature cache (the choice between the decoders is made on val, not test)."""
+    import keras
+
+    run = rundir.RunDir(run)
+    best = run.best("phase2") if run.best("phase2").is_file() else run.best("phase1")
+    model, vocabulary = cap.load_captioner(best)
+    split = captions.load_caption_splits(data_dir)["val"]
+    cached = list(run.features.glob("val-*.npy"))
+    if len(cached) != 1 or run.best("phase2").is_file():
+        raise SystemExit(f"{run.path}: val scores need phase 1's model and its one val cache")
+    image_features = np.asarray(np.load(cached[0]), np.float32)
+    decoder = cap.StepDecoder(model)
+    references = [[" ".join(words) for words in captions.tokenize(refs)] for refs in split.captions]
+    scores = {}
+    for name, width in (("greedy", 1), ("beam", beam_size)):
+        texts = [vocabulary.decode(ids) for ids in decoder.captions(image_features, width, vocabulary.max_length)]
+        found = captions.caption_scores(references, texts, meteor=False)
+        scores[name] = {"bleu4": found["bleu4"], "cider_d": found["cider_d"]}
+    keras.backend.clear_session()
+    return scores
+
+
 def markdown(results, beam_size):
     lines = ["| decoding | metric | show-and-tell | attention | difference (95% paired bootstrap CI) |",
              "| --- | --- | --- | --- | --- |"]
@@ -171,6 +197,13 @@ def main():
     results = compare(options.attention_run, options.show_and_tell_run, options.resamples)
     beam_size = json.loads(rundir.RunDir(options.attention_run).metrics.read_text())["beam_size"]
     table = markdown(results, beam_size)
+    val = {name: val_scores(run, options.data_dir, beam_size)
+           for name, run in (("show-and-tell", options.show_and_tell_run), ("attention", options.attention_run))}
+    table += "\n\nval split (what chooses the default decoder):\n\n| decoder | greedy BLEU-4 | greedy CIDEr-D | " \
+             f"beam {beam_size} BLEU-4 | beam {beam_size} CIDEr-D |\n| --- | --- | --- | --- | --- |\n" + "\n".join(
+                 f"| {name} | {v['greedy']['bleu4']:.3f} | {v['greedy']['cider_d']:.3f} | {v['beam']['bleu4']:.3f} | "
+                 f"{v['beam']['cider_d']:.3f} |" for name, v in val.items())
+    results["val"] = val
     print(table)
     if options.json:
         options.json.write_text(json.dumps({"results": results, **timings}, indent=1) + "\n")

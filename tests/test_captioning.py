@@ -162,6 +162,12 @@ def test_grid_batches_hold_each_image_once_with_all_its_captions():
             else:  # an image with fewer captions: an empty row, all padding
                 assert not tokens[row].any() and not targets[row].any()
     assert sorted(seen) == list(range(5))
+    # fit over batches of different images and caption lengths (on TensorFlow: through tf.data)
+    keras.utils.set_random_seed(0)
+    decoder = cap.build_attention_decoder(len(vocabulary), (2, 3), 8, 8, 8, 1.0, 0.0)
+    cap.compile_captioner(decoder, keras.optimizers.Adam())
+    history = decoder.fit(cap.feature_caption_batches(grids, table, 6, shuffle=True), epochs=2, verbose=0)
+    assert len(history.history["loss"]) == 2 and np.isfinite(history.history["loss"]).all()
 
 
 # ----------------------------------------------------------------------------- decoding
