@@ -21,7 +21,7 @@ backend; registered for safe-mode loading.
 import keras
 from keras import ops
 
-from helpers.layers import serializable
+from helpers.serialization import serializable
 
 
 @serializable()

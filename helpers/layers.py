@@ -8,21 +8,7 @@ in safe mode.
 
 import keras
 
-PACKAGE = "helpers"  # saved models name these classes "helpers>ChannelMean", "helpers>FusedLSTM", ...
-LEGACY_PACKAGE = "cnn_rnn"  # the package of checkpoints written by earlier versions, still loaded
-
-
-def serializable(legacy_name=None):
-    """``keras.saving.register_keras_serializable(package=PACKAGE)``, plus the class's earlier
-    registered name (``cnn_rnn>`` + ``legacy_name`` or the class name) so that older
-    checkpoints still load in safe mode."""
-
-    def register(cls):
-        cls = keras.saving.register_keras_serializable(package=PACKAGE)(cls)
-        keras.saving.get_custom_objects()[f"{LEGACY_PACKAGE}>{legacy_name or cls.__name__}"] = cls
-        return cls
-
-    return register
+from helpers.serialization import LEGACY_PACKAGE, PACKAGE, serializable  # noqa: F401 (used here and re-exported)
 
 
 @serializable(legacy_name="Grayscale")

@@ -8,7 +8,7 @@ computes the same update in one pass (alternating timings in one process, anothe
 """
 import keras
 
-from helpers.layers import serializable
+from helpers.serialization import serializable
 
 
 @serializable()

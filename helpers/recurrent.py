@@ -30,7 +30,7 @@ README's performance section.
 
 import keras
 
-from helpers.layers import serializable
+from helpers.serialization import serializable
 
 
 def _matmul(a, b, dtype, **kwargs):
