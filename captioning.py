@@ -922,8 +922,7 @@ def evaluate_captioner(model, vocabulary, split, beam_size=3, batch_size=64, wor
         scores["vocabulary_used"] = len({word for text in texts for word in text.split()})
         metrics[name], generated[name] = scores, texts
         if name == "beam" and decoder.attention:
-            ids = [ids_row for ids_row in decoder.captions(image_features[:ATTENTION_IN_GRID], width,
-                                                           vocabulary.max_length)]
+            ids = decoder.captions(image_features[:ATTENTION_IN_GRID], width, vocabulary.max_length)
             generated["attention"] = (grid_shape(model), list(zip(
                 split.paths[:ATTENTION_IN_GRID], [vocabulary.decode(i).split() for i in ids],
                 decoder.attention_weights(image_features[:ATTENTION_IN_GRID], ids))))
