@@ -136,7 +136,7 @@ def graph_read_image(encoded, image_size):
 
     As PIL does it: JPEG decoded with the accurate integer IDCT, a grayscale or RGBA file
     made RGB, a bilinear resize with antialiasing (PIL's filter when shrinking) to the
-    square, rounded to whole values (PIL resizes 8-bit pixels). Not applied: the EXIF
+    square in PIL's two passes (width, then height), each rounded to 8 bits as PIL rounds. Not applied: the EXIF
     orientation tag, which ``read_rgb`` follows (a sideways phone photo is captioned sideways).
     """
     import tensorflow as tf
@@ -144,7 +144,11 @@ def graph_read_image(encoded, image_size):
     image = tf.cond(tf.io.is_jpeg(encoded),
                     lambda: tf.io.decode_jpeg(encoded, channels=3, dct_method="INTEGER_ACCURATE"),
                     lambda: tf.io.decode_image(encoded, channels=3, expand_animations=False))
-    image = tf.image.resize(tf.cast(image, tf.float32), [image_size, image_size], method="bilinear", antialias=True)
+    # PIL resizes 8-bit images in two passes, width then height, rounding to 8 bits after each.
+    height = tf.shape(image)[0]
+    image = tf.image.resize(tf.cast(image, tf.float32), [height, image_size], method="bilinear", antialias=True)
+    image = tf.clip_by_value(tf.round(image), 0.0, 255.0)
+    image = tf.image.resize(image, [image_size, image_size], method="bilinear", antialias=True)
     return tf.clip_by_value(tf.round(image), 0.0, 255.0)
 
 
