@@ -861,18 +861,19 @@ def grid_shape(model):
     return tuple(model.get_layer("encoder").get_layer(BACKBONE).output_shape[1:3])
 
 
-def write_attention_maps(model, vocabulary, paths, image_features, ids, folder):
+def write_attention_maps(model, decoder, vocabulary, paths, image_features, ids, folder):
     """Writes ``folder/<image name>.png`` for each image: its caption's words and, per word, where
     the attention decoder looked (``helpers.reports.plot_attention``); returns the files.
 
     Args:
+        decoder: the captioner's ``StepDecoder``.
         image_features: ``(num_images, positions, 2048)`` the encoder's grids of ``paths``.
         ids: per image, the caption's word ids (``StepDecoder.captions``).
 
     Raises:
         helpers.errors.UsageError: the captioner has no attention decoder.
     """
-    decoder, shape, folder = StepDecoder(model), grid_shape(model), Path(folder)
+    shape, folder = grid_shape(model), Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     written, names = [], set()
     for first in range(0, len(paths), 32):
@@ -914,17 +915,18 @@ def evaluate_captioner(model, vocabulary, split, beam_size=3, batch_size=64, wor
     shuffled = np.random.default_rng(0).permutation(len(references))
     metrics, generated = {"split": split.name, "num_images": len(split), "beam_size": beam_size}, {}
     for name, width in (("greedy", 1), ("beam", beam_size)):
-        texts = [vocabulary.decode(ids) for ids in decoder.captions(image_features, width, vocabulary.max_length)]
+        found = decoder.captions(image_features, width, vocabulary.max_length)
+        texts = [vocabulary.decode(ids) for ids in found]
         scores = captions.caption_scores(references, texts)
         scores["bleu4_shuffled"] = captions.caption_scores([references[i] for i in shuffled], texts,
                                                            meteor=False)["bleu4"]
         scores["distinct_captions"] = len(set(texts)) / len(texts)
         scores["vocabulary_used"] = len({word for text in texts for word in text.split()})
         metrics[name], generated[name] = scores, texts
-        if name == "beam" and decoder.attention:
-            ids = decoder.captions(image_features[:ATTENTION_IN_GRID], width, vocabulary.max_length)
+        if name == "beam" and decoder.attention:  # where the beam captions of the first images looked
+            ids = found[:ATTENTION_IN_GRID]
             generated["attention"] = (grid_shape(model), list(zip(
-                split.paths[:ATTENTION_IN_GRID], [vocabulary.decode(i).split() for i in ids],
+                split.paths[:ATTENTION_IN_GRID], [text.split() for text in texts[:ATTENTION_IN_GRID]],
                 decoder.attention_weights(image_features[:ATTENTION_IN_GRID], ids))))
     return metrics, generated
 
@@ -1029,19 +1031,20 @@ def caption_command(args):
     model, vocabulary = load_captioner(args.model)
     paths = data.image_files(args.inputs)
     data.check_images(paths)
+    decoder = StepDecoder(model)
     if args.attention_maps is not None:
-        if not StepDecoder(model).attention:
+        if not decoder.attention:
             raise UsageError(f"--attention-maps needs a captioner trained with --decoder attention; {args.model} "
                              "is a show-and-tell captioner.")
         if args.attention_maps.exists() and not args.attention_maps.is_dir():
             raise UsageError(f"--attention-maps {args.attention_maps} is a file; give a folder (new or existing).")
         rundir.check_writable(args.attention_maps / "map.png", "--attention-maps")
     image_features = encode_images(model, paths, args.batch_size, verbose=0)  # stdout: the captions only
-    ids = StepDecoder(model).captions(image_features, args.beam_size, vocabulary.max_length)
+    ids = decoder.captions(image_features, args.beam_size, vocabulary.max_length)
     for path, words in zip(paths, ids):
         print(f"{path}: {vocabulary.decode(words)}")
     if args.attention_maps is not None:
-        written = write_attention_maps(model, vocabulary, paths, image_features, ids, args.attention_maps)
+        written = write_attention_maps(model, decoder, vocabulary, paths, image_features, ids, args.attention_maps)
         logger.info("attention maps of %d images in %s", len(written), args.attention_maps)
 
 
