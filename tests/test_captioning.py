@@ -4,6 +4,7 @@ captioned folders of real JPEGs (weights=None)."""
 import json
 import logging
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -411,6 +412,41 @@ def test_caption_scores_match_hand_computed_bleu():
     assert perfect["bleu1"] == pytest.approx(1.0) and perfect["bleu3"] == pytest.approx(1.0)
     with pytest.raises(ValueError, match="equal length"):
         captions.caption_scores([["a"]], [])
+
+
+
+@pytest.mark.skipif(shutil.which("java") is None, reason="METEOR needs java")
+def test_meteor_starts_java_once_per_process():
+    references, candidates = [["a dog runs on grass"], ["a cat sits on the mat"]], ["a dog runs", "a cat sits"]
+    first = captions.caption_scores(references, candidates)["meteor"]
+    scorer = captions._meteor()
+    assert 0 < first < 1
+    assert captions.caption_scores(references, candidates[::-1])["meteor"] < first  # the captions are read
+    assert captions._meteor() is scorer and scorer.meteor_p.poll() is None  # one Java process scored both
+
+
+def test_a_meteor_scorer_whose_process_died_is_replaced(monkeypatch, caplog):
+    import functools
+    import threading
+
+    from pycocoevalcap.meteor.meteor import Meteor
+
+    def dead_scorer():  # a real scorer object whose process has exited
+        scorer = Meteor.__new__(Meteor)
+        scorer.meteor_p = subprocess.Popen([sys.executable, "-c", "pass"], stdin=subprocess.PIPE,
+                                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        scorer.meteor_p.wait()
+        scorer.lock = threading.Lock()
+        made.append(scorer)
+        return scorer
+
+    made = []
+    monkeypatch.setattr(captions, "_meteor", functools.cache(dead_scorer))
+    for attempt in (1, 2):
+        caplog.clear()
+        assert captions.caption_scores([["a dog"]], ["a dog"], meteor=True)["meteor"] is None
+        assert "METEOR not computed" in caplog.text
+        assert len(made) == attempt and not made[-1].lock.locked()  # not reused; its lock freed for __del__
 
 
 # ----------------------------------------------------------------------------- whole runs
