@@ -64,8 +64,11 @@ def test_partial_last_batch_never_leaves_a_replica_empty():
 
 
 def run_with_two_cpus(code, timeout=600):
-    """Runs ``code`` in a fresh Python with the CPU split into 2 logical devices; returns its last stdout line."""
+    """Runs ``code`` in a fresh Python with the CPU split into 2 logical devices and the stand-in
+    backbones (``tests.stand_in``); returns its last stdout line."""
     prelude = textwrap.dedent("""
+        import tests.stand_in
+        tests.stand_in.install()  # the strategy is under test, not Xception
         import tensorflow as tf
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
@@ -190,14 +193,15 @@ def free_ports(count):
 
 
 def start_workers(data, outputs, extra=(), ports=None):
-    """Starts one classifier process per output folder, a 127.0.0.1 cluster in TF_CONFIG."""
+    """Starts one classifier process per output folder (stand-in backbones: the cluster is under
+    test, not Xception), a 127.0.0.1 cluster in TF_CONFIG."""
     ports = ports or free_ports(len(outputs))
     cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
     processes = []
     for index, out in enumerate(outputs):
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2",
                    TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}))
-        command = [sys.executable, "cnn_rnn_classifier.py", "--data-dir", str(data), "--output-dir", str(out),
+        command = [sys.executable, "-m", "tests.stand_in", "cnn_rnn_classifier.py", "--data-dir", str(data), "--output-dir", str(out),
                    "--weights", "none", "--image-size", "71", "--rnn-timesteps", "71", "--rnn-units", "8",
                    "--mixed-precision", "off", "--distribute", "multi-worker", "--input", "tf.data",
                    "--workers", "1", "--skip-image-check", "--verbose", *extra]
@@ -228,12 +232,12 @@ def test_killed_worker_stops_the_other_and_a_rerun_resumes(tmp_path):
 
     data = make_class_folders(tmp_path / "data")
     outputs = [tmp_path / "chief_out", tmp_path / "worker_out"]
-    flags = ["--epochs", "12", "--fine-tune-epochs", "0", "--batch-size", "4"]
+    flags = ["--epochs", "5", "--fine-tune-epochs", "0", "--batch-size", "4"]
     (chief, worker), ports = start_workers(data, outputs, flags)
     seen = []
     for line in chief.stdout:  # until epoch 2 has begun, so epoch 1 is backed up
         seen.append(line)
-        if "Epoch 3/12" in line:
+        if "Epoch 3/5" in line:
             break
     worker.kill()
     worker.wait()
@@ -251,7 +255,7 @@ def test_killed_worker_stops_the_other_and_a_rerun_resumes(tmp_path):
     assert [p.returncode for p in processes] == [0, 0], logs[0][-3000:]
     assert re.search(r"phase1: resuming after [1-9]\d* completed epochs", logs[0])
     epochs = [int(row.split(",")[0]) for row in (outputs[0] / "phase1_log.csv").read_text().splitlines()[1:]]
-    assert sorted(set(epochs)) == list(range(12))
+    assert sorted(set(epochs)) == list(range(5))
 
 
 def test_lrcn_on_two_loopback_workers(tmp_path):
@@ -267,7 +271,7 @@ def test_lrcn_on_two_loopback_workers(tmp_path):
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2",
                    TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}))
         processes.append(subprocess.Popen(
-            [sys.executable, "lrcn.py", "--data-dir", str(data), "--output-dir", str(out), "--frames", "3",
+            [sys.executable, "-m", "tests.stand_in", "lrcn.py", "--data-dir", str(data), "--output-dir", str(out), "--frames", "3",
              "--weights", "none", "--image-size", "32", "--dense-units", "8", "--gru-units", "4",
              "--epochs", "1", "--fine-tune-epochs", "1", "--batch-size", "2", "--fine-tune-batch-size", "2",
              "--mixed-precision", "off", "--distribute", "multi-worker", "--skip-image-check", "--verbose"],
