@@ -1,13 +1,16 @@
 """Saves tiny models of the three kinds on one Keras backend and checks them on another.
 
     KERAS_BACKEND=tensorflow python -m tests.backend_roundtrip save DIR
-    KERAS_BACKEND=jax python -m tests.backend_roundtrip check DIR      (then the reverse)
+    KERAS_BACKEND=jax python -m tests.backend_roundtrip check DIR save DIR2
+    KERAS_BACKEND=tensorflow python -m tests.backend_roundtrip check DIR2
 
 ``save`` writes ``DIR/<kind>.keras`` and ``DIR/<kind>.npz`` (inputs and the saving backend's
 probabilities); ``check`` loads each model on its own backend, predicts the same inputs and
-prints one JSON line: the largest absolute difference per kind. Run by ``tests/test_backends.py``
-in fresh processes, one per backend; under a backend other than TensorFlow, TensorFlow is
-hidden (``tests.conftest.NoTensorFlow``) and its absence asserted.
+prints one JSON line: the largest absolute difference per kind; ``check DIR save DIR2`` then
+moves the loaded models' weights again and saves them (the reverse direction, in the same
+process). Run by ``tests/test_backends.py`` in fresh processes, one per step; under a backend
+other than TensorFlow, TensorFlow is hidden (``tests.conftest.NoTensorFlow``) and its absence
+asserted.
 """
 
 import json
@@ -48,9 +51,11 @@ def inputs(kind, rng):
     return [rng.uniform(0, 255, (2, 71, 71, 3)).astype("float32"), np.array([[2, 5, 6, 0], [2, 7, 0, 0]], "int32")]
 
 
-def save(folder):
+def save(folder, models=None):
+    """Moves every trainable weight of ``models`` (default: new ``tiny_models()``) and saves them."""
+    folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(1)
-    for kind, model in tiny_models().items():
+    for kind, model in (models or tiny_models()).items():
         # every trainable weight moved off its initial value (biases and BatchNormalization's offsets
         # start at zero), so that each one shows in the output; the moving statistics stay valid
         for variable in model.trainable_weights:
@@ -62,16 +67,23 @@ def save(folder):
 
 
 def check(folder):
-    differences = {}
+    """Prints the JSON line; returns the loaded models by kind."""
+    differences, models = {}, {}
     for kind in ("classifier", "lrcn", "captioner"):
         saved = np.load(folder / f"{kind}.npz")
-        model = keras.saving.load_model(folder / f"{kind}.keras")
+        model = models[kind] = keras.saving.load_model(folder / f"{kind}.keras")
         x = [saved[f"x{i}"] for i in range(len(saved.files) - 1)]
         predicted = model.predict(x if len(x) > 1 else x[0], verbose=0)
         differences[kind] = float(np.abs(predicted - saved["probabilities"]).max())
     print(json.dumps({"backend": keras.backend.backend(), "max_abs_difference": differences,
                       "tensorflow_imported": "tensorflow" in sys.modules}))
+    return models
 
 
 if __name__ == "__main__":
-    {"save": save, "check": check}[sys.argv[1]](Path(sys.argv[2]))
+    if sys.argv[1] == "save":
+        save(Path(sys.argv[2]))
+    else:
+        loaded = check(Path(sys.argv[2]))
+        if sys.argv[3:4] == ["save"]:
+            save(Path(sys.argv[4]), loaded)

@@ -30,14 +30,16 @@ def run_on(keras_backend, *argv):
 
 @needs_jax
 @needs_tensorflow
-@pytest.mark.parametrize("saved_on, loaded_on", [("tensorflow", "jax"), ("jax", "tensorflow")])
-def test_checkpoints_cross_backends_with_the_same_probabilities(tmp_path, saved_on, loaded_on):
-    run_on(saved_on, "save", tmp_path)
-    checked = run_on(loaded_on, "check", tmp_path)
-    assert checked["backend"] == loaded_on
-    assert set(checked["max_abs_difference"]) == {"classifier", "lrcn", "captioner"}
-    assert all(difference <= 1e-4 for difference in checked["max_abs_difference"].values()), checked
-    assert checked["tensorflow_imported"] == (loaded_on == "tensorflow")
+def test_checkpoints_cross_backends_with_the_same_probabilities(tmp_path):
+    """TensorFlow saves, JAX loads (and saves again), TensorFlow loads: both directions, three processes."""
+    run_on("tensorflow", "save", tmp_path / "from_tensorflow")
+    on_jax = run_on("jax", "check", tmp_path / "from_tensorflow", "save", tmp_path / "from_jax")
+    on_tensorflow = run_on("tensorflow", "check", tmp_path / "from_jax")
+    for checked, loaded_on in ((on_jax, "jax"), (on_tensorflow, "tensorflow")):
+        assert checked["backend"] == loaded_on
+        assert set(checked["max_abs_difference"]) == {"classifier", "lrcn", "captioner"}
+        assert all(difference <= 1e-4 for difference in checked["max_abs_difference"].values()), checked
+        assert checked["tensorflow_imported"] == (loaded_on == "tensorflow")
 
 
 @needs_jax
