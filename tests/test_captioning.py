@@ -508,9 +508,11 @@ def test_attention_run_caches_grids_in_float16_and_draws_where_it_looks(flickr, 
     capsys.readouterr()
     images = flickr / "Flicker8k_Dataset"
     maps = tmp_path / "maps"
-    assert cap.main(["caption", "--model", str(run.best("phase2")), "--attention-maps", str(maps), str(images)]) == 0
+    photos = sorted(images.glob("*.jpg"))[:3]
+    assert cap.main(["caption", "--model", str(run.best("phase2")), "--attention-maps", str(maps),
+                     *map(str, photos)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 15 and sorted(p.stem for p in maps.glob("*.png")) == sorted(p.stem for p in images.glob("*"))
+    assert len(lines) == 3 and sorted(p.stem for p in maps.glob("*.png")) == [p.stem for p in photos]
     decoder = cap.StepDecoder(model)
     features = cap.encode_images(model, sorted(images.glob("*.jpg"))[:2], verbose=0)
     ids = decoder.captions(features, 1, vocabulary.max_length)
@@ -524,7 +526,7 @@ def test_attention_run_caches_grids_in_float16_and_draws_where_it_looks(flickr, 
     vocabulary.save(tmp_path / "vocabulary.json")
     caplog.clear()
     assert cap.main(["caption", "--model", str(tmp_path / "plain.keras"), "--attention-maps",
-                     str(tmp_path / "none"), str(images)]) == 1
+                     str(tmp_path / "none"), str(photos[0])]) == 1
     assert "--attention-maps needs a captioner trained with --decoder attention" in caplog.text
     assert not (tmp_path / "none").exists()
 
