@@ -17,6 +17,18 @@ from helpers.captions import FLICKR8K_SPLITS, FLICKR8K_TOKENS
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 BACKEND = os.environ.get("KERAS_BACKEND", "tensorflow")
 
+# JAX's persistent compilation cache in a folder of this session's own (shared with the run beside
+# it and every JAX process the tests start, removed at the end): many tests compile the same tiny
+# models, and a hit is the same XLA executable without the minutes of compiling. Never a folder
+# that outlives the session, so each run of the suite pays its own compiles.
+JAX_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    JAX_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="pytest-jax-cache-")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
 
 class NoTensorFlow(importlib.abc.MetaPathFinder):
     """Makes ``import tensorflow`` fail, as in an environment without it (``requirements-jax.txt``):
@@ -75,6 +87,10 @@ def pytest_sessionfinish(session, exitstatus):
             failed = True
     if failed and session.exitstatus == 0:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    if JAX_CACHE is not None:
+        import shutil
+
+        shutil.rmtree(JAX_CACHE, ignore_errors=True)
 
 
 def pytest_terminal_summary(terminalreporter):
