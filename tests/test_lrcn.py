@@ -217,11 +217,15 @@ PROMISED = ["args.json", "classes.json", "metrics.json", "phase1_best.keras", "p
             "phase1_log.csv", "phase2_log.csv", "phase1_curves.png", "phase2_curves.png", "confusion_matrix.png"]
 
 
-@pytest.mark.parametrize("length_flags", [["--frames", "3"], ["--variable-length"]])
-def test_short_run_writes_every_output(clips, tmp_path, capsys, length_flags):
+@pytest.mark.parametrize("length_flags, real_vgg16", [(["--frames", "3"], True), (["--variable-length"], False)])
+def test_short_run_writes_every_output(clips, tmp_path, capsys, request, length_flags, real_vgg16):
+    """Fixed-length clips through VGG16 itself; variable-length clips (the data path, not the
+    backbone) through the stand-in."""
+    if not real_vgg16:
+        request.getfixturevalue("stand_in_backbones")
     out = tmp_path / "run"
     args = ["--data-dir", str(clips), "--output-dir", str(out), *length_flags, *TINY_FLAGS,
-            "--epochs", "1", "--fine-tune-epochs", "1"]
+            "--epochs", "1", "--fine-tune-epochs", "1", *([] if real_vgg16 else ["--fine-tune-layers", "2"])]
     assert lrcn.main(args) == 0
     for name in PROMISED:
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
@@ -232,9 +236,10 @@ def test_short_run_writes_every_output(clips, tmp_path, capsys, length_flags):
     one, two = (keras.saving.load_model(out / f"phase{i}_best.keras") for i in (1, 2))
     shuffled = lrcn.evaluate_lrcn(two, sequences.list_sequences(clips / "test"), 2, workers=1, shuffle_frames=True)
     assert metrics["shuffled_frames_top1"] == pytest.approx(shuffled["top1"])
-    # phase 2 changed block5 but not block1
+    # phase 2 changed the top of the backbone but not its first layer
     get = lambda m, n: training.find_layer(m, n).get_weights()[0]  # noqa: E731
-    assert not np.allclose(get(one, "block5_conv3"), get(two, "block5_conv3"))
+    top = "block5_conv3" if real_vgg16 else "block2_conv1"
+    assert not np.allclose(get(one, top), get(two, top))
     np.testing.assert_array_equal(get(one, "block1_conv1"), get(two, "block1_conv1"))
 
     capsys.readouterr()
@@ -245,9 +250,10 @@ def test_short_run_writes_every_output(clips, tmp_path, capsys, length_flags):
     assert printed.count("  1. ") == 2 and "  2. " not in printed
 
 
+@pytest.mark.usefixtures("stand_in_backbones")  # the flags, not VGG16
 def test_model_flags_reach_the_builder(clips, tmp_path):
     """Every flag the resume check compares is a keyword of build_lrcn, and the command line
-    passes them: --mixed-precision bfloat16 gives a bfloat16 VGG16 in the saved model."""
+    passes them: --mixed-precision bfloat16 gives a bfloat16 backbone in the saved model."""
     import inspect
 
     assert set(lrcn.MODEL_ARGUMENTS) <= set(inspect.signature(lrcn.build_lrcn).parameters)
@@ -256,7 +262,7 @@ def test_model_flags_reach_the_builder(clips, tmp_path):
                       "--epochs", "1", "--fine-tune-epochs", "0", "--mixed-precision", "bfloat16",
                       "--skip-image-check"]) == 0
     model = keras.saving.load_model(out / "phase1_best.keras")
-    assert training.find_layer(model, "block5_conv3").dtype_policy.name == "mixed_bfloat16"
+    assert training.find_layer(model, "block2_conv1").dtype_policy.name == "mixed_bfloat16"
     assert training.find_layer(model, "gru").dtype_policy.name == "float32"
 
 
