@@ -54,6 +54,7 @@ def served(tmp_path, export, images, clip=False):
 
 
 @pytest.mark.tensorflow  # SavedModel / TFLite export
+@pytest.mark.usefixtures("stand_in_backbones")  # the export graph and the head; LRCN's test exports VGG16 itself
 def test_classifier_export_serves_raw_pixels_like_classify(tmp_path):
     keras.utils.set_random_seed(0)
     model = crc.build_cnn_rnn_classifier(num_classes=3, **TINY)
