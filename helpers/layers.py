@@ -193,6 +193,6 @@ class AddToSteps(keras.layers.Layer):
         return tuple(input_shape[0])
 
 
-# The attention decoder's layers register themselves on import: loading any saved model needs
-# only this module imported.
-from helpers import attention  # noqa: E402,F401
+# The attention decoder's layers and the classifier's FusedLSTM register themselves on import:
+# loading any saved model needs only this module imported.
+from helpers import attention, recurrent  # noqa: E402,F401

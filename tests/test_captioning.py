@@ -74,27 +74,6 @@ def test_bad_model_arguments_are_refused_with_their_value(kwargs, message):
         cap.build_captioner(**arguments)
 
 
-@pytest.mark.usefixtures("stand_in_backbones")  # the decoder is under test, not Xception
-def test_saved_models_load_in_safe_mode_in_a_fresh_process(tmp_path):
-    """Both decoders (the attention one's registered layers included) load in safe mode where only
-    ``helpers.layers`` is imported, and predict as before."""
-    images = np.random.default_rng(1).uniform(0, 255, (1, 71, 71, 3)).astype(np.float32)
-    tokens = np.array([[START_ID, 5, 6]], np.int32)
-    np.save(tmp_path / "x.npy", images)
-    for decoder in cap.DECODERS:
-        model = tiny_captioner("pre", decoder=decoder)
-        model.save(tmp_path / f"{decoder}.keras")
-        np.save(tmp_path / f"{decoder}.npy", model.predict([images, tokens], verbose=0))
-    code = (f"import numpy as np, keras, helpers.layers\n"
-            f"for name in {list(cap.DECODERS)!r}:\n"
-            f"    m = keras.saving.load_model({str(tmp_path)!r} + '/' + name + '.keras', safe_mode=True)\n"
-            f"    out = m.predict([np.load({str(tmp_path / 'x.npy')!r}), np.array([[{START_ID}, 5, 6]], 'int32')], verbose=0)\n"
-            f"    expected = np.load({str(tmp_path)!r} + '/' + name + '.npy')\n"
-            f"    assert np.allclose(out, expected, atol=1e-6), (name, abs(out - expected).max())\n")
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-2000:]
-
-
 def test_attention_penalty_is_the_spread_of_coverage_over_real_steps():
     """Xu et al.'s eq. 14 less its constant: sum_i (T/L - sum_t alpha_ti)^2, mean over captions,
     the padded steps left out."""
