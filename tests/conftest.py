@@ -1,6 +1,7 @@
 """Shared fixtures: tiny trees of real files written in tmp_path: JPEGs in class folders, a raw Tiny
 ImageNet download, captioned photos (Flickr8k and COCO layouts), frame folders and AVI videos."""
 
+import contextlib
 import importlib.abc
 import json
 import os
@@ -291,6 +292,21 @@ def kill_at_batch(monkeypatch, batch_number):
 
     monkeypatch.setattr(keras.callbacks.CSVLogger, "on_train_batch_end", on_train_batch_end, raising=False)
 
+
+
+@contextlib.contextmanager
+def weights_never_drawn():
+    """Models built inside get variables with shapes but no values (a ``keras.StatelessScope`` that
+    never initializes them): for tests of the shapes, counts and names of the seed-size models,
+    whose millions of weights would take up to a minute to draw. On leaving, ``clear_session``
+    forgets those variables (a later StatelessScope would otherwise draw them)."""
+    import keras
+
+    try:
+        with keras.StatelessScope(initialize_variables=False):
+            yield
+    finally:
+        keras.utils.clear_session()
 
 @pytest.fixture
 def tiny_imagenet(tmp_path):

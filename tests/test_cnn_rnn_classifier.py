@@ -11,7 +11,7 @@ from PIL import Image
 
 import cnn_rnn_classifier as crc
 from helpers import backbones, backend, rundir, training
-from tests.conftest import SHARED, Killed, kill_at_batch, write_jpeg
+from tests.conftest import SHARED, Killed, kill_at_batch, weights_never_drawn, write_jpeg
 from tests.conftest import CLASSIFIER_TINY as TINY, classifier_train_args as train_args
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,11 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # ---------------------------------------------------------------- model
 
 def test_seed_defaults_shapes_and_parameters():
-    # shapes and counts only: the 103 million weights are never drawn (variables made in a
-    # StatelessScope wait for their values, here for ever; clear_session forgets them)
-    with keras.StatelessScope(initialize_variables=False):
+    with weights_never_drawn():  # shapes and counts only, of 103 million weights
         model = crc.build_cnn_rnn_classifier(weights=None)
-    keras.utils.clear_session()
     assert model.input_shape == (None, 299, 299, 3)
     assert model.output_shape == (None, 100)
     assert model.get_layer("timesteps").output.shape == (None, 23, 3887)

@@ -11,7 +11,7 @@ import lrcn
 from helpers import extract_frames, rundir, sequences, training
 from helpers.data import DatasetError
 from helpers.layers import PAD_VALUE
-from tests.conftest import Killed, kill_at_batch, make_clips, write_video
+from tests.conftest import Killed, kill_at_batch, make_clips, weights_never_drawn, write_video
 
 TINY = dict(image_size=32, dense_units=16, gru_units=8, weights=None)
 TINY_FLAGS = ["--weights", "none", "--image-size", "32", "--dense-units", "16", "--gru-units", "8",
@@ -29,11 +29,8 @@ def clips(tmp_path):
 
 @pytest.mark.parametrize("recipe", ["seed", "small-data"])
 def test_seed_shapes_fixed_and_variable(recipe):
-    # shapes and initializers only: the 66 million weights are never drawn (variables made in a
-    # StatelessScope wait for their values, here for ever; clear_session forgets them)
-    with keras.StatelessScope(initialize_variables=False):
+    with weights_never_drawn():  # shapes and initializers only, of 75 million weights
         fixed = lrcn.build_lrcn(5, frames=16, weights=None, recipe=recipe)
-    keras.utils.clear_session()
     assert fixed.input_shape == (None, 16, 224, 224, 3) and fixed.output_shape == (None, 5)
     assert fixed.get_layer("per_frame_cnn").output.shape == (None, 16, 7 * 7 * 512)  # VGG16's flattened map
     head = fixed.get_layer("lrcn_head")

@@ -11,7 +11,7 @@ import pytest
 
 import cnn_rnn_classifier as crc
 from helpers import rundir, training
-from tests.conftest import Killed, write_jpeg
+from tests.conftest import Killed, weights_never_drawn, write_jpeg
 
 # ---------------------------------------------------------------- training controls
 
@@ -187,7 +187,7 @@ def test_fine_tune_layers_mean_the_same_with_and_without_pooling():
     is not counted, so the classifier and the captioner unfreeze the same blocks for the same N."""
     def trained(pooling, top_layers):
         keras.backend.clear_session()  # the same automatic layer names (conv2d_3) in every build
-        with keras.StatelessScope(initialize_variables=False):  # names, not values: nothing is drawn
+        with weights_never_drawn():  # names, not values
             backbone = keras.applications.Xception(include_top=False, weights=None, input_shape=(71, 71, 3),
                                                    pooling=pooling)
         training.set_backbone_trainable(keras.Sequential([backbone]), "xception", True, top_layers=top_layers)
@@ -196,4 +196,3 @@ def test_fine_tune_layers_mean_the_same_with_and_without_pooling():
     for top_layers, blocks in ((6, {"block14"}), (16, {"block13", "block14", "conv2d"})):
         assert trained(None, top_layers) == trained("avg", top_layers)
         assert {path.split("_")[0] for path in trained(None, top_layers)} == blocks
-    keras.backend.clear_session()  # forgets the variables that were never given values
