@@ -105,11 +105,12 @@ def set_backbone_trainable(model, backbone_name, trainable, train_batchnorm=Fals
         # so N means the same with and without it (``helpers.backbones.Backbone.layers``).
         pooled = isinstance(backbone.layers[-1], (keras.layers.GlobalAveragePooling2D, keras.layers.GlobalMaxPooling2D))
         first_trainable = len(backbone.layers) - pooled - top_layers if top_layers is not None else 0
+        # Every layer set here, not only the frozen ones: on TensorFlow, ``backbone.trainable = True``
+        # does not reach the layers of a functional backbone, so an earlier call's frozen layers
+        # would stay frozen.
         for index, layer in enumerate(backbone.layers):
-            if index < first_trainable or (
-                isinstance(layer, keras.layers.BatchNormalization) and not train_batchnorm
-            ):
-                layer.trainable = False
+            layer.trainable = index >= first_trainable and (
+                train_batchnorm or not isinstance(layer, keras.layers.BatchNormalization))
     return len(backbone.trainable_weights)
 
 

@@ -29,10 +29,14 @@ import numpy as np  # noqa: E402
 import captioning  # noqa: E402
 import cnn_rnn_classifier  # noqa: E402
 import lrcn  # noqa: E402
+import tests.stand_in  # noqa: E402
 from helpers import training  # noqa: E402
 
 
 def tiny_models():
+    """The three kinds at tiny sizes, on the stand-in backbones: the project's own layers cross the
+    backends here (Xception's and VGG16's are Keras' own)."""
+    tests.stand_in.install()
     keras.utils.set_random_seed(0)
     return {
         "classifier": cnn_rnn_classifier.build_cnn_rnn_classifier(num_classes=3, image_size=71, rnn_timesteps=71,

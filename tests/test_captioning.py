@@ -18,7 +18,7 @@ import captioning as cap
 from helpers import captions, rundir
 from helpers.attention import SoftAttentionLSTM
 from helpers.captions import END_ID, PAD_ID, START_ID, UNK_ID
-from tests.conftest import Killed, colour_captions, kill_at_batch, make_coco, make_flickr8k
+from tests.conftest import Killed, colour_captions, kill_at_batch, make_coco, make_flickr8k, weights_never_drawn
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--weights", "none", "--image-size", "71", "--embedding-dim", "16", "--lstm-units", "16",
@@ -41,6 +41,19 @@ DECODERS = [("pre", "show-and-tell"), ("merge", "show-and-tell"), ("pre", "atten
 
 
 # ----------------------------------------------------------------------------- model
+
+@pytest.mark.parametrize("decoder", ["show-and-tell", "attention"])
+def test_seed_size_captioners_on_xception(decoder):
+    """Xception itself at 299 px: pooled features (batch, 2048) for show-and-tell, the 10 x 10 x 2048
+    grid as (batch, 100, 2048) for attention; its 20.9 million weights counted, never drawn."""
+    with weights_never_drawn():
+        model = cap.build_captioner(vocabulary_size=3000, decoder=decoder, weights=None)
+    encoder = model.get_layer("encoder")
+    assert encoder.get_layer("xception").count_params() == 20_861_480
+    assert encoder.output_shape == ((None, 100, 2048) if decoder == "attention" else (None, 2048))
+    assert model.input_shape == [(None, 299, 299, 3), (None, None)]
+    assert model.output_shape == (None, None, 3000)
+
 
 @pytest.mark.usefixtures("stand_in_backbones")  # the decoder is under test, not Xception
 @pytest.mark.parametrize("inject, decoder", DECODERS)
@@ -430,6 +443,7 @@ def test_a_meteor_scorer_whose_process_died_is_replaced(monkeypatch, caplog):
 
 # ----------------------------------------------------------------------------- whole runs
 
+@pytest.mark.usefixtures("stand_in_backbones")  # the run, not Xception (whose captioner: test_seed_size_captioners)
 def test_two_phase_run_writes_every_output_then_evaluate_and_caption(flickr, tmp_path, caplog, capsys):
     out = tmp_path / "run"
     args = ["--data-dir", str(flickr), "--output-dir", str(out), *TINY, "--epochs", "2", "--fine-tune-epochs", "1"]

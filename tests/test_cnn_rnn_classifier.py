@@ -158,6 +158,7 @@ PROMISED = ["args.json", "classes.json", "metrics.json", "phase1_best.keras", "p
             "phase1_log.csv", "phase2_log.csv", "phase1_curves.png", "phase2_curves.png", "confusion_matrix.png"]
 
 
+@pytest.mark.usefixtures("stand_in_backbones")  # the run, not Xception (whose training: test_precision.py)
 def test_two_phase_run_writes_every_output(class_folders, tmp_path, capsys):
     out = tmp_path / "run"
     (class_folders / "words.txt").write_text("cat\tdomestic cat\ndog\tdomestic dog\n")
@@ -178,7 +179,7 @@ def test_two_phase_run_writes_every_output(class_folders, tmp_path, capsys):
     assert {"loss", "accuracy", "top5_accuracy", "val_loss", "val_accuracy", "val_top5_accuracy"} <= set(history)
     assert "top-1 accuracy" in capsys.readouterr().out
 
-    # Phase 1 froze Xception; phase 2 trained it but left BatchNormalization in inference mode.
+    # Phase 1 froze the backbone; phase 2 trained it but left BatchNormalization in inference mode.
     phase1 = keras.saving.load_model(out / "phase1_best.keras")
     phase2 = keras.saving.load_model(out / "phase2_best.keras")
     conv1, conv2 = (m.get_layer("xception").get_layer("block1_conv1").get_weights()[0] for m in (phase1, phase2))

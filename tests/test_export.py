@@ -54,7 +54,7 @@ def served(tmp_path, export, images, clip=False):
 
 
 @pytest.mark.tensorflow  # SavedModel / TFLite export
-@pytest.mark.usefixtures("stand_in_backbones")  # the export graph and the head; LRCN's test exports VGG16 itself
+@pytest.mark.usefixtures("stand_in_backbones")  # the export graph and the head, not Xception
 def test_classifier_export_serves_raw_pixels_like_classify(tmp_path):
     keras.utils.set_random_seed(0)
     model = crc.build_cnn_rnn_classifier(num_classes=3, **TINY)
@@ -85,6 +85,7 @@ def test_classifier_export_serves_raw_pixels_like_classify(tmp_path):
 
 
 @pytest.mark.tensorflow  # SavedModel / TFLite export
+@pytest.mark.usefixtures("stand_in_backbones")  # the export graph over frames and the head, not VGG16
 def test_lrcn_export_serves_raw_frames_like_classify(tmp_path):
     keras.utils.set_random_seed(0)
     model = lrcn.build_lrcn(num_classes=2, frames=3, image_size=32, dense_units=8, gru_units=4, weights=None)

@@ -185,14 +185,17 @@ def test_best_checkpoint_holds_no_optimizer_state(tmp_path):
 def test_fine_tune_layers_mean_the_same_with_and_without_pooling():
     """``top_layers`` counts the backbone's own layers: a ``pooling=`` layer on top (the classifier's)
     is not counted, so the classifier and the captioner unfreeze the same blocks for the same N."""
-    def trained(pooling, top_layers):
-        keras.backend.clear_session()  # the same automatic layer names (conv2d_3) in every build
+    def built(pooling):
+        keras.backend.clear_session()  # the same automatic layer names (conv2d_3) in both builds
         with weights_never_drawn():  # names, not values
-            backbone = keras.applications.Xception(include_top=False, weights=None, input_shape=(71, 71, 3),
-                                                   pooling=pooling)
-        training.set_backbone_trainable(keras.Sequential([backbone]), "xception", True, top_layers=top_layers)
-        return sorted(weight.path for weight in backbone.trainable_weights)
+            return keras.Sequential([keras.applications.Xception(include_top=False, weights=None,
+                                                                 input_shape=(71, 71, 3), pooling=pooling)])
 
-    for top_layers, blocks in ((6, {"block14"}), (16, {"block13", "block14", "conv2d"})):
-        assert trained(None, top_layers) == trained("avg", top_layers)
-        assert {path.split("_")[0] for path in trained(None, top_layers)} == blocks
+    def trained(model, top_layers):  # each call sets every layer again
+        training.set_backbone_trainable(model, "xception", True, top_layers=top_layers)
+        return sorted(weight.path for weight in model.get_layer("xception").trainable_weights)
+
+    plain, pooled = built(None), built("avg")
+    for top_layers, blocks in ((6, {"block14"}), (16, {"block13", "block14", "conv2d"}), (6, {"block14"})):
+        assert trained(plain, top_layers) == trained(pooled, top_layers)
+        assert {path.split("_")[0] for path in trained(plain, top_layers)} == blocks
