@@ -79,13 +79,24 @@ def run_with_two_cpus(code, timeout=600):
     return result.stdout.strip().splitlines()[-1]
 
 
-def test_mirrored_matches_single_device():
-    """3 SGD steps of the tiny classifier, global batch 4: MirroredStrategy over 2 logical
-    CPUs (2 per replica) against one device, same initial weights and data."""
-    out = run_with_two_cpus("""
-        import json, keras, numpy as np
+def test_mirrored_matches_single_device_and_the_command_line_resumes(tmp_path):
+    """Under 2 logical CPUs, in one fresh process: (1) 3 SGD steps of the tiny classifier, global
+    batch 4: MirroredStrategy (2 per replica) against one device, same initial weights and data;
+    (2) the CLI: a batch size not divisible by 2 is refused, and a run killed in epoch 2 resumes
+    from BackupAndRestore's epoch under MirroredStrategy."""
+    from tests.conftest import make_class_folders
+
+    data = make_class_folders(tmp_path / "data")
+    out = tmp_path / "run"
+    flags = ["--data-dir", str(data), "--output-dir", str(out), "--weights", "none", "--image-size", "71",
+             "--rnn-timesteps", "71", "--rnn-units", "8", "--epochs", "3", "--fine-tune-epochs", "0",
+             "--steps-per-epoch", "2", "--distribute", "mirrored", "--devices", "/cpu:0", "/cpu:1",
+             "--mixed-precision", "off", "--batch-size", "4"]
+    printed = run_with_two_cpus(f"""
+        import json, keras, numpy as np, pytest
         import cnn_rnn_classifier as crc
         from helpers import distribute, training
+        from tests.conftest import Killed, kill_at_batch
 
         rng = np.random.default_rng(0)
         x = rng.uniform(-1, 1, (12, 71, 71, 3)).astype("float32")
@@ -108,33 +119,9 @@ def test_mirrored_matches_single_device():
         _, mirrored_loss, mirrored = run(strategy, start)
         moved = max(float(np.abs(a - b).max()) for a, b in zip(single, start))
         difference = max(float(np.abs(a - b).max()) for a, b in zip(single, mirrored))
-        print(json.dumps({"replicas": strategy.num_replicas_in_sync, "single_loss": single_loss,
-                          "mirrored_loss": mirrored_loss, "moved": moved, "difference": difference}))
-    """)
-    result = json.loads(out)
-    assert result["replicas"] == 2
-    assert result["moved"] > 1e-3  # training changed the weights ...
-    assert result["difference"] < 1e-5  # ... the same way on 2 replicas as on one
-    assert result["mirrored_loss"] == pytest.approx(result["single_loss"], rel=1e-5)
 
-
-def test_mirrored_training_from_the_command_line_resumes(tmp_path):
-    """The CLI under 2 logical CPUs: a batch size not divisible by 2 is refused; a run killed in
-    epoch 2 resumes from BackupAndRestore's epoch under MirroredStrategy."""
-    from tests.conftest import make_class_folders
-
-    data = make_class_folders(tmp_path / "data")
-    out = tmp_path / "run"
-    flags = ["--data-dir", str(data), "--output-dir", str(out), "--weights", "none", "--image-size", "71",
-             "--rnn-timesteps", "71", "--rnn-units", "8", "--epochs", "3", "--fine-tune-epochs", "0",
-             "--steps-per-epoch", "2", "--distribute", "mirrored", "--devices", "/cpu:0", "/cpu:1",
-             "--mixed-precision", "off", "--batch-size", "4"]
-    code = f"""
-        import json, pytest
-        import cnn_rnn_classifier as crc
-        from tests.conftest import Killed, kill_at_batch
         flags = {flags!r}
-        assert crc.main(flags + ["--fine-tune-batch-size", "3"]) == 1  # 3 is not divisible by 2 replicas
+        refused = crc.main(flags + ["--fine-tune-batch-size", "3"])  # 3 is not divisible by 2 replicas
         patch = pytest.MonkeyPatch()
         kill_at_batch(patch, 3)  # first batch of epoch 2, after epoch 1 was backed up
         try:
@@ -142,10 +129,18 @@ def test_mirrored_training_from_the_command_line_resumes(tmp_path):
         except Killed:
             pass
         patch.undo()
-        assert crc.main(flags) == 0
-        print(json.dumps(json.loads(open({str(out / "phase1_done.json")!r}).read())))
-    """
-    done = json.loads(run_with_two_cpus(code))
+        print(json.dumps({{"replicas": strategy.num_replicas_in_sync, "single_loss": single_loss,
+                          "mirrored_loss": mirrored_loss, "moved": moved, "difference": difference,
+                          "refused": refused, "rerun": crc.main(flags)}}))
+    """)
+    result = json.loads(printed)
+    assert result["replicas"] == 2
+    assert result["moved"] > 1e-3  # training changed the weights ...
+    assert result["difference"] < 1e-5  # ... the same way on 2 replicas as on one
+    assert result["mirrored_loss"] == pytest.approx(result["single_loss"], rel=1e-5)
+
+    assert result["refused"] == 1 and result["rerun"] == 0
+    done = json.loads((out / "phase1_done.json").read_text())
     assert done["first_epoch"] == 1 and done["epochs_run"] == 2  # resumed, not restarted
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["num_images"] == 9 and len((out / "phase1_log.csv").read_text().splitlines()) >= 4
@@ -192,48 +187,35 @@ def free_ports(count):
     return ports
 
 
-def start_workers(data, outputs, extra=(), ports=None):
-    """Starts one classifier process per output folder (stand-in backbones: the cluster is under
-    test, not Xception), a 127.0.0.1 cluster in TF_CONFIG."""
+def start_workers(script, flags, outputs, ports=None):
+    """Starts one ``script`` process per output folder (stand-in backbones: the cluster is under
+    test, not Xception or VGG16), a 127.0.0.1 cluster in TF_CONFIG; ``flags`` are the script's own,
+    the same on every worker."""
     ports = ports or free_ports(len(outputs))
     cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
     processes = []
     for index, out in enumerate(outputs):
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2",
                    TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}))
-        command = [sys.executable, "-m", "tests.stand_in", "cnn_rnn_classifier.py", "--data-dir", str(data), "--output-dir", str(out),
-                   "--weights", "none", "--image-size", "71", "--rnn-timesteps", "71", "--rnn-units", "8",
-                   "--mixed-precision", "off", "--distribute", "multi-worker", "--input", "tf.data",
-                   "--workers", "1", "--skip-image-check", "--verbose", *extra]
+        command = [sys.executable, "-m", "tests.stand_in", script, "--output-dir", str(out), *flags,
+                   "--mixed-precision", "off", "--distribute", "multi-worker", "--skip-image-check", "--verbose"]
         processes.append(subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                           stderr=subprocess.STDOUT, text=True))
     return processes, ports
 
 
-def test_two_loopback_workers_train_identically_and_only_the_chief_writes(tmp_path):
+def test_killed_worker_stops_the_other_and_a_rerun_resumes_identically_writing_only_on_the_chief(tmp_path):
+    """Two loopback workers of the classifier: one killed in epoch 3 stops the other (no hang);
+    the same command then resumes on both, which train identically (the same weights fingerprint
+    after every epoch), and only the chief writes the run."""
     from tests.conftest import make_class_folders
 
     data = make_class_folders(tmp_path / "data")
     outputs = [tmp_path / "chief_out", tmp_path / "worker_out"]
-    processes, _ = start_workers(data, outputs, ["--epochs", "2", "--fine-tune-epochs", "0", "--batch-size", "4"])
-    logs = [p.communicate(timeout=420)[0] for p in processes]
-    assert [p.returncode for p in processes] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
-    fingerprints = [re.findall(r"phase1: weights fingerprint (\S+)", log) for log in logs]
-    assert fingerprints[0] and fingerprints[0] == fingerprints[1]
-    chief = outputs[0]
-    assert (chief / "phase1_best.keras").is_file() and (chief / "metrics.json").is_file()
-    rows = (chief / "phase1_log.csv").read_text().splitlines()
-    assert rows[0].startswith("epoch,accuracy,learning_rate,loss") and len(rows) == 3  # the rate logged here too
-    assert not outputs[1].exists()  # the other worker wrote only to its own temporary folder, now removed
-
-
-def test_killed_worker_stops_the_other_and_a_rerun_resumes(tmp_path):
-    from tests.conftest import make_class_folders
-
-    data = make_class_folders(tmp_path / "data")
-    outputs = [tmp_path / "chief_out", tmp_path / "worker_out"]
-    flags = ["--epochs", "5", "--fine-tune-epochs", "0", "--batch-size", "4"]
-    (chief, worker), ports = start_workers(data, outputs, flags)
+    flags = ["--data-dir", str(data), "--weights", "none", "--image-size", "71", "--rnn-timesteps", "71",
+             "--rnn-units", "8", "--input", "tf.data", "--workers", "1", "--epochs", "5", "--fine-tune-epochs", "0",
+             "--batch-size", "4"]
+    (chief, worker), ports = start_workers("cnn_rnn_classifier.py", flags, outputs)
     seen = []
     for line in chief.stdout:  # until epoch 2 has begun, so epoch 1 is backed up
         seen.append(line)
@@ -250,32 +232,29 @@ def test_killed_worker_stops_the_other_and_a_rerun_resumes(tmp_path):
     assert "another worker of the cluster failed" in rest
     assert not (outputs[0] / "phase1_done.json").exists()
 
-    processes, _ = start_workers(data, outputs, flags, ports)  # the same command on every worker
+    processes, _ = start_workers("cnn_rnn_classifier.py", flags, outputs, ports)  # the same command on every worker
     logs = [p.communicate(timeout=420)[0] for p in processes]
-    assert [p.returncode for p in processes] == [0, 0], logs[0][-3000:]
+    assert [p.returncode for p in processes] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
     assert re.search(r"phase1: resuming after [1-9]\d* completed epochs", logs[0])
-    epochs = [int(row.split(",")[0]) for row in (outputs[0] / "phase1_log.csv").read_text().splitlines()[1:]]
-    assert sorted(set(epochs)) == list(range(5))
+    fingerprints = [re.findall(r"phase1: weights fingerprint (\S+)", log) for log in logs]
+    assert fingerprints[0] and fingerprints[0] == fingerprints[1]
+    chief_out = outputs[0]
+    assert (chief_out / "phase1_best.keras").is_file() and (chief_out / "metrics.json").is_file()
+    rows = (chief_out / "phase1_log.csv").read_text().splitlines()
+    assert rows[0].startswith("epoch,accuracy,learning_rate,loss")  # the rate logged here too
+    assert sorted({int(row.split(",")[0]) for row in rows[1:]}) == list(range(5))
+    assert not outputs[1].exists()  # the other worker wrote only to its own temporary folder, now removed
 
 
 def test_lrcn_on_two_loopback_workers(tmp_path):
-
     data = tmp_path / "data"
     for split, lengths in (("train", (3, 5, 4, 6)), ("val", (4, 2)), ("test", (5, 3))):
         make_clips(data / split, lengths=lengths)
-    ports = free_ports(2)
-    cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
     outputs = [tmp_path / "chief_out", tmp_path / "worker_out"]
-    processes = []
-    for index, out in enumerate(outputs):
-        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2",
-                   TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}))
-        processes.append(subprocess.Popen(
-            [sys.executable, "-m", "tests.stand_in", "lrcn.py", "--data-dir", str(data), "--output-dir", str(out), "--frames", "3",
-             "--weights", "none", "--image-size", "32", "--dense-units", "8", "--gru-units", "4",
-             "--epochs", "1", "--fine-tune-epochs", "1", "--batch-size", "2", "--fine-tune-batch-size", "2",
-             "--mixed-precision", "off", "--distribute", "multi-worker", "--skip-image-check", "--verbose"],
-            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    processes, _ = start_workers("lrcn.py", ["--data-dir", str(data), "--frames", "3", "--weights", "none",
+                                             "--image-size", "32", "--dense-units", "8", "--gru-units", "4",
+                                             "--epochs", "1", "--fine-tune-epochs", "1", "--batch-size", "2",
+                                             "--fine-tune-batch-size", "2"], outputs)
     logs = [p.communicate(timeout=420)[0] for p in processes]
     assert [p.returncode for p in processes] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
     for phase in ("phase1", "phase2"):
