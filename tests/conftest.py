@@ -8,6 +8,12 @@ import os
 import sys
 from pathlib import Path
 
+# XLA's optimisation passes off in the JAX runs (this process, the run beside it and the processes
+# tests start), before anything imports JAX: the tests' tiny models compile for one or two steps, so
+# compiling dominates, and JAX's flag is meant for this ("useful if the cost of optimization is
+# greater than that of running a less-optimized program"). The same programs, run unoptimised.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+
 import cv2
 import numpy as np
 import pytest
