@@ -58,6 +58,8 @@ if BACKEND != "tensorflow":
 # process started at once and run beside this one, TensorFlow hidden from it. Its failures fail the
 # session; its summary line is printed at the end. TEST_BACKENDS=tensorflow runs TensorFlow alone.
 # The child has TEST_BESIDE set: a test that starts its own processes on each backend runs once.
+# Under pytest-xdist (pytest.ini: 2 workers) the controller starts the child, never a worker, and
+# the child runs its tests in 2 workers of its own.
 OTHER_RUNS = {}
 
 
@@ -351,6 +353,27 @@ def stand_in_backbone(spec):
 
     build.__name__ = spec.application
     return build
+
+
+@pytest.fixture(scope="session")
+def trained_classifier(tmp_path_factory):
+    """A finished tiny classifier run, trained once per session (stand-in backbone, one epoch of
+    phase 1, no phase 2) for the tests that need a run rather than training: ``(data, run, argv)``,
+    its class folders (read only), its folder (``shutil.copytree`` it before changing it) and
+    ``argv(out)``, the ``train`` arguments that made it with ``--output-dir out``."""
+    import cnn_rnn_classifier
+    from helpers import backbones
+
+    root = tmp_path_factory.mktemp("trained_classifier")
+    data, run = make_class_folders(root / "data"), root / "run"
+
+    def argv(out):
+        return classifier_train_args(data, out, "--epochs", "1", "--fine-tune-epochs", "0", "--skip-image-check")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(backbones.Backbone, "constructor", stand_in_backbone)
+        assert cnn_rnn_classifier.main(argv(run)) == 0
+    return data, run, argv
 
 
 @pytest.fixture

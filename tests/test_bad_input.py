@@ -24,6 +24,7 @@ from helpers.errors import UsageError
 from tests.conftest import make_class_folders, make_flickr8k, stand_in_backbone, write_jpeg, write_video
 
 SCRIPTS = {"classifier": crc, "lrcn": lrcn, "captioner": cap}
+pytestmark = pytest.mark.xdist_group("saved_models")  # one worker builds the module's saved models
 
 
 @pytest.fixture(scope="module")

@@ -251,14 +251,16 @@ def test_resume_after_interruption(class_folders, tmp_path, monkeypatch):
     assert not (out / "backup").exists()
 
 
-@pytest.mark.usefixtures("stand_in_backbones")  # about the training core, not Xception
-def test_resume_with_other_model_flags_is_refused(class_folders, tmp_path, caplog):
-    out = tmp_path / "run"
-    assert crc.main(train_args(class_folders, out, "--epochs", "1", "--fine-tune-epochs", "0", "--steps-per-epoch", "1")) == 0
-    changed = train_args(class_folders, out, "--epochs", "1", "--fine-tune-epochs", "0")
+@pytest.mark.xdist_group("trained_classifier")  # one worker trains the shared run
+def test_resume_with_other_model_flags_is_refused(trained_classifier, tmp_path, caplog):
+    _, trained, argv = trained_classifier
+    out = shutil.copytree(trained, tmp_path / "run")
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file() and p.name != rundir.LOCK}
+    changed = argv(out)
     changed[changed.index("--rnn-units") + 1] = "16"
     assert crc.main(changed) == 1
     assert "--rnn-units 8 -> 16" in caplog.text
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file() and p.name != rundir.LOCK} == before
 
 
 def test_nan_loss_keeps_last_good_checkpoint(tmp_path, monkeypatch):

@@ -58,6 +58,7 @@ def float32_run():
     return weights, two_steps(model, weights)
 
 
+@pytest.mark.xdist_group("float32_run")  # one worker builds the float32 run for both
 @pytest.mark.parametrize("mixed_precision, tolerance", [("bfloat16", 0.02), ("float16", 0.005)])
 def test_mixed_precision_backbone_agrees_with_float32(float32_run, mixed_precision, tolerance):
     weights, want = float32_run

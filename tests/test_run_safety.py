@@ -4,6 +4,7 @@ import errno
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -136,20 +137,21 @@ def test_csv_row_cut_short_is_skipped(tmp_path):
     assert rundir.read_history(log) == {"epoch": [0.0, 1.0], "accuracy": [0.5, 0.6], "loss": [1.2, 1.1]}
 
 
-def test_rerun_on_other_data_is_refused_and_changes_nothing(class_folders, tmp_path, caplog):
-    out = tmp_path / "run"
-    assert crc.main(train_args(class_folders, out, "--epochs", "1", "--fine-tune-epochs", "0",
-                               "--skip-image-check")) == 0
+@pytest.mark.xdist_group("trained_classifier")  # one worker trains the shared run
+def test_rerun_on_other_data_is_refused_and_changes_nothing(trained_classifier, tmp_path, caplog):
+    data, trained, argv = trained_classifier
+    out = shutil.copytree(trained, tmp_path / "run")
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file() and p.name != rundir.LOCK}
     other = make_class_folders(tmp_path / "other", classes=("ant", "bee", "cat"))
-    assert crc.main(train_args(other, out, "--epochs", "1", "--fine-tune-epochs", "0", "--skip-image-check")) == 1
+    on_other = argv(out)
+    on_other[on_other.index("--data-dir") + 1] = str(other)
+    assert crc.main(on_other) == 1
     assert "--data-dir" in caplog.text and "added: ant, bee" in caplog.text and "removed: dog, fox" in caplog.text
     after = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file() and p.name != rundir.LOCK}
     assert after == before
     caplog.clear()
     caplog.set_level(logging.INFO)
-    assert crc.main(train_args(class_folders, out, "--epochs", "1", "--fine-tune-epochs", "0",
-                               "--skip-image-check")) == 0
+    assert crc.main(argv(out)) == 0
     assert "phase1: skipped, already complete" in caplog.text
 
 
@@ -184,16 +186,15 @@ def test_16_bit_png_is_refused_by_name(class_folders, tmp_path, caplog):
     assert "wide.png" in caplog.text and "16-bit" in caplog.text
 
 
-def test_one_line_errors_for_unwritable_paths_and_damaged_models(class_folders, tmp_path, caplog):
+@pytest.mark.xdist_group("trained_classifier")  # one worker trains the shared run
+def test_one_line_errors_for_unwritable_paths_and_damaged_models(trained_classifier, tmp_path, caplog):
+    class_folders, run, argv = trained_classifier
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
-    assert crc.main(train_args(class_folders, a_file)) == 1
+    assert crc.main(argv(a_file)) == 1
     assert f"--output-dir {a_file}: cannot write there" in caplog.text
 
-    out = tmp_path / "run"
-    assert crc.main(train_args(class_folders, out, "--epochs", "1", "--fine-tune-epochs", "0",
-                               "--skip-image-check")) == 0
-    model = out / "phase1_best.keras"
+    model = run / "phase1_best.keras"  # read only
     caplog.clear()
     assert crc.main(["evaluate", "--model", str(model), "--data-dir", str(class_folders),
                      "--json", str(a_file / "eval.json")]) == 1
