@@ -38,6 +38,9 @@ def tiny_captioner(inject="pre", vocabulary_size=12, decoder="show-and-tell", pe
 
 
 DECODERS = [("pre", "show-and-tell"), ("merge", "show-and-tell"), ("pre", "attention")]  # (inject, decoder)
+# The tests whose evaluation scores METEOR run in one pytest-xdist worker: its Java scorer starts
+# once per process (17 s of loading), so once per backend.
+METEOR = pytest.mark.xdist_group("meteor")
 
 
 # ----------------------------------------------------------------------------- model
@@ -407,6 +410,7 @@ def test_caption_scores_match_hand_computed_bleu():
 
 
 
+@METEOR
 @pytest.mark.skipif(shutil.which("java") is None, reason="METEOR needs java")
 def test_meteor_starts_java_once_per_process():
     references, candidates = [["a dog runs on grass"], ["a cat sits on the mat"]], ["a dog runs", "a cat sits"]
@@ -443,6 +447,7 @@ def test_a_meteor_scorer_whose_process_died_is_replaced(monkeypatch, caplog):
 
 # ----------------------------------------------------------------------------- whole runs
 
+@METEOR
 @pytest.mark.usefixtures("stand_in_backbones")  # the run, not Xception (whose captioner: test_seed_size_captioners)
 def test_two_phase_run_writes_every_output_then_evaluate_and_caption(flickr, tmp_path, caplog, capsys):
     out = tmp_path / "run"
@@ -482,6 +487,7 @@ def test_two_phase_run_writes_every_output_then_evaluate_and_caption(flickr, tmp
     assert words <= set(vocabulary.tokens[4:])
 
 
+@METEOR
 @pytest.mark.usefixtures("stand_in_backbones")  # the attention decoder's run, not Xception
 def test_attention_run_caches_grids_in_float16_and_draws_where_it_looks(flickr, tmp_path, caplog, capsys):
     out = tmp_path / "run"
@@ -524,6 +530,7 @@ def test_attention_run_caches_grids_in_float16_and_draws_where_it_looks(flickr, 
     assert not (tmp_path / "none").exists()
 
 
+@METEOR
 @pytest.mark.usefixtures("stand_in_backbones")  # about the training core, not Xception
 def test_interrupted_run_resumes_reuses_features_and_refuses_other_flags(flickr, tmp_path, monkeypatch, caplog):
     out = tmp_path / "run"
@@ -544,6 +551,7 @@ def test_interrupted_run_resumes_reuses_features_and_refuses_other_flags(flickr,
     assert json.loads((out / "metrics.json").read_text())["num_images"] == 3
 
 
+@METEOR
 @pytest.mark.usefixtures("stand_in_backbones")  # about the training core, not Xception
 def test_coco_format_trains_and_evaluates_on_val_without_test(tmp_path, caplog):
     out = tmp_path / "run"
