@@ -184,7 +184,8 @@ def test_best_checkpoint_holds_no_optimizer_state(tmp_path):
 
 def test_fine_tune_layers_mean_the_same_with_and_without_pooling():
     """``top_layers`` counts the backbone's own layers: a ``pooling=`` layer on top (the classifier's)
-    is not counted, so the classifier and the captioner unfreeze the same blocks for the same N."""
+    is not counted, so the classifier and the captioner unfreeze the same blocks for the same N; and
+    each call sets every layer, so a later call on the same model unfreezes more or fewer."""
     def built(pooling):
         keras.backend.clear_session()  # the same automatic layer names (conv2d_3) in both builds
         with weights_never_drawn():  # names, not values
