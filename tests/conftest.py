@@ -130,18 +130,6 @@ def pytest_terminal_summary(terminalreporter):
         os.unlink(log.name)
 
 
-@pytest.fixture(scope="session", autouse=True)
-def tensorflow_graphs_unoptimised():
-    """TensorFlow's graph optimiser (Grappler) off in the processes that run the TensorFlow tests,
-    as XLA's passes are off for JAX (above): the tiny models' graphs run a few steps each, so
-    optimising them costs more than it saves (about 10% of those tests' time). The same ops."""
-    if BACKEND == "tensorflow":
-        import tensorflow as tf
-
-        tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": True})
-    yield
-
-
 def pytest_collection_modifyitems(config, items):
     """Tests marked ``tensorflow`` (what TensorFlow alone does: tf.data, FusedLSTM's kernels,
     tf.distribute, SavedModel export) are skipped on the other backends."""
