@@ -301,6 +301,13 @@ def kill_at_batch(monkeypatch, batch_number):
     monkeypatch.setattr(keras.callbacks.CSVLogger, "on_train_batch_end", on_train_batch_end, raising=False)
 
 
+def file_times(folder):
+    """``{name: st_mtime_ns}`` of the files in ``folder`` (its lock left out): what a refused
+    command must leave as it was."""
+    from helpers import rundir
+
+    return {p.name: p.stat().st_mtime_ns for p in Path(folder).iterdir() if p.is_file() and p.name != rundir.LOCK}
+
 
 @contextlib.contextmanager
 def weights_never_drawn():
@@ -315,6 +322,7 @@ def weights_never_drawn():
             yield
     finally:
         keras.utils.clear_session()
+
 
 @pytest.fixture
 def tiny_imagenet(tmp_path):
@@ -362,7 +370,6 @@ def trained_classifier(tmp_path_factory):
     its class folders (read only), its folder (``shutil.copytree`` it before changing it) and
     ``argv(out)``, the ``train`` arguments that made it with ``--output-dir out``."""
     import cnn_rnn_classifier
-    from helpers import backbones
 
     root = tmp_path_factory.mktemp("trained_classifier")
     data, run = make_class_folders(root / "data"), root / "run"
@@ -370,18 +377,24 @@ def trained_classifier(tmp_path_factory):
     def argv(out):
         return classifier_train_args(data, out, "--epochs", "1", "--fine-tune-epochs", "0", "--skip-image-check")
 
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(backbones.Backbone, "constructor", stand_in_backbone)
+    with stand_in_backbones_patched():
         assert cnn_rnn_classifier.main(argv(run)) == 0
     return data, run, argv
 
 
-@pytest.fixture
-def stand_in_backbones():
-    """Every script builds ``stand_in_backbone``s in place of Xception and VGG16 (a patch of its own,
-    which a test's ``monkeypatch.undo()`` leaves in place)."""
+@contextlib.contextmanager
+def stand_in_backbones_patched():
+    """Inside, every script builds ``stand_in_backbone``s in place of Xception and VGG16 (a patch of
+    its own, which a test's ``monkeypatch.undo()`` leaves in place); for fixtures of any scope."""
     from helpers import backbones
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(backbones.Backbone, "constructor", stand_in_backbone)
+        yield
+
+
+@pytest.fixture
+def stand_in_backbones():
+    """``stand_in_backbones_patched`` for one test."""
+    with stand_in_backbones_patched():
         yield

@@ -17,11 +17,11 @@ from PIL import Image
 import captioning as cap
 import cnn_rnn_classifier as crc
 import lrcn
-from helpers import backbones, backend, captions, data, extract_frames, features, rundir, sequences, training
+from helpers import backend, captions, data, extract_frames, features, rundir, sequences, training
 from helpers.backbones import WeightsUnavailableError, pretrained_backbone
 from helpers.data import DatasetError
 from helpers.errors import UsageError
-from tests.conftest import make_class_folders, make_flickr8k, stand_in_backbone, write_jpeg, write_video
+from tests.conftest import make_class_folders, make_flickr8k, stand_in_backbones_patched, write_jpeg, write_video
 
 SCRIPTS = {"classifier": crc, "lrcn": lrcn, "captioner": cap}
 pytestmark = pytest.mark.xdist_group("saved_models")  # one worker builds the module's saved models
@@ -32,8 +32,7 @@ def saved_models(tmp_path_factory):
     """A tiny saved model of each kind, with the run files beside it: ``{kind: path}``."""
     root = tmp_path_factory.mktemp("models")
     keras.utils.set_random_seed(0)
-    with pytest.MonkeyPatch.context() as patch:  # the commands' checks, not the backbones, are under test
-        patch.setattr(backbones.Backbone, "constructor", stand_in_backbone)
+    with stand_in_backbones_patched():  # the commands' checks, not the backbones, are under test
         models = {
             "classifier": crc.build_cnn_rnn_classifier(num_classes=3, image_size=71, rnn_timesteps=71, rnn_units=8,
                                                        weights=None),

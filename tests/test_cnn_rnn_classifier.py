@@ -11,7 +11,7 @@ from PIL import Image
 
 import cnn_rnn_classifier as crc
 from helpers import backbones, backend, rundir, training
-from tests.conftest import SHARED, Killed, kill_at_batch, weights_never_drawn, write_jpeg
+from tests.conftest import SHARED, Killed, file_times, kill_at_batch, weights_never_drawn, write_jpeg
 from tests.conftest import CLASSIFIER_TINY as TINY, classifier_train_args as train_args
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -255,12 +255,12 @@ def test_resume_after_interruption(class_folders, tmp_path, monkeypatch):
 def test_resume_with_other_model_flags_is_refused(trained_classifier, tmp_path, caplog):
     _, trained, argv = trained_classifier
     out = shutil.copytree(trained, tmp_path / "run")
-    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file() and p.name != rundir.LOCK}
+    before = file_times(out)
     changed = argv(out)
     changed[changed.index("--rnn-units") + 1] = "16"
     assert crc.main(changed) == 1
     assert "--rnn-units 8 -> 16" in caplog.text
-    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file() and p.name != rundir.LOCK} == before
+    assert file_times(out) == before
 
 
 def test_nan_loss_keeps_last_good_checkpoint(tmp_path, monkeypatch):

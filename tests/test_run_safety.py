@@ -17,7 +17,7 @@ from PIL import Image
 import cnn_rnn_classifier as crc
 from helpers import rundir, training
 from helpers.restructure_dataset import restructure
-from tests.conftest import Killed, kill_at_batch, make_class_folders, make_tiny_imagenet, write_jpeg
+from tests.conftest import Killed, file_times, kill_at_batch, make_class_folders, make_tiny_imagenet, write_jpeg
 from tests.conftest import classifier_train_args as train_args
 
 # The runs here are about the training core's files, not about Xception: a stand-in backbone.
@@ -141,13 +141,13 @@ def test_csv_row_cut_short_is_skipped(tmp_path):
 def test_rerun_on_other_data_is_refused_and_changes_nothing(trained_classifier, tmp_path, caplog):
     data, trained, argv = trained_classifier
     out = shutil.copytree(trained, tmp_path / "run")
-    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file() and p.name != rundir.LOCK}
+    before = file_times(out)
     other = make_class_folders(tmp_path / "other", classes=("ant", "bee", "cat"))
     on_other = argv(out)
     on_other[on_other.index("--data-dir") + 1] = str(other)
     assert crc.main(on_other) == 1
     assert "--data-dir" in caplog.text and "added: ant, bee" in caplog.text and "removed: dog, fox" in caplog.text
-    after = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file() and p.name != rundir.LOCK}
+    after = file_times(out)
     assert after == before
     caplog.clear()
     caplog.set_level(logging.INFO)
