@@ -41,27 +41,52 @@ def tiny_classifier(mixed_precision):
     return crc.build_cnn_rnn_classifier(3, 71, 71, 8, weights=None, mixed_precision=mixed_precision)
 
 
+BATCH = np.random.default_rng(2).uniform(-1, 1, (4, 71, 71, 3)).astype("float32")  # Xception's input range
+
+
 def two_steps(model, weights, jit_compile=False):
     """The losses of two SGD steps on a fixed batch (before and after one update)."""
     model.set_weights(weights)
     crc.compile_classifier(model, keras.optimizers.SGD(0.1), jit_compile=jit_compile)
-    x = np.random.default_rng(2).uniform(-1, 1, (4, 71, 71, 3)).astype("float32")
     y = np.eye(3)[[0, 1, 2, 0]]
-    return [model.train_on_batch(x, y)[0] for _ in range(2)]
+    return [model.train_on_batch(BATCH, y)[0] for _ in range(2)]
+
+
+def xception_features(model):
+    """The backbone's pooled features of ``BATCH``: (4, 2048) float32."""
+    return np.asarray(model.get_layer("xception").predict_on_batch(BATCH), "float32")
 
 
 @pytest.fixture(scope="module")
-def float32_run():
-    """A float32 tiny classifier's weights and its two-step losses, computed once."""
+def float32_xception():
+    """A float32 tiny classifier on the real Xception: its weights and Xception's features, computed once."""
+    model = tiny_classifier("off")
+    return model.get_weights(), xception_features(model)
+
+
+@pytest.mark.xdist_group("float32_xception")  # one worker builds the float32 Xception for both
+@pytest.mark.parametrize("mixed_precision, tolerance", [("bfloat16", 0.02), ("float16", 0.005)])
+def test_mixed_precision_xception_computes_the_float32_features(float32_xception, mixed_precision, tolerance):
+    """The real Xception, every layer, in the mixed policy: the same features (relative error over
+    the batch) from the same weights; its training: the stand-in test below."""
+    weights, want = float32_xception
+    model = tiny_classifier(mixed_precision)
+    compute = precision.POLICIES[mixed_precision][len("mixed_"):]
+    xception = model.get_layer("xception")
+    assert {layer.dtype_policy.compute_dtype for layer in xception.layers[1:]} == {compute}
+    model.set_weights(weights)
+    got = xception_features(model)
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < tolerance
+    assert np.abs(got - want).max() > 0  # computed in the lower precision, not float32
+
+
+@pytest.mark.usefixtures("stand_in_backbones")  # the training step under the policy, not Xception (above)
+@pytest.mark.parametrize("mixed_precision, tolerance", [("bfloat16", 0.02), ("float16", 0.005)])
+def test_mixed_precision_training_steps_agree_with_float32(mixed_precision, tolerance):
     model = tiny_classifier("off")
     weights = model.get_weights()
-    return weights, two_steps(model, weights)
-
-
-@pytest.mark.xdist_group("float32_run")  # one worker builds the float32 run for both
-@pytest.mark.parametrize("mixed_precision, tolerance", [("bfloat16", 0.02), ("float16", 0.005)])
-def test_mixed_precision_backbone_agrees_with_float32(float32_run, mixed_precision, tolerance):
-    weights, want = float32_run
+    want = two_steps(model, weights)
+    assert want[1] < want[0]  # the step learned something
     model = tiny_classifier(mixed_precision)
     compute = precision.POLICIES[mixed_precision][len("mixed_"):]
     assert model.get_layer("xception").dtype_policy.compute_dtype == compute
@@ -69,7 +94,6 @@ def test_mixed_precision_backbone_agrees_with_float32(float32_run, mixed_precisi
     assert model.output.dtype == "float32"
     got = two_steps(model, weights)
     assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer) == (mixed_precision == "float16")
-    assert want[1] < want[0]  # the step learned something
     np.testing.assert_allclose(got, want, rtol=tolerance)
 
 
