@@ -1,6 +1,7 @@
 """Shared fixtures: tiny trees of real files written in tmp_path: JPEGs in class folders, a raw Tiny
 ImageNet download, captioned photos (Flickr8k and COCO layouts), frame folders and AVI videos."""
 
+import collections
 import contextlib
 import importlib.abc
 import json
@@ -363,12 +364,18 @@ def stand_in_backbone(spec):
     return build
 
 
+TrainedRun = collections.namedtuple("TrainedRun", "data run argv log")
+
+
 @pytest.fixture(scope="session")
 def trained_classifier(tmp_path_factory):
     """A finished tiny classifier run, trained once per session (stand-in backbone, one epoch of
-    phase 1, no phase 2) for the tests that need a run rather than training: ``(data, run, argv)``,
-    its class folders (read only), its folder (``shutil.copytree`` it before changing it) and
-    ``argv(out)``, the ``train`` arguments that made it with ``--output-dir out``."""
+    phase 1 on cached features, no phase 2) for the tests that need a run rather than training:
+    a ``TrainedRun``: ``data``, its class folders (read only); ``run``, its folder
+    (``shutil.copytree`` it before changing it); ``argv(out)``, the ``train`` arguments that made
+    it with ``--output-dir out``; ``log``, what it logged (INFO and above)."""
+    import logging
+
     import cnn_rnn_classifier
 
     root = tmp_path_factory.mktemp("trained_classifier")
@@ -377,9 +384,25 @@ def trained_classifier(tmp_path_factory):
     def argv(out):
         return classifier_train_args(data, out, "--epochs", "1", "--fine-tune-epochs", "0", "--skip-image-check")
 
-    with stand_in_backbones_patched():
-        assert cnn_rnn_classifier.main(argv(run)) == 0
-    return data, run, argv
+    class Lines(logging.Handler):
+        def __init__(self):
+            super().__init__(logging.INFO)
+            self.lines = []
+
+        def emit(self, record):
+            self.lines.append(record.getMessage())
+
+    lines, root_logger = Lines(), logging.getLogger()
+    level = root_logger.level
+    root_logger.addHandler(lines)
+    root_logger.setLevel(logging.INFO)
+    try:
+        with stand_in_backbones_patched():
+            assert cnn_rnn_classifier.main(argv(run)) == 0
+    finally:
+        root_logger.removeHandler(lines)
+        root_logger.setLevel(level)
+    return TrainedRun(data, run, argv, "\n".join(lines.lines))
 
 
 @contextlib.contextmanager

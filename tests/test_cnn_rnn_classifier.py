@@ -253,7 +253,7 @@ def test_resume_after_interruption(class_folders, tmp_path, monkeypatch):
 
 @pytest.mark.xdist_group("trained_classifier")  # one worker trains the shared run
 def test_resume_with_other_model_flags_is_refused(trained_classifier, tmp_path, caplog):
-    _, trained, argv = trained_classifier
+    trained, argv = trained_classifier.run, trained_classifier.argv
     out = shutil.copytree(trained, tmp_path / "run")
     before = file_times(out)
     changed = argv(out)
@@ -477,27 +477,40 @@ def test_cnn_only_head_takes_only_the_features():
     assert [layer.name for layer in head.layers if layer.weights] == ["predictions"]
 
 
-@pytest.mark.usefixtures("stand_in_backbones")  # about the training core, not Xception
-def test_phase1_cache_is_on_by_default_and_a_flag_turns_it_off(class_folders, tmp_path, caplog):
+@pytest.mark.xdist_group("trained_classifier")  # one worker trains the shared run
+def test_phase1_cache_is_on_by_default_and_flags_turn_it_off(trained_classifier, tmp_path, caplog):
+    """The shared run trained with the defaults: phase 1 on cached features, which are the
+    backbone's output for each image; ``--no-feature-cache`` and ``--augment`` each turn the
+    cache off (the decision for each flag alone, and one run with both, naming both)."""
+    import argparse
     import logging
 
-    for cached, extra in ((True, []), (False, ["--no-feature-cache"]), (False, ["--augment"])):
-        out = tmp_path / f"run{len(list(tmp_path.iterdir()))}"
-        caplog.clear()
-        with caplog.at_level(logging.INFO):
-            assert crc.main(train_args(class_folders, out, "--epochs", "1", "--fine-tune-epochs", "0",
-                                       "--skip-image-check", *extra)) == 0
-        assert ("head trains on cached Xception features" in caplog.text) == cached
-        assert ("feature cache off: " + (extra[0] if extra else "") in caplog.text) == (not cached)
+    from helpers import data, features
+
+    def phase1_on_cache(**flags):
+        args = argparse.Namespace(**{"epochs": 1, "feature_cache": True, "augment": False, **flags})
+        return features.phase1_on_cache(args, rundir.RunDir(tmp_path / "new"), "Xception", "image")
+
+    assert phase1_on_cache()
+    assert not phase1_on_cache(feature_cache=False) and not phase1_on_cache(augment=True)
+    assert not phase1_on_cache(distribute="mirrored") and not phase1_on_cache(epochs=0)
+
+    runs = {True: trained_classifier.run, False: tmp_path / "run"}
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        assert crc.main(trained_classifier.argv(runs[False]) + ["--no-feature-cache", "--augment"]) == 0
+    logs = {True: trained_classifier.log, False: caplog.text}
+    assert "feature cache off: --no-feature-cache, --augment" in logs[False]
+    for cached, out in runs.items():
+        assert ("head trains on cached Xception features" in logs[cached]) == cached
+        assert ("feature cache off" in logs[cached]) == (not cached)
         files = sorted(p.name.split("-")[0] for p in (out / "features").glob("*.npy")) if cached else []
         assert files == (["train", "val"] if cached else [])
         assert len(rundir.read_history(out / "phase1_log.csv")["loss"]) == 1
         model = keras.saving.load_model(out / "phase1_best.keras")  # the whole model, not the head
         assert model.name == "cnn_rnn_classifier" and model.input_shape == (None, 71, 71, 3)
-        if cached:  # the cache holds Xception's output for each image, in the split's order
-            from helpers import data
-
-            split = data.list_split(class_folders / "train", None, "train")
+        if cached:  # the cache holds the backbone's output for each image, in the split's order
+            split = data.list_split(trained_classifier.data / "train", None, "train")
             stored = np.load(next((out / "features").glob("train-*.npy")))
             expected = model.get_layer("xception").predict(crc.read_split(split, _input_args(), 4, False), verbose=0)
             np.testing.assert_allclose(stored, expected, rtol=1e-4, atol=1e-5)

@@ -139,7 +139,7 @@ def test_csv_row_cut_short_is_skipped(tmp_path):
 
 @pytest.mark.xdist_group("trained_classifier")  # one worker trains the shared run
 def test_rerun_on_other_data_is_refused_and_changes_nothing(trained_classifier, tmp_path, caplog):
-    data, trained, argv = trained_classifier
+    data, trained, argv = trained_classifier.data, trained_classifier.run, trained_classifier.argv
     out = shutil.copytree(trained, tmp_path / "run")
     before = file_times(out)
     other = make_class_folders(tmp_path / "other", classes=("ant", "bee", "cat"))
@@ -188,7 +188,7 @@ def test_16_bit_png_is_refused_by_name(class_folders, tmp_path, caplog):
 
 @pytest.mark.xdist_group("trained_classifier")  # one worker trains the shared run
 def test_one_line_errors_for_unwritable_paths_and_damaged_models(trained_classifier, tmp_path, caplog):
-    class_folders, run, argv = trained_classifier
+    class_folders, run, argv = trained_classifier.data, trained_classifier.run, trained_classifier.argv
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
     assert crc.main(argv(a_file)) == 1
