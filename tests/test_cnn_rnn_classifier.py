@@ -233,24 +233,6 @@ def test_fine_tune_only_and_cnn_only(class_folders, tmp_path):
     assert keras.saving.load_model(out / "phase2_best.keras").name == "cnn_classifier"
 
 
-@pytest.mark.usefixtures("stand_in_backbones")  # about the training core, not Xception
-def test_resume_after_interruption(class_folders, tmp_path, monkeypatch):
-    out = tmp_path / "run"
-    args = train_args(class_folders, out, "--epochs", "3", "--fine-tune-epochs", "0", "--steps-per-epoch", "2")
-    kill_at_batch(monkeypatch, 3)  # first batch of epoch 2 (2 steps per epoch), after epoch 1 was backed up
-    with pytest.raises(Killed):
-        crc.main(args)
-    assert rundir.read_history(out / "phase1_log.csv")["epoch"] == [0.0]
-    assert (out / "backup" / "phase1").is_dir() and not (out / "phase1_done.json").exists()
-    monkeypatch.undo()
-
-    assert crc.main(args) == 0
-    done = json.loads((out / "phase1_done.json").read_text())
-    assert done["first_epoch"] == 1 and done["epochs_run"] == 2  # continued, not restarted
-    assert rundir.read_history(out / "phase1_log.csv")["epoch"] == [0.0, 1.0, 2.0]
-    assert not (out / "backup").exists()
-
-
 @pytest.mark.xdist_group("trained_classifier")  # one worker trains the shared run
 def test_resume_with_other_model_flags_is_refused(trained_classifier, tmp_path, caplog):
     trained, argv = trained_classifier.run, trained_classifier.argv
@@ -517,8 +499,11 @@ def test_phase1_cache_is_on_by_default_and_flags_turn_it_off(trained_classifier,
 
 
 @pytest.mark.usefixtures("stand_in_backbones")  # about the training core, not Xception
-def test_cache_is_reused_on_resume_and_computed_again_when_an_image_changes(class_folders, tmp_path, monkeypatch,
-                                                                            caplog):
+def test_resume_after_interruption_reuses_the_cache_unless_an_image_changed(class_folders, tmp_path, monkeypatch,
+                                                                           caplog):
+    """Killed in epoch 2 (after epoch 1 was backed up), the same command continues from epoch 2,
+    reading the features from the cache; killed again after an image was rewritten, it computes
+    them again."""
     import logging
     import os
 
@@ -526,10 +511,12 @@ def test_cache_is_reused_on_resume_and_computed_again_when_an_image_changes(clas
     args = train_args(class_folders, out, "--epochs", "3", "--fine-tune-epochs", "0", "--steps-per-epoch", "2",
                       "--skip-image-check")
     for touch in (False, True):
-        kill_at_batch(monkeypatch, 3)
+        kill_at_batch(monkeypatch, 3)  # first batch of epoch 2 (2 steps per epoch)
         with pytest.raises(Killed):
             crc.main(args)
         monkeypatch.undo()
+        assert rundir.read_history(out / "phase1_log.csv")["epoch"] == [0.0]
+        assert (out / "backup" / "phase1").is_dir() and not (out / "phase1_done.json").exists()
         (out / "phase1_done.json").unlink(missing_ok=True)
         before = {p.name for p in (out / "features").glob("*.npy")}
         if touch:  # an image rewritten: its size and modification time change
@@ -545,6 +532,10 @@ def test_cache_is_reused_on_resume_and_computed_again_when_an_image_changes(clas
         assert ("features of 18 train images read from the cache" in caplog.text) == (not touch)
         assert (train_after == train_before) == (not touch)
         assert "resuming after 1 completed epochs" in caplog.text
+        done = json.loads((out / "phase1_done.json").read_text())
+        assert done["first_epoch"] == 1 and done["epochs_run"] == 2  # continued, not restarted
+        assert rundir.read_history(out / "phase1_log.csv")["epoch"] == [0.0, 1.0, 2.0]
+        assert not (out / "backup").exists()
         for name in ("phase1_log.csv", "phase1_best.keras", "phase1_done.json"):
             (out / name).unlink()
         shutil.rmtree(out / "backup", ignore_errors=True)
