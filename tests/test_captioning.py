@@ -448,46 +448,6 @@ def test_a_meteor_scorer_whose_process_died_is_replaced(monkeypatch, caplog):
 # ----------------------------------------------------------------------------- whole runs
 
 @METEOR
-@pytest.mark.usefixtures("stand_in_backbones")  # the run, not Xception (whose captioner: test_seed_size_captioners)
-def test_two_phase_run_writes_every_output_then_evaluate_and_caption(flickr, tmp_path, caplog, capsys):
-    out = tmp_path / "run"
-    args = ["--data-dir", str(flickr), "--output-dir", str(out), *TINY, "--epochs", "2", "--fine-tune-epochs", "1"]
-    assert cap.main(args) == 0
-    run = rundir.RunDir(out)
-    for phase in ("phase1", "phase2"):
-        assert run.best(phase).is_file() and run.done(phase).is_file() and run.curves(phase).is_file()
-        assert len(rundir.read_history(run.log(phase))["val_loss"]) == (2 if phase == "phase1" else 1)
-    assert sorted(p.name.split("-")[0] for p in run.features.glob("*.npy")) == ["train", "val"]
-    assert json.loads(run.args.read_text())["inject"] == "pre"
-    vocabulary = captions.Vocabulary.load(run.vocabulary)
-    assert {"red", "blue", "green", "picture"} <= set(vocabulary.tokens)
-    metrics = json.loads(run.metrics.read_text())
-    for decoding in ("greedy", "beam"):
-        for key in ("bleu1", "bleu4", "cider_d", "distinct_captions", "vocabulary_used", "bleu4_shuffled"):
-            assert 0 <= metrics[decoding][key] < 11
-    assert metrics["split"] == "test" and metrics["num_images"] == 3
-    generated = json.loads(run.captions.read_text())
-    assert len(generated) == 3 and set(generated[0]) == {"image", "greedy", "beam", "references"}
-    with Image.open(run.captions_grid) as grid:
-        assert grid.size[0] > 200
-    # phase 1's model is the whole captioner (its best checkpoint takes images)
-    assert keras.saving.load_model(run.best("phase1")).name == "captioner"
-
-    capsys.readouterr()
-    assert cap.main(["evaluate", "--model", str(run.best("phase2")), "--data-dir", str(flickr),
-                     "--json", str(tmp_path / "m.json")]) == 0
-    again = json.loads((tmp_path / "m.json").read_text())
-    assert again["beam"]["bleu4"] == pytest.approx(metrics["beam"]["bleu4"], abs=1e-6)
-    assert "BLEU-4" in capsys.readouterr().out
-    assert cap.main(["caption", "--model", str(run.best("phase2")), "--beam-size", "2",
-                     str(flickr / "Flicker8k_Dataset" / "1000_red.jpg"), str(flickr / "Flicker8k_Dataset")]) == 0
-    lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 16 and lines[0].startswith(str(flickr / "Flicker8k_Dataset" / "1000_red.jpg") + ":")
-    words = {w for line in lines for w in line.rsplit(":", 1)[1].split()}
-    assert words <= set(vocabulary.tokens[4:])
-
-
-@METEOR
 @pytest.mark.usefixtures("stand_in_backbones")  # the attention decoder's run, not Xception
 def test_attention_run_caches_grids_in_float16_and_draws_where_it_looks(flickr, tmp_path, caplog, capsys):
     out = tmp_path / "run"
@@ -531,10 +491,15 @@ def test_attention_run_caches_grids_in_float16_and_draws_where_it_looks(flickr, 
 
 
 @METEOR
-@pytest.mark.usefixtures("stand_in_backbones")  # about the training core, not Xception
-def test_interrupted_run_resumes_reuses_features_and_refuses_other_flags(flickr, tmp_path, monkeypatch, caplog):
+@pytest.mark.usefixtures("stand_in_backbones")  # the run, not Xception (whose captioner: test_seed_size_captioners)
+def test_interrupted_two_phase_run_resumes_then_writes_every_output_evaluates_and_captions(
+        flickr, tmp_path, monkeypatch, caplog, capsys):
+    """Show-and-tell (the default decoder), killed in phase 1's second epoch: other model flags are
+    refused, the same command continues from the cache and the backup, trains phase 2 and writes
+    every output; ``evaluate`` and ``caption`` on its model. (An uninterrupted two-phase run: the
+    attention run below.)"""
     out = tmp_path / "run"
-    args = ["--data-dir", str(flickr), "--output-dir", str(out), *TINY, "--epochs", "3", "--fine-tune-epochs", "0",
+    args = ["--data-dir", str(flickr), "--output-dir", str(out), *TINY, "--epochs", "3", "--fine-tune-epochs", "1",
             "--skip-image-check"]
     kill_at_batch(monkeypatch, 12)  # 6 batches per epoch (bucketed): inside epoch 2
     with pytest.raises(Killed):
@@ -548,7 +513,39 @@ def test_interrupted_run_resumes_reuses_features_and_refuses_other_flags(flickr,
     assert cap.main(args) == 0
     assert "read from the cache" in caplog.text and "resuming after 1 completed epochs" in caplog.text
     assert rundir.read_history(out / "phase1_log.csv")["epoch"] == [0.0, 1.0, 2.0]
-    assert json.loads((out / "metrics.json").read_text())["num_images"] == 3
+
+    run = rundir.RunDir(out)
+    for phase in ("phase1", "phase2"):
+        assert run.best(phase).is_file() and run.done(phase).is_file() and run.curves(phase).is_file()
+        assert len(rundir.read_history(run.log(phase))["val_loss"]) == (3 if phase == "phase1" else 1)
+    assert sorted(p.name.split("-")[0] for p in run.features.glob("*.npy")) == ["train", "val"]
+    assert json.loads(run.args.read_text())["inject"] == "pre"
+    vocabulary = captions.Vocabulary.load(run.vocabulary)
+    assert {"red", "blue", "green", "picture"} <= set(vocabulary.tokens)
+    metrics = json.loads(run.metrics.read_text())
+    for decoding in ("greedy", "beam"):
+        for key in ("bleu1", "bleu4", "cider_d", "distinct_captions", "vocabulary_used", "bleu4_shuffled"):
+            assert 0 <= metrics[decoding][key] < 11
+    assert metrics["split"] == "test" and metrics["num_images"] == 3
+    generated = json.loads(run.captions.read_text())
+    assert len(generated) == 3 and set(generated[0]) == {"image", "greedy", "beam", "references"}
+    with Image.open(run.captions_grid) as grid:
+        assert grid.size[0] > 200
+    # phase 1's model is the whole captioner (its best checkpoint takes images)
+    assert keras.saving.load_model(run.best("phase1")).name == "captioner"
+
+    capsys.readouterr()
+    assert cap.main(["evaluate", "--model", str(run.best("phase2")), "--data-dir", str(flickr),
+                     "--json", str(tmp_path / "m.json")]) == 0
+    again = json.loads((tmp_path / "m.json").read_text())
+    assert again["beam"]["bleu4"] == pytest.approx(metrics["beam"]["bleu4"], abs=1e-6)
+    assert "BLEU-4" in capsys.readouterr().out
+    assert cap.main(["caption", "--model", str(run.best("phase2")), "--beam-size", "2",
+                     str(flickr / "Flicker8k_Dataset" / "1000_red.jpg"), str(flickr / "Flicker8k_Dataset")]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 16 and lines[0].startswith(str(flickr / "Flicker8k_Dataset" / "1000_red.jpg") + ":")
+    words = {w for line in lines for w in line.rsplit(":", 1)[1].split()}
+    assert words <= set(vocabulary.tokens[4:])
 
 
 @METEOR
