@@ -8,9 +8,9 @@
 probabilities); ``check`` loads each model on its own backend, predicts the same inputs and
 prints one JSON line: the largest absolute difference per kind; ``check DIR save DIR2`` then
 moves the loaded models' weights again and saves them (the reverse direction, in the same
-process). Run by ``tests/test_backends.py`` in fresh processes, one per step; under a backend
-other than TensorFlow, TensorFlow is hidden (``tests.conftest.NoTensorFlow``) and its absence
-asserted.
+process). ``tests/test_backends.py`` runs the JAX step in a fresh process (TensorFlow hidden,
+``tests.conftest.NoTensorFlow``, and its absence asserted) and calls ``save`` and ``check`` in its
+own TensorFlow process.
 """
 
 import json
