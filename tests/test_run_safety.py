@@ -139,7 +139,7 @@ def test_csv_row_cut_short_is_skipped(tmp_path):
 
 @pytest.mark.xdist_group("trained_classifier")  # one worker trains the shared run
 def test_rerun_on_other_data_is_refused_and_changes_nothing(trained_classifier, tmp_path, caplog):
-    data, trained, argv = trained_classifier.data, trained_classifier.run, trained_classifier.argv
+    trained, argv = trained_classifier.run, trained_classifier.argv
     out = shutil.copytree(trained, tmp_path / "run")
     before = file_times(out)
     other = make_class_folders(tmp_path / "other", classes=("ant", "bee", "cat"))
