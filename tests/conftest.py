@@ -131,15 +131,26 @@ def pytest_terminal_summary(terminalreporter):
         os.unlink(log.name)
 
 
+def jax_run_beside():
+    """Whether a JAX run of the tests goes on beside this TensorFlow one (``pytest_configure``)."""
+    backends = os.environ.get("TEST_BACKENDS", "tensorflow,jax").split(",")
+    return BACKEND == "tensorflow" and "jax" in [b.strip() for b in backends] and _installed("jax")
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked ``tensorflow`` (what TensorFlow alone does: tf.data, FusedLSTM's kernels,
-    tf.distribute, SavedModel export) are skipped on the other backends."""
-    if BACKEND == "tensorflow":
-        return
-    skip = pytest.mark.skip(reason=f"needs TensorFlow; this run is on {BACKEND}")
+    tf.distribute, SavedModel export) are skipped on the other backends. Tests marked
+    ``jax_processes`` (they start JAX processes of their own and need nothing of this one's
+    backend) run once: in the JAX run, or in the TensorFlow run when no JAX run is beside it."""
     for item in items:
-        if "tensorflow" in item.keywords:
-            item.add_marker(skip)
+        if "jax_processes" in item.keywords:
+            if not _installed("jax"):
+                item.add_marker(pytest.mark.skip(reason="JAX is not installed"))
+            elif jax_run_beside():
+                item.add_marker(pytest.mark.skip(reason="the JAX run beside this one runs it"))
+            continue
+        if "tensorflow" in item.keywords and BACKEND != "tensorflow":
+            item.add_marker(pytest.mark.skip(reason=f"needs TensorFlow; this run is on {BACKEND}"))
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 

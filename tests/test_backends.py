@@ -48,7 +48,7 @@ def test_checkpoints_cross_backends_with_the_same_probabilities(tmp_path, capsys
         assert checked["tensorflow_imported"] == (loaded_on == "tensorflow")
 
 
-@needs_jax
+@pytest.mark.jax_processes
 def test_the_scripts_import_without_tensorflow():
     code = ("import sys; from tests.conftest import NoTensorFlow; sys.meta_path.insert(0, NoTensorFlow()); "
             "import cnn_rnn_classifier, lrcn, captioning; from helpers import features, export, distribute, training; "

@@ -1,4 +1,3 @@
-import importlib.util
 import json
 import re
 import os
@@ -309,7 +308,7 @@ json.dump({"replicas": strategy.num_replicas_in_sync, "single": single, "paralle
 """
 
 
-@pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="needs jax (requirements-jax.txt)")
+@pytest.mark.jax_processes
 def test_mirrored_on_jax_is_keras_data_parallel_with_the_single_device_result(tmp_path):
     """--distribute mirrored on JAX: keras.distribution.DataParallel over two (forced) CPU devices
     gives the single-device losses and weights for the same global batch."""

@@ -1,7 +1,6 @@
 """benchmarks/gpu_check.py runs end to end on tiny shapes (--smoke) on the CPU, and
 prepare_gpu_check.py's float16 weights load back into the model they came from."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -16,8 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
-@pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="JAX is not installed")
-@pytest.mark.skipif(bool(os.environ.get("TEST_BESIDE")), reason="the run beside this one runs it (on JAX, in its own process)")
+@pytest.mark.jax_processes
 def test_smoke_run_prints_the_table(tmp_path):
     result = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--smoke", "--steps", "1", "--only", "lrcn",
                              "--json", str(tmp_path / "check.json")], cwd=ROOT, capture_output=True, text=True,
