@@ -216,6 +216,7 @@ def test_beam_search_length_penalty_trades_total_for_per_word_probability():
         assert found == [expected] and scores[0] == pytest.approx(score), penalty
 
 
+@pytest.mark.usefixtures("stand_in_backbones")  # the decoder, not Xception
 def test_beam_size_one_is_greedy_on_a_trained_shape_model():
     model = tiny_captioner("pre", vocabulary_size=12)
     decoder = cap.StepDecoder(model)
@@ -245,6 +246,7 @@ def test_without_end_the_best_unfinished_caption_is_returned():
     assert greedy == [[A, A, A, A]]
 
 
+@pytest.mark.usefixtures("stand_in_backbones")  # the decoder's state, not Xception
 @pytest.mark.parametrize("inject, decoder", DECODERS)
 def test_step_decoding_carries_the_state_like_the_whole_model(inject, decoder):
     """Greedy decoding step by step picks, at every step, the argmax of the full model run on the

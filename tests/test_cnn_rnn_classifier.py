@@ -459,6 +459,7 @@ def test_cnn_only_head_takes_only_the_features():
     assert [layer.name for layer in head.layers if layer.weights] == ["predictions"]
 
 
+@pytest.mark.usefixtures("stand_in_backbones")  # about the training core, not Xception
 @pytest.mark.xdist_group("trained_classifier")  # one worker trains the shared run
 def test_phase1_cache_is_on_by_default_and_flags_turn_it_off(trained_classifier, tmp_path, caplog):
     """The shared run trained with the defaults: phase 1 on cached features, which are the
