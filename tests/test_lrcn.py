@@ -216,13 +216,20 @@ PROMISED = ["args.json", "classes.json", "metrics.json", "phase1_best.keras", "p
 
 @pytest.mark.usefixtures("stand_in_backbones")  # the run, not VGG16 (whose training: test_precision.py)
 @pytest.mark.parametrize("length_flags", [["--frames", "3"], ["--variable-length"]])
-def test_short_run_writes_every_output(clips, tmp_path, capsys, length_flags):
+def test_short_run_writes_every_output(clips, tmp_path, capsys, caplog, length_flags):
+    """The default recipe (small-data), both phases, then ``predict``; at a fixed length phase 1
+    trains on cached features (the other recipe and the cache flag: the test below)."""
     out = tmp_path / "run"
     args = ["--data-dir", str(clips), "--output-dir", str(out), *length_flags, *TINY_FLAGS,
             "--epochs", "1", "--fine-tune-epochs", "1", "--fine-tune-layers", "2"]
-    assert lrcn.main(args) == 0
+    with caplog.at_level(logging.INFO):
+        assert lrcn.main(args) == 0
     for name in PROMISED:
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    assert json.loads((out / "args.json").read_text())["learning_rate"] == lrcn.RECIPES["small-data"]["learning_rate"]
+    cached = "--frames" in length_flags
+    assert ("head trains on cached VGG16 features" in caplog.text) == cached
+    assert len(list((out / "features").glob("*.npy"))) == (2 if cached else 0)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["split"] == "test" and metrics["num_images"] == 4
     assert "top5" not in metrics and set(metrics["per_class_accuracy"]) == {"a", "b"}
@@ -230,6 +237,7 @@ def test_short_run_writes_every_output(clips, tmp_path, capsys, length_flags):
     one, two = (keras.saving.load_model(out / f"phase{i}_best.keras") for i in (1, 2))
     shuffled = lrcn.evaluate_lrcn(two, sequences.list_sequences(clips / "test"), 2, workers=1, shuffle_frames=True)
     assert metrics["shuffled_frames_top1"] == pytest.approx(shuffled["top1"])
+    assert "feature_norm" in {layer.name for layer in one.get_layer("lrcn_head").layers}  # the recipe's head
     # phase 2 changed the top of the backbone but not its first layer
     get = lambda m, n: training.find_layer(m, n).get_weights()[0]  # noqa: E731
     assert not np.allclose(get(one, "block2_conv1"), get(two, "block2_conv1"))
@@ -369,8 +377,9 @@ def test_phase1_on_cached_features_equals_the_whole_model(tmp_path, mixed_precis
 
 
 @pytest.mark.usefixtures("stand_in_backbones")  # about the training core, not VGG16
-def test_default_recipe_trains_on_cached_features_and_the_seed_recipe_is_a_flag(clips, tmp_path, caplog):
-    for recipe, cached in (("small-data", True), ("seed", True), ("small-data", False)):
+def test_seed_recipe_is_a_flag_and_the_cache_flag_turns_the_cache_off(clips, tmp_path, caplog):
+    """(The default recipe with the cache: the short run above.)"""
+    for recipe, cached in (("seed", True), ("small-data", False)):
         out = tmp_path / f"{recipe}-{cached}"
         extra = ["--recipe", recipe] + ([] if cached else ["--no-feature-cache"])
         caplog.clear()
