@@ -299,6 +299,15 @@ def adam(learning_rate):
 BUCKET_BOUNDARIES = (9, 11, 13, 15, 18, 22)  # token steps; Flickr8k captions are mostly 8-16 words
 
 
+def bucket_steps(steps, most):
+    """The step count that a batch whose longest target has ``steps`` steps is padded to under
+    ``CaptionBatches(pad_to_bucket=True)``: its bucket's upper ``BUCKET_BOUNDARIES`` boundary
+    minus 1 (below 9: 8; 9-10: 10; ...), at most ``most`` (the caption table's width minus 1,
+    also the last bucket's)."""
+    bucket = int(np.digitize(steps, BUCKET_BOUNDARIES))
+    return min(BUCKET_BOUNDARIES[bucket] - 1 if bucket < len(BUCKET_BOUNDARIES) else most, most)
+
+
 class CaptionTable:
     """Every caption of a split as word ids, with the image it belongs to.
 
@@ -415,8 +424,13 @@ class CaptionBatches(keras.utils.PyDataset):
     with ``paths`` (phase 2) every image once, with a random caption drawn each epoch when
     ``shuffle``, else its first, read by ``helpers.data.read_rgb``. Captions are grouped by the
     ``BUCKET_BOUNDARIES`` of their target length (not phase 2's shuffled training batches, as in
-    the ``tf.data`` path) and each batch is padded with 0 to its longest; ``shuffle`` reshuffles
-    the examples and the batches every epoch (``numpy.random.default_rng(seed)``).
+    the ``tf.data`` path) and each batch is padded with 0 to its longest, or with
+    ``pad_to_bucket`` (the default on the backends other than TensorFlow) further, to its bucket's
+    boundary (``bucket_steps``): there every new batch shape is a new XLA compilation of the
+    train step, so the step counts are bounded to ``len(BUCKET_BOUNDARIES) + 1`` (TensorFlow's
+    ``tf.function`` relaxes the step dimension instead). The padding is masked: the loss is the
+    same. ``shuffle`` reshuffles the examples and the batches every epoch
+    (``numpy.random.default_rng(seed)``).
 
     A feature grid (``features`` of 3 dimensions, the attention decoder's) is batched by image:
     each batch holds ``max(1, batch_size // C)`` images once and all of their captions, ``C``
@@ -430,9 +444,10 @@ class CaptionBatches(keras.utils.PyDataset):
     """
 
     def __init__(self, table, batch_size, shuffle=False, seed=0, features=None, paths=None, image_size=None,
-                 workers=1):
+                 workers=1, pad_to_bucket=None):
         super().__init__(workers=workers)
         self.table, self.batch_size, self.shuffle = table, batch_size, shuffle
+        self.pad_to_bucket = not backend.is_tensorflow() if pad_to_bucket is None else pad_to_bucket
         self.features, self.paths, self.image_size = features, paths, image_size
         self.grid = features is not None and features.ndim == 3
         self.per_image = int(table.count.max())
@@ -476,6 +491,8 @@ class CaptionBatches(keras.utils.PyDataset):
             rows = rows.reshape(-1)
         lengths = np.where(rows >= 0, table.lengths[rows] - 1, 0)  # teacher forcing: <start> w1 ... wn -> w1 ... <end>
         steps = int(lengths.max())
+        if self.pad_to_bucket:
+            steps = bucket_steps(steps, table.ids.shape[1] - 1)
         tokens = table.ids[rows, :steps].copy()
         targets = table.ids[rows, 1:steps + 1].copy()
         tokens[np.arange(steps)[None, :] >= lengths[:, None]] = PAD_ID  # the <end> of a shorter caption

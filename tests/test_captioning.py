@@ -141,23 +141,30 @@ def test_grid_batches_hold_each_image_once_with_all_its_captions():
     vocabulary = captions.Vocabulary.from_captions(["a b c d e"], 1, 10)
     table = cap.CaptionTable(split, vocabulary)
     grids = np.arange(5, dtype=np.float16)[:, None, None] * np.ones((5, 2, 3), np.float16)
-    batches = cap.CaptionBatches(table, 6, shuffle=True, seed=1, features=grids)
-    seen = []
-    for index in range(len(batches)):
-        (grid, tokens), targets = batches[index]
-        images = grid[:, 0, 0].astype(int).tolist()
-        seen += images
-        assert grid.dtype == np.float32 and tokens.shape == (3 * len(images), targets.shape[1])
-        for row, image in enumerate(np.repeat(images, 3)):  # image-major, 3 rows per image
-            k = row % 3
-            if k < table.count[image]:
-                ids = table.ids[table.first[image] + k]
-                n = table.lengths[table.first[image] + k] - 1
-                assert tokens[row, :n].tolist() == ids[:n].tolist() and targets[row, :n].tolist() == ids[1:n + 1].tolist()
-                assert not tokens[row, n:].any() and not targets[row, n:].any()
-            else:  # an image with fewer captions: an empty row, all padding
-                assert not tokens[row].any() and not targets[row].any()
-    assert sorted(seen) == list(range(5))
+    for pad_to_bucket in (False, True):  # padded to the batch's longest, or to its bucket's boundary
+        batches = cap.CaptionBatches(table, 6, shuffle=True, seed=1, features=grids, pad_to_bucket=pad_to_bucket)
+        seen = []
+        for index in range(len(batches)):
+            (grid, tokens), targets = batches[index]
+            images = grid[:, 0, 0].astype(int).tolist()
+            seen += images
+            assert grid.dtype == np.float32 and tokens.shape == (3 * len(images), targets.shape[1])
+            longest = 0
+            for row, image in enumerate(np.repeat(images, 3)):  # image-major, 3 rows per image
+                k = row % 3
+                if k < table.count[image]:
+                    ids = table.ids[table.first[image] + k]
+                    n = table.lengths[table.first[image] + k] - 1
+                    longest = max(longest, n)
+                    assert tokens[row, :n].tolist() == ids[:n].tolist()
+                    assert targets[row, :n].tolist() == ids[1:n + 1].tolist()
+                    assert not tokens[row, n:].any() and not targets[row, n:].any()
+                else:  # an image with fewer captions: an empty row, all padding
+                    assert not tokens[row].any() and not targets[row].any()
+            assert targets.shape[1] == (8 if pad_to_bucket else longest)  # the first bucket: < 9 steps
+        assert sorted(seen) == list(range(5))
+    assert [cap.bucket_steps(n, 30) for n in (1, 8, 9, 10, 11, 21, 22, 29)] == [8, 8, 10, 10, 12, 21, 30, 30]
+    assert cap.bucket_steps(5, 6) == 6  # never beyond the table's captions
     # fit over batches of different images and caption lengths (on TensorFlow: through tf.data)
     keras.utils.set_random_seed(0)
     decoder = cap.build_attention_decoder(len(vocabulary), (2, 3), 8, 8, 8, 1.0, 0.0)
