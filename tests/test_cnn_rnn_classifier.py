@@ -109,6 +109,7 @@ def test_offline_imagenet_weights_load():
     assert first.shape == (3, 3, 3, 32) and 0.05 < float(np.abs(first).mean()) < 1.0
 
 
+@pytest.mark.usefixtures("stand_in_backbones")  # the project's layers' names, not Xception
 def test_checkpoint_of_the_earlier_package_name_loads(tmp_path):
     """Checkpoints written before the layers moved to the ``helpers`` package (``cnn_rnn>Grayscale``,
     ``cnn_rnn>FusedLSTM``) still load in safe mode, with the same predictions."""
