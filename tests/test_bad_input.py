@@ -316,19 +316,6 @@ def test_steps_per_epoch_beyond_the_data_is_capped_and_said(tmp_path, caplog):
     assert history["learning_rate"][-1] == pytest.approx(0.0, abs=1e-9)  # the schedule ends where the phase ends
 
 
-@pytest.mark.usefixtures("stand_in_backbones")  # about the training core, not Xception
-def test_a_finished_phase_rerun_with_other_epochs_is_refused_and_args_kept(tmp_path, caplog):
-    folder = make_class_folders(tmp_path / "data", per_class=(2, 1, 1))
-    out = tmp_path / "run"
-    argv = ["--data-dir", str(folder), "--output-dir", str(out), "--weights", "none", "--image-size", "71",
-            "--rnn-timesteps", "71", "--rnn-units", "8", "--batch-size", "4", "--fine-tune-epochs", "0"]
-    assert crc.main([*argv, "--epochs", "1"]) == 0
-    saved = (out / rundir.ARGS).read_text()
-    line = error_line(crc.main, [*argv, "--epochs", "3"], caplog)
-    assert "phase1 is complete and was trained with other flags (--epochs 1 -> 3)" in line
-    assert (out / rundir.ARGS).read_text() == saved
-
-
 def test_output_paths_that_cannot_be_written_are_refused_before_the_model_loads(saved_models, tmp_path, caplog,
                                                                               monkeypatch):
     blocker = tmp_path / "a_file"

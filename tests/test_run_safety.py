@@ -187,6 +187,20 @@ def test_16_bit_png_is_refused_by_name(class_folders, tmp_path, caplog):
 
 
 @pytest.mark.xdist_group("trained_classifier")  # one worker trains the shared run
+def test_a_finished_phase_rerun_with_other_epochs_is_refused_in_one_line_and_changes_nothing(trained_classifier,
+                                                                                            tmp_path, caplog):
+    out = shutil.copytree(trained_classifier.run, tmp_path / "run")  # phase 1 complete, 1 epoch
+    before, saved = file_times(out), (out / rundir.ARGS).read_text()
+    argv = trained_classifier.argv(out)
+    argv[argv.index("--epochs") + 1] = "3"
+    with caplog.at_level(logging.ERROR):
+        assert crc.main(argv) == 1
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "phase1 is complete and was trained with other flags (--epochs 1 -> 3)" in errors[0]
+    assert (out / rundir.ARGS).read_text() == saved and file_times(out) == before
+
+
+@pytest.mark.xdist_group("trained_classifier")  # one worker trains the shared run
 def test_one_line_errors_for_unwritable_paths_and_damaged_models(trained_classifier, tmp_path, caplog):
     class_folders, run, argv = trained_classifier.data, trained_classifier.run, trained_classifier.argv
     a_file = tmp_path / "a_file"
