@@ -385,7 +385,7 @@ def trained_classifier(tmp_path_factory):
     a ``TrainedRun``: ``data``, its class folders (read only); ``run``, its folder
     (``shutil.copytree`` it before changing it); ``argv(out)``, the ``train`` arguments that made
     it with ``--output-dir out``; ``log``, what it logged (INFO and above)."""
-    import logging
+    import logging.handlers
 
     import cnn_rnn_classifier
 
@@ -395,15 +395,8 @@ def trained_classifier(tmp_path_factory):
     def argv(out):
         return classifier_train_args(data, out, "--epochs", "1", "--fine-tune-epochs", "0", "--skip-image-check")
 
-    class Lines(logging.Handler):
-        def __init__(self):
-            super().__init__(logging.INFO)
-            self.lines = []
-
-        def emit(self, record):
-            self.lines.append(record.getMessage())
-
-    lines, root_logger = Lines(), logging.getLogger()
+    lines, root_logger = logging.handlers.BufferingHandler(capacity=100_000), logging.getLogger()
+    lines.setLevel(logging.INFO)
     level = root_logger.level
     root_logger.addHandler(lines)
     root_logger.setLevel(logging.INFO)
@@ -413,7 +406,7 @@ def trained_classifier(tmp_path_factory):
     finally:
         root_logger.removeHandler(lines)
         root_logger.setLevel(level)
-    return TrainedRun(data, run, argv, "\n".join(lines.lines))
+    return TrainedRun(data, run, argv, "\n".join(record.getMessage() for record in lines.buffer))
 
 
 @contextlib.contextmanager
