@@ -92,6 +92,17 @@ def parse_args(argv=None):
     cli.add_training_arguments(train_parser, epochs=10, fine_tune_epochs=1, batch_size=64, fine_tune_batch_size=32,
                                learning_rate=1e-3, fine_tune_learning_rate=1e-4, lr_schedule="cosine",
                                class_weight=False)
+    critical = train_parser.add_argument_group(
+        "self-critical training", "phase 3: the decoder, on cached features, trained on the CIDEr-D of captions "
+        "it samples (Rennie et al. 2017), after phases 1 and 2; best epoch by greedy CIDEr-D on val")
+    critical.add_argument("--self-critical-epochs", type=int, default=0, help="phase 3's epochs, 0 = off (default: 0)")
+    critical.add_argument("--self-critical-batch-size", type=int, default=32,
+                          help="images per batch, each with --self-critical-samples captions (default: 32)")
+    critical.add_argument("--self-critical-samples", type=int, default=5,
+                          help="captions sampled per image, >= 2; each one's baseline is the others' mean reward "
+                          "(default: 5)")
+    critical.add_argument("--self-critical-learning-rate", type=float, default=5e-5,
+                          help="Adam's learning rate, constant (default: 5e-05)")
     _add_decoding_arguments(train_parser)
     cli.add_performance_arguments(train_parser, distribute=False)
     cli.add_output_arguments(train_parser)
@@ -285,6 +296,14 @@ def compile_captioner(model, optimizer, jit_compile=False):
                   metrics=["accuracy"], jit_compile=backend.jit_compile(jit_compile))
 
 
+def compile_self_critical(model, optimizer, jit_compile=False):
+    """The decoder for ``SelfCriticalBatches``: the masked cross-entropy weighted by their sample
+    weights (the advantages) is the policy gradient's surrogate loss; no accuracy (weights of
+    either sign make it meaningless)."""
+    model.compile(optimizer=precision.loss_scaled(model, optimizer), loss="sparse_categorical_crossentropy",
+                  jit_compile=backend.jit_compile(jit_compile))
+
+
 def adam(learning_rate):
     """Adam with gradient-norm clipping at 5, usual for LSTM language models.
 
@@ -348,7 +367,7 @@ def _batched(dataset, batch_size, target_lengths):
 
 
 def _tf_data_from(batches):
-    """A ``CaptionBatches`` as a ``tf.data.Dataset`` whose tensor shapes are declared with free
+    """A ``CaptionBatches`` (or ``SelfCriticalBatches``) of cached features as a ``tf.data.Dataset`` whose tensor shapes are declared with free
     batch and step sizes (Keras infers them from the first batches, and then refuses a batch of
     another caption length); its ``on_epoch_end`` reshuffles after each full pass."""
     import tensorflow as tf
@@ -358,9 +377,10 @@ def _tf_data_from(batches):
             yield batches[index]
         batches.on_epoch_end()
 
-    (first, _), _ = batches[0]
     free = tf.TensorSpec((None, None), tf.int32)
-    signature = ((tf.TensorSpec((None, *first.shape[1:]), tf.float32), free), free)
+    signature = ((tf.TensorSpec((None, *batches.features.shape[1:]), tf.float32), free), free)
+    if isinstance(batches, SelfCriticalBatches):  # and the sample weights
+        signature += (tf.TensorSpec((None, None), tf.float32),)
     return tf.data.Dataset.from_generator(generate, output_signature=signature).apply(
         tf.data.experimental.assert_cardinality(len(batches))).prefetch(2)
 
@@ -508,6 +528,123 @@ class CaptionBatches(keras.utils.PyDataset):
             self.batches = self._plan()
 
 
+class SelfCriticalBatches(keras.utils.PyDataset):
+    """Self-critical sequence training's batches (Rennie et al., CVPR 2017), drawn from the
+    decoder as it trains: for each image ``samples`` captions sampled word by word
+    (``sample_search``), each rewarded by its CIDEr-D against the image's references
+    (``helpers.captions.CiderD``, the training references' document frequencies), with the
+    mean reward of the image's other samples as the baseline (Luo 2020, "A better variant of
+    self-critical sequence training"; no greedy decoding needed). A batch is the sampled
+    captions under teacher forcing with their advantage, reward minus baseline, as the sample
+    weight of every word: the cross-entropy loss weighted so is the policy gradient's
+    surrogate, ``-(r - b) log p(caption)``, so ``model.fit`` trains it with the decoder's
+    compiled train step.
+
+    Args:
+        decoder: a ``StepDecoder`` of the captioner being trained (it reads its current weights).
+        features: ``(num_images, 2048)`` float32 pooled features, or ``(num_images, positions,
+            2048)`` grids (attention), of the training images, from the captioner's encoder.
+        scorer: a ``helpers.captions.CiderD`` of the same images' references, in order.
+        vocabulary: the ``helpers.captions.Vocabulary``; its ``max_length`` bounds the samples.
+        images_per_batch: images per batch (each with ``samples`` captions).
+        samples: captions sampled per image, >= 2 (the baseline is the others' mean).
+        seed: the image order's and the sampling's ``numpy.random.default_rng`` seed.
+        pad_to_bucket: pad each batch's steps to its ``bucket_steps`` (default: on the backends
+            other than TensorFlow, as ``CaptionBatches``).
+
+    Batches: ``((features (rows, 2048) float32 | grids (images, positions, 2048) float32,
+    tokens (rows, steps) int32), targets (rows, steps) int32, weights (rows, steps) float32)``,
+    ``rows = images * samples`` image-major; weights 0 on padding. ``rewards`` holds the
+    rewards of the captions sampled since it was last emptied.
+    """
+
+    def __init__(self, decoder, features, scorer, vocabulary, images_per_batch, samples=5, seed=0,
+                 pad_to_bucket=None):
+        super().__init__()
+        if samples < 2 or images_per_batch < 1:
+            raise UsageError(f"self-critical training needs >= 2 samples per image and >= 1 image per batch. "
+                             f"Received: samples={samples}, images_per_batch={images_per_batch}")
+        self.decoder, self.features, self.scorer, self.vocabulary = decoder, features, scorer, vocabulary
+        self.images_per_batch, self.samples = images_per_batch, samples
+        self.pad_to_bucket = not backend.is_tensorflow() if pad_to_bucket is None else pad_to_bucket
+        self.rng = np.random.default_rng(seed)
+        self.order = self.rng.permutation(len(features))
+        self.rewards = []
+
+    def __len__(self):
+        return -(-len(self.features) // self.images_per_batch)
+
+    def __getitem__(self, index):
+        images = self.order[index * self.images_per_batch:(index + 1) * self.images_per_batch]
+        k, max_length = self.samples, self.vocabulary.max_length + 1  # the words and <end>
+        first = np.asarray(self.features[images], np.float32)
+        ids = sample_search(self.decoder.step, self.decoder.start(first), len(images), k, max_length, self.rng)
+        rows = np.repeat(images, k)
+        rewards = self.scorer.scores(rows, [self.vocabulary.decode(caption) for caption in ids])
+        self.rewards.extend(rewards.tolist())
+        grouped = rewards.reshape(len(images), k)
+        advantages = (grouped - (grouped.sum(axis=1, keepdims=True) - grouped) / (k - 1)).reshape(-1)
+        lengths = (ids != PAD_ID).sum(axis=1)  # words and <end>: the targets
+        steps = int(lengths.max())
+        if self.pad_to_bucket:
+            steps = bucket_steps(steps, max_length)
+        targets = np.zeros((len(rows), steps), np.int32)
+        width = min(steps, ids.shape[1])
+        targets[:, :width] = ids[:, :width]
+        tokens = np.concatenate([np.full((len(rows), 1), START_ID, np.int32), targets[:, :-1]], axis=1)
+        tokens[np.arange(steps)[None, :] >= lengths[:, None]] = PAD_ID  # the <end> is a target, not an input
+        weights = (advantages[:, None] * (targets != PAD_ID)).astype(np.float32)
+        if not self.decoder.attention:  # show-and-tell: each caption with its image's features
+            first = np.repeat(first, k, axis=0)
+        return (first, tokens), targets, weights
+
+    def on_epoch_end(self):
+        self.order = self.rng.permutation(len(self.features))
+
+
+class SelfCriticalValidation(keras.callbacks.Callback):
+    """Keeps the sampling decoder current and adds to each epoch's logs, before the checkpoint
+    and the CSV log read them, ``val_cider_d``: the CIDEr-D of greedy captions of the
+    validation images (the COCO code, as the evaluation), which picks self-critical training's
+    best epoch, and ``reward``: the mean CIDEr-D reward of the epoch's sampled training captions.
+
+    On JAX, ``model.fit`` holds the weights in its own state while an epoch runs: after each
+    batch this syncs them back (``jax_state_sync``) and gives the sampler a snapshot
+    (``StepDecoder.snapshot``), so the next batch is sampled from the decoder just updated.
+
+    Args:
+        batches: the ``SelfCriticalBatches`` being trained on.
+        features: ``(num_images, ...)`` float32 features of the validation images.
+        references: per validation image, its references (``standardize``d, joined by spaces).
+    """
+
+    def __init__(self, batches, features, references):
+        super().__init__()
+        self.batches, self.features, self.references = batches, features, references
+
+    def _sync(self):
+        if backend.name() == "jax":
+            self.model.jax_state_sync()
+        self.batches.decoder.snapshot()
+
+    def on_train_begin(self, logs=None):
+        self._sync()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._sync()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._sync()
+        if logs is None:
+            return
+        vocabulary = self.batches.vocabulary
+        found = self.batches.decoder.captions(self.features, 1, vocabulary.max_length)
+        logs["val_cider_d"] = captions.caption_scores(self.references, [vocabulary.decode(ids) for ids in found],
+                                                      meteor=False)["cider_d"]
+        logs["reward"] = float(np.mean(self.batches.rewards)) if self.batches.rewards else float("nan")
+        self.batches.rewards.clear()
+
+
 def load_data(args):
     """``(splits, vocabulary)``: the dataset's splits (``helpers.captions``) and the vocabulary of its
     training captions."""
@@ -544,6 +681,12 @@ def train(args):
     if not 0 <= args.fine_tune_layers <= XCEPTION.layers or args.beam_size < 1:
         raise UsageError(f"--fine-tune-layers must be in [0, {XCEPTION.layers}] and --beam-size >= 1. "
                          f"Received: {args.fine_tune_layers}, {args.beam_size}")
+    if (args.self_critical_epochs < 0 or args.self_critical_batch_size < 1 or args.self_critical_samples < 2
+            or not args.self_critical_learning_rate > 0):
+        raise UsageError(f"--self-critical-epochs must be >= 0, --self-critical-batch-size >= 1, "
+                         f"--self-critical-samples >= 2 and --self-critical-learning-rate > 0. Received: "
+                         f"{args.self_critical_epochs}, {args.self_critical_batch_size}, {args.self_critical_samples}, "
+                         f"{args.self_critical_learning_rate}")
     splits, vocabulary = load_data(args)
     with cli.in_flag_words(MODEL_ARGUMENTS):
         check_model_arguments(vocabulary_size=len(vocabulary), **cli.model_arguments(
@@ -590,6 +733,27 @@ def train(args):
         best = trainer.fit(model, "phase2", *phase2, epochs=args.fine_tune_epochs, monitor="val_loss",
                            title=f"phase 2: Xception's top {args.fine_tune_layers} layers and the decoder") or best
 
+        # Phase 3: from the best so far, the decoder trained on the CIDEr-D of its own sampled captions.
+        if args.self_critical_epochs:
+            model = keras.saving.load_model(best)
+            encoder, decoder = model.get_layer("encoder"), model.get_layer("decoder")
+            grid = len(encoder.output_shape) == 3
+            cached = {name: features.cached_features(encoder, splits[name].paths, run.features, name,
+                                                     dtype="float16" if grid else "float32")
+                      for name in ("train", "val")}  # after phase 2, its encoder's: computed again
+            references = {name: [[" ".join(words) for words in captions.tokenize(refs)] for refs in splits[name].captions]
+                          for name in ("train", "val")}
+            batches = SelfCriticalBatches(StepDecoder(model), cached["train"], captions.CiderD(references["train"]),
+                                          vocabulary, args.self_critical_batch_size, args.self_critical_samples,
+                                          seed=args.seed)
+            compile_self_critical(decoder, adam(args.self_critical_learning_rate), args.jit_compile)
+            best = trainer.fit(
+                decoder, "phase3", _tf_data_from(batches) if backend.is_tensorflow() else batches,
+                feature_caption_batches(cached["val"], tables["val"], args.batch_size),
+                epochs=args.self_critical_epochs, monitor="val_cider_d", save=model,
+                callbacks=[SelfCriticalValidation(batches, cached["val"], references["val"])],
+                title="phase 3: self-critical training of the decoder (CIDEr-D reward)") or best
+
         split = splits[data.evaluation_split(splits, args.data_dir)]
         model = keras.saving.load_model(best)
         metrics, generated = evaluate_captioner(model, vocabulary, split, args.beam_size, args.batch_size, args.workers)
@@ -634,6 +798,40 @@ def greedy_search(step, state, batch_size, max_length):
         if done.all():
             break
     return sequences, total
+
+
+def sample_search(step, state, batch_size, samples, max_length, rng):
+    """Random decoding: ``samples`` captions per image, each word drawn from the decoder's
+    distribution (self-critical sequence training's exploration; Rennie et al. 2017).
+
+    Args:
+        step, state, batch_size, max_length: as for ``greedy_search`` (``state`` holds one row
+            per image).
+        samples: captions drawn per image, >= 1.
+        rng: a ``numpy.random.Generator``.
+
+    Returns:
+        ``(batch_size * samples, max_length)`` int32 word ids, image-major (``samples`` rows per
+        image), each caption's words then ``<end>`` if it came within ``max_length``, then 0
+        (padding). Never ``<start>`` or ``<unk>``.
+    """
+    rows = batch_size * samples
+    state = tuple(np.repeat(np.asarray(s), samples, axis=0) for s in state)
+    tokens = np.full(rows, START_ID, np.int32)
+    ids = np.zeros((rows, max_length), np.int32)
+    done = np.zeros(rows, bool)
+    for position in range(max_length):
+        log_probs, state = step(tokens, state)
+        log_probs = _forbid(log_probs)
+        probabilities = np.exp(log_probs - log_probs.max(axis=1, keepdims=True))
+        cumulative = np.cumsum(probabilities, axis=1)
+        drawn = (cumulative < (1.0 - rng.random(rows))[:, None] * cumulative[:, -1:]).sum(axis=1)  # u in (0, 1]
+        tokens = np.where(done, PAD_ID, np.minimum(drawn, log_probs.shape[1] - 1)).astype(np.int32)
+        ids[:, position] = tokens
+        done |= tokens == END_ID
+        if done.all():
+            break
+    return ids
 
 
 def beam_search(step, state, batch_size, beam_size, max_length, length_penalty=1.0):
@@ -716,6 +914,22 @@ def beam_search(step, state, batch_size, beam_size, max_length, length_penalty=1
     return results, np.array(best_scores)
 
 
+def _jit_with_weights(function, variables, held):
+    """``jax.jit(function)`` reading the weights at each call, passed as arguments
+    (``keras.StatelessScope``): ``held()`` (a snapshot) when it is not ``None``, else
+    ``variables``' current values. Jitted on its own, a function would keep the values it was
+    traced with as constants, and go on decoding with them while the model trains
+    (self-critical training samples from the decoder it updates)."""
+    import jax
+
+    def stateless(values, *args):
+        with keras.StatelessScope(state_mapping=list(zip(variables, values))):
+            return function(*args)
+
+    jitted = jax.jit(stateless)
+    return lambda *args: jitted(held() or [variable.value for variable in variables], *args)
+
+
 class StepDecoder:
     """Step-by-step decoding with a trained captioner's layers, the LSTM state carried explicitly.
 
@@ -755,10 +969,9 @@ class StepDecoder:
             step_signature = [ids, matrix, matrix] + ([grid, grid] if self.attention else [matrix])
             start = tf.function(start, input_signature=start_signature, autograph=False)
             step = tf.function(step, input_signature=step_signature, autograph=False)
-        elif backend.name() == "jax":  # compiled once per batch shape; the weights enter as constants
-            import jax
-
-            start, step = jax.jit(start), jax.jit(step)
+        self._variables, self._held = decoder.variables, None
+        if backend.name() == "jax":  # compiled once per batch shape, the weights as arguments
+            start, step = (_jit_with_weights(f, self._variables, lambda: self._held) for f in (start, step))
         self._start_fn, self._step_fn = start, step
 
     def _start(self, image_features):
@@ -786,6 +999,14 @@ class StepDecoder:
         h, c, z, alpha = self.lstm.step(words, h, c, annotations, keys)
         probabilities = self.head(words + self.deep_hidden(h) + self.deep_context(z))
         return ops.log(ops.maximum(probabilities, 1e-30)), h, c, alpha
+
+    def snapshot(self):
+        """Decodes from now on with the decoder's weights as they are now, even once a JAX
+        ``model.fit`` has taken them off its variables (it keeps them in its own state between
+        epochs: call its ``jax_state_sync()`` first). A no-op on the other backends, whose
+        variables always hold the current weights."""
+        if backend.name() == "jax":
+            self._held = [variable.value for variable in self._variables]
 
     def graph_start(self, image_features):
         """``start`` in backend tensors, traceable: ``(state, constants)`` tuples (the attention

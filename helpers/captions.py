@@ -33,6 +33,7 @@ import dataclasses
 import functools
 import json
 import logging
+import math
 import re
 import shutil
 import subprocess
@@ -468,3 +469,81 @@ def _meteor():
     from pycocoevalcap.meteor.meteor import Meteor
 
     return Meteor()
+
+
+class CiderD:
+    """CIDEr-D of single captions against their image's references, with the n-grams' document
+    frequencies fixed by a corpus: self-critical sequence training's reward (Rennie et al., CVPR
+    2017, take them from the training references, so that a caption's reward does not depend
+    on the batch it is scored in).
+
+    The formula is the COCO caption evaluation code's (``pycocoevalcap``'s ``CiderScorer``,
+    whose n-gram counting ``precook`` is used here): 1- to 4-grams weighted by tf-idf, clipped
+    counts, a Gaussian length penalty (sigma 6), averaged over the references, x10. Scoring the
+    corpus's own images gives exactly ``pycocoevalcap``'s ``Cider`` on that corpus (its
+    document frequencies are the evaluated set's). That code scores a whole set at once and
+    cannot keep the corpus's frequencies for a batch, hence this class.
+
+    Args:
+        references: per image of the corpus, its reference captions (``standardize``d words
+            joined by spaces); at least one image, each with at least one reference.
+
+    Raises:
+        ValueError: no image, or an image without references.
+    """
+
+    N, SIGMA = 4, 6.0
+
+    def __init__(self, references):
+        from pycocoevalcap.cider.cider_scorer import precook
+
+        if not references or any(not refs for refs in references):
+            raise ValueError("CiderD needs at least one image, each with at least one reference caption.")
+        self._precook = precook
+        self._cooked = [[precook(ref, self.N) for ref in refs] for refs in references]
+        self._frequency = collections.Counter(gram for refs in self._cooked for gram in {g for ref in refs for g in ref})
+        self._log_images = math.log(len(references))
+        self._reference_vectors = {}
+
+    def _vector(self, counts):
+        vector, norm, length = [{} for _ in range(self.N)], [0.0] * self.N, 0
+        for gram, count in counts.items():
+            n = len(gram) - 1
+            vector[n][gram] = weight = count * (self._log_images - math.log(max(1.0, self._frequency[gram])))
+            norm[n] += weight * weight
+            if n == 1:  # as pycocoevalcap: the length is the count of bigrams
+                length += count
+        return vector, [math.sqrt(x) for x in norm], length
+
+    def _references(self, image):
+        if image not in self._reference_vectors:
+            self._reference_vectors[image] = [self._vector(counts) for counts in self._cooked[image]]
+        return self._reference_vectors[image]
+
+    def scores(self, images, candidates):
+        """Each candidate's CIDEr-D against its image's references.
+
+        Args:
+            images: per candidate, the index of its image in ``references``.
+            candidates: caption strings, as the references.
+
+        Returns:
+            ``(len(candidates),)`` float64 scores >= 0 (about 0..10).
+        """
+        import numpy as np
+
+        out = []
+        for image, candidate in zip(images, candidates):
+            vector, norm, length = self._vector(self._precook(candidate, self.N))
+            references = self._references(int(image))
+            total = 0.0
+            for ref_vector, ref_norm, ref_length in references:
+                penalty = math.exp(-((length - ref_length) ** 2) / (2 * self.SIGMA ** 2))
+                for n in range(self.N):
+                    ref = ref_vector[n]
+                    value = sum(min(weight, ref.get(gram, 0.0)) * ref.get(gram, 0.0) for gram, weight in vector[n].items())
+                    if norm[n] and ref_norm[n]:
+                        value /= norm[n] * ref_norm[n]
+                    total += value * penalty / self.N
+            out.append(10.0 * total / len(references))
+        return np.array(out, np.float64)

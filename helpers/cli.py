@@ -262,7 +262,9 @@ def check_resumable(args, model_arguments, class_names, labels=(rundir.CLASSES, 
 
 # The flags of each phase's training: a rerun may not change them once the phase is complete.
 PHASE_FLAGS = {"phase1": ("epochs", "batch_size", "learning_rate"),
-               "phase2": ("fine_tune_epochs", "fine_tune_batch_size", "fine_tune_learning_rate")}
+               "phase2": ("fine_tune_epochs", "fine_tune_batch_size", "fine_tune_learning_rate"),
+               "phase3": ("self_critical_epochs", "self_critical_batch_size", "self_critical_samples",
+                          "self_critical_learning_rate")}  # captioning's self-critical training
 
 
 def configure_logging(verbose=False, modules=()):

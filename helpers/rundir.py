@@ -17,7 +17,8 @@
     confusion_matrix.png   its row-normalised confusion matrix
     .lock                  held (``fcntl.flock``) by the run using the folder; holds its process id
 
-Phases are named ``phase1`` (backbone frozen) and ``phase2`` (fine-tuning).
+Phases are named ``phase1`` (backbone frozen), ``phase2`` (fine-tuning) and, for the captioner,
+``phase3`` (self-critical training of its decoder).
 
 Crash safety: every file a later run reads (checkpoints, backups, JSON) is written to a
 temporary name beside it (``<name>.partial.<suffix>``) and renamed into place with

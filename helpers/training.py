@@ -213,7 +213,8 @@ class Trainer:
     def __exit__(self, *exc_info):
         return self._lock.__exit__(*exc_info)
 
-    def fit(self, model, phase, train_data, val_data, *, epochs, monitor, title=None, save=None, class_weight=None):
+    def fit(self, model, phase, train_data, val_data, *, epochs, monitor, title=None, save=None, class_weight=None,
+            callbacks=()):
         """Fits one phase: ``model.fit`` with the project's callbacks, resumable.
 
         Each epoch is logged to ``<phase>_log.csv`` and TensorBoard; the best epoch by
@@ -237,6 +238,8 @@ class Trainer:
                 sharing ``model``'s layers, e.g. the whole captioner while its decoder is
                 fitted on cached backbone features.
             class_weight: ``{class index: loss weight}`` for ``model.fit`` (``balanced_class_weights``).
+            callbacks: more ``keras.callbacks.Callback``s, called first at each epoch's end (they may
+                add the ``monitor``ed value to the logs).
 
         Returns:
             The path of the best checkpoint, or ``None`` when the phase did not run
@@ -256,6 +259,7 @@ class Trainer:
         past = rundir.read_history(run.log(phase)).get(monitor, [])
         best_so_far = (min if "loss" in monitor else max)(past) if past and run.best(phase).is_file() else None
         callbacks = [
+            *callbacks,
             StopOnNaN(phase),
             LogLearningRate(),
             BestCheckpoint(run.best(phase), monitor, best=best_so_far, save=save),
