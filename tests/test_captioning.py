@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 import captioning as cap
-from helpers import captions, rundir
+from helpers import captions, features, rundir
 from helpers.attention import SoftAttentionLSTM
 from helpers.captions import END_ID, PAD_ID, START_ID, UNK_ID
 from tests.conftest import Killed, colour_captions, kill_at_batch, make_coco, make_flickr8k, weights_never_drawn
@@ -253,6 +253,124 @@ def test_without_end_the_best_unfinished_caption_is_returned():
     assert greedy == [[A, A, A, A]]
 
 
+def test_sampling_draws_each_word_from_the_decoder_distribution_until_end():
+    """``sample_search`` (self-critical training's exploration): ``samples`` rows per image,
+    image-major, each word drawn with the decoder's probability, 0 after ``<end>``."""
+    chain = table({START_ID: {A: 0.7, B: 0.2, UNK_ID: 0.1}, A: {END_ID: 0.5, A: 0.5}, B: {END_ID: 1.0}})
+    markov = markov_step(chain)
+    seen = []
+
+    def step(tokens, state):
+        seen.append(state[0][:, 0].copy())
+        return markov(tokens, state)
+
+    state = (np.array([[10.0], [20.0]]),)  # one row per image
+    ids = cap.sample_search(step, state, 2, 3000, 6, np.random.default_rng(0))
+    assert ids.shape == (6000, 6) and ids.dtype == np.int32
+    assert seen[0].tolist() == [10.0] * 3000 + [20.0] * 3000  # image-major
+    first = ids[:, 0]
+    assert abs(np.mean(first == A) - 0.7 / 0.9) < 0.03 and abs(np.mean(first == B) - 0.2 / 0.9) < 0.03  # <unk> never
+    assert set(np.unique(ids)) <= {PAD_ID, A, B, END_ID}
+    for row in ids[:50]:
+        end = row.tolist().index(END_ID) if END_ID in row else len(row)
+        assert (row[end + 1:] == PAD_ID).all() and PAD_ID not in row[:end + 1].tolist()
+    lengths = (ids[first == A] != PAD_ID).sum(axis=1)  # A, then A again with p 0.5 until <end>
+    assert abs(np.mean(lengths == 2) - 0.5) < 0.04
+
+
+def test_cider_d_reward_is_the_coco_code_on_its_own_corpus_whatever_the_batch():
+    from pycocoevalcap.cider.cider import Cider
+
+    references = [["a dog runs on the grass", "a brown dog running", "the dog is on the green grass"],
+                  ["two children play in the water", "kids splash in a pool", "two kids are swimming"],
+                  ["a man rides a red bike", "a cyclist on a road", "a man on a bicycle"],
+                  ["a dog jumps into the water", "a wet dog in a lake", "a dog is swimming"]]
+    candidates = ["a dog runs on the grass", "a dog in the water", "a man on a red bike", "a man"]
+    coco, per_image = Cider().compute_score(dict(enumerate(references)), {i: [c] for i, c in enumerate(candidates)})
+    scorer = captions.CiderD(references)
+    np.testing.assert_allclose(scorer.scores(range(4), candidates), per_image, rtol=1e-12)
+    assert scorer.scores([3], [candidates[3]])[0] == pytest.approx(per_image[3])  # the corpus's idf, not the batch's
+    assert scorer.scores([1, 1], candidates[:2]).tolist() == pytest.approx(
+        [scorer.scores([1], [candidates[0]])[0], per_image[1]])
+    with pytest.raises(ValueError, match="at least one reference"):
+        captions.CiderD([["a caption"], []])
+
+
+class WordCount:
+    """A reward for tests: the number of words (rewards differ, so advantages do)."""
+
+    def scores(self, images, texts):
+        return np.array([len(text.split()) for text in texts], np.float64)
+
+
+@pytest.mark.usefixtures("stand_in_backbones")  # the decoder, not Xception
+@pytest.mark.parametrize("decoder", ["show-and-tell", "attention"])
+def test_self_critical_batches_weight_each_sampled_caption_by_its_advantage(decoder):
+    model = tiny_captioner("merge", vocabulary_size=12, decoder=decoder)
+    vocabulary = captions.Vocabulary([*captions.SPECIAL_TOKENS, *"abcdefgh"], max_length=5)
+    grid = decoder == "attention"
+    rng = np.random.default_rng(5)
+    image_features = rng.normal(0, 3, (5, 4, 2048) if grid else (5, 2048)).astype(np.float32)
+    batches = cap.SelfCriticalBatches(cap.StepDecoder(model), image_features, WordCount(), vocabulary,
+                                      images_per_batch=2, samples=4, seed=0, pad_to_bucket=False)
+    assert len(batches) == 3
+    (first, tokens), targets, weights = batches[0]
+    images = batches.order[:2]
+    np.testing.assert_array_equal(first, image_features[images] if grid else np.repeat(image_features[images], 4, 0))
+    lengths = (targets != PAD_ID).sum(axis=1)
+    rewards = np.array([len(vocabulary.decode(row).split()) for row in targets], np.float64)
+    assert batches.rewards == rewards.tolist()
+    for row, length in enumerate(lengths):
+        assert tokens[row, 0] == START_ID and tokens[row, 1:length].tolist() == targets[row, :length - 1].tolist()
+        assert (tokens[row, length:] == PAD_ID).all() and (targets[row, length:] == PAD_ID).all()
+        others = np.delete(rewards.reshape(2, 4)[row // 4], row % 4).mean()  # the other samples' mean
+        np.testing.assert_allclose(weights[row, :length], rewards[row] - others, rtol=1e-6)
+        assert (weights[row, length:] == 0).all()
+    np.testing.assert_allclose(weights[:, 0].reshape(2, 4).sum(axis=1), 0, atol=1e-5)
+    with pytest.raises(ValueError, match="samples=1"):
+        cap.SelfCriticalBatches(cap.StepDecoder(model), image_features, WordCount(), vocabulary, 2, samples=1)
+
+
+@pytest.mark.usefixtures("stand_in_backbones")  # the decoder, not Xception
+def test_self_critical_training_samples_from_the_decoder_as_it_trains():
+    """Each batch is sampled with the weights of the last train step (on JAX, where ``fit`` keeps
+    them in its own state, through the callback's sync), and its reward rises."""
+    model = tiny_captioner("merge", vocabulary_size=12)
+    vocabulary = captions.Vocabulary([*captions.SPECIAL_TOKENS, *"abcdefgh"], max_length=5)
+    image_features = np.ones((1, 2048), np.float32)
+    decoder = cap.StepDecoder(model)
+    batches = cap.SelfCriticalBatches(decoder, np.repeat(image_features, 4, 0), WordCount(), vocabulary,
+                                      images_per_batch=1, samples=8, seed=0)
+    embeddings = []
+    start = decoder.start
+    decoder.start = lambda features: embeddings.append(start(features)[2][0]) or start(features)
+    cap.compile_self_critical(model.get_layer("decoder"), keras.optimizers.Adam(0.05))
+    callback = cap.SelfCriticalValidation(batches, image_features, [["a b c d e"]])
+    history = model.get_layer("decoder").fit(batches, epochs=3, verbose=0, callbacks=[callback])
+    assert len(embeddings) >= 12  # the validation's greedy decoding starts too
+    changed = [not np.allclose(a, b) for a, b in zip(embeddings, embeddings[1:])]
+    assert sum(changed) >= 10, changed
+    assert history.history["reward"][-1] > history.history["reward"][0]
+    assert 0 <= history.history["val_cider_d"][-1]
+
+
+@pytest.mark.usefixtures("stand_in_backbones")  # the decoder's state, not Xception
+def test_step_decoder_decodes_with_the_weights_as_they_are_now():
+    """A ``StepDecoder`` made before the weights change uses the new weights (on JAX its jitted
+    steps take them as arguments, not as constants traced once)."""
+    model = tiny_captioner("merge", vocabulary_size=12)
+    image_features = np.random.default_rng(6).normal(0, 3, (2, 2048)).astype(np.float32)
+    decoder = cap.StepDecoder(model)
+    tokens = np.full(2, START_ID, np.int32)
+    before, _ = decoder.step(tokens, decoder.start(image_features))
+    head = model.get_layer("decoder").get_layer("next_word")
+    head.kernel.assign(head.kernel * 3.0)
+    after, _ = decoder.step(tokens, decoder.start(image_features))
+    fresh, _ = cap.StepDecoder(model).step(tokens, cap.StepDecoder(model).start(image_features))
+    assert not np.allclose(before, after)
+    np.testing.assert_allclose(after, fresh, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.usefixtures("stand_in_backbones")  # the decoder's state, not Xception
 @pytest.mark.parametrize("inject, decoder", DECODERS)
 def test_step_decoding_carries_the_state_like_the_whole_model(inject, decoder):
@@ -462,29 +580,37 @@ def test_attention_run_caches_grids_in_float16_and_draws_where_it_looks(flickr, 
     out = tmp_path / "run"
     caplog.set_level(logging.INFO)
     assert cap.main(["--data-dir", str(flickr), "--output-dir", str(out), *TINY, "--decoder", "attention",
-                     "--attention-dim", "8", "--epochs", "1", "--fine-tune-epochs", "1", "--beam-size", "2"]) == 0
+                     "--attention-dim", "8", "--epochs", "1", "--fine-tune-epochs", "1", "--self-critical-epochs", "2",
+                     "--self-critical-batch-size", "4", "--self-critical-samples", "3", "--beam-size", "2"]) == 0
     run = rundir.RunDir(out)
     cached = np.load(next(run.features.glob("train-*.npy")))
     assert cached.dtype == np.float16 and cached.shape == (9, 4, 2048)  # 71 px: a 2 x 2 grid
+    fine_tuned = keras.saving.load_model(run.best("phase2")).get_layer("encoder")  # phase 3 reads its features
+    key = features.cache_key(fine_tuned, captions.load_caption_splits(flickr)["train"].paths, " as float16")[:20]
+    assert (run.features / f"train-{key}.npy").is_file()
     assert "MB on disk" in caplog.text
+    history = rundir.read_history(run.log("phase3"))  # self-critical training: 3 batches of 4 images x 3 samples
+    assert history["epoch"] == [0.0, 1.0] and all(0 <= value < 11 for value in history["reward"] + history["val_cider_d"])
+    assert run.done("phase3").is_file() and run.curves("phase3").is_file()
     metrics = json.loads(run.metrics.read_text())
     assert 0 <= metrics["beam"]["bleu4"] <= 1 and metrics["num_images"] == 3
+    assert metrics["model"] == str(run.best("phase3"))
     with Image.open(run.captions_grid) as grid:  # 3 images (one row) and 3 rows of attention maps
         assert grid.size[1] > 2.5 * grid.size[0] / 4 * 1.3
-    model, vocabulary = cap.load_captioner(run.best("phase2"))
+    model, vocabulary = cap.load_captioner(run.best("phase3"))
     assert isinstance(model.get_layer("decoder").get_layer("lstm"), SoftAttentionLSTM)
     capsys.readouterr()
     images = flickr / "Flicker8k_Dataset"
     maps = tmp_path / "maps"
     photos = sorted(images.glob("*.jpg"))[:3]
-    assert cap.main(["caption", "--model", str(run.best("phase2")), "--attention-maps", str(maps),
+    assert cap.main(["caption", "--model", str(run.best("phase3")), "--attention-maps", str(maps),
                      *map(str, photos)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 3 and sorted(p.stem for p in maps.glob("*.png")) == [p.stem for p in photos]
     decoder = cap.StepDecoder(model)
-    features = cap.encode_images(model, sorted(images.glob("*.jpg"))[:2], verbose=0)
-    ids = decoder.captions(features, 1, vocabulary.max_length)
-    for weights, words in zip(decoder.attention_weights(features, ids), ids):
+    grids = cap.encode_images(model, sorted(images.glob("*.jpg"))[:2], verbose=0)
+    ids = decoder.captions(grids, 1, vocabulary.max_length)
+    for weights, words in zip(decoder.attention_weights(grids, ids), ids):
         assert weights.shape == (len([w for w in words if w != END_ID]), 4)
         np.testing.assert_allclose(weights.sum(axis=1), 1.0, atol=1e-5)
     with Image.open(next(maps.glob("*.png"))) as picture:
