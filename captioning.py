@@ -26,7 +26,9 @@ Phase 1 freezes Xception and trains the decoder and the image embedding on Xcept
 features, computed once per image and cached in the run (``helpers.features``). Phase 2
 unfreezes Xception's top ``--fine-tune-layers`` layers (BatchNormalization stays in
 inference mode) and trains the whole model end to end from images at a low learning
-rate. Captions come from greedy decoding or batched, length-normalised beam search that
+rate. Phase 3 (``--self-critical-epochs``) trains the decoder on cached features
+again, by self-critical sequence training (Rennie et al., CVPR 2017): on the CIDEr-D of
+captions it samples, each against the mean reward of the image's other samples. Captions come from greedy decoding or batched, length-normalised beam search that
 carries the LSTM state between steps; they are scored with the COCO caption evaluation
 code (BLEU-1..4, CIDEr-D, METEOR).
 
@@ -666,11 +668,13 @@ def load_data(args):
 # ----------------------------------------------------------------------------- training
 
 def train(args):
-    """The ``train`` command: phase 1 on cached features, phase 2 end to end, then evaluation.
+    """The ``train`` command: phase 1 on cached features, phase 2 end to end, phase 3 (self-critical,
+    when asked) on cached features, then evaluation of the last phase's best checkpoint.
 
     Phase 1's best checkpoint is the lowest validation loss (on all of the val captions);
     phase 2's too (each val image with a fixed one of its captions), since BLEU on the
-    val split every epoch would cost as much as the epoch on this CPU.
+    val split every epoch would cost as much as the epoch on this CPU; phase 3's the highest
+    CIDEr-D of greedy val captions (decoding on cached features is cheap).
 
     Raises:
         helpers.errors.ProjectError: bad input or flags, unavailable weights, a NaN loss.

@@ -1,6 +1,8 @@
 #!/usr/bin/env python
 """Show-and-tell against attention on the same Xception features: scores on the test split,
-greedy and beam, with paired bootstrap confidence intervals of the difference.
+greedy and beam, with paired bootstrap confidence intervals of the difference. Either run may
+be a finished one of its own (then its ``captions.json`` is compared as it is), e.g. the demo's
+show-and-tell with its self-critical phase 3.
 
 Run by hand, never part of pass/fail::
 
@@ -133,17 +135,18 @@ def compare(attention_run, show_and_tell_run, resamples, seed=0):
 
 
 def val_scores(run, data_dir, beam_size):
-    """Greedy and beam BLEU-4 / CIDEr-D of a run's final model on the val split, decoded from the
-    run's own val feature cache (the choice between the decoders is made on val, not test)."""
+    """Greedy and beam BLEU-4 / CIDEr-D of a run's final model (the one its ``metrics.json`` scored:
+    phase 1's or phase 3's, on the same encoder) on the val split, decoded from the run's own val
+    feature cache (the choice between the decoders is made on val, not test)."""
     import keras
 
     run = rundir.RunDir(run)
-    best = run.best("phase2") if run.best("phase2").is_file() else run.best("phase1")
+    best = Path(json.loads(run.metrics.read_text(encoding="utf-8"))["model"])
     model, vocabulary = cap.load_captioner(best)
     split = captions.load_caption_splits(data_dir)["val"]
     cached = list(run.features.glob("val-*.npy"))
     if len(cached) != 1 or run.best("phase2").is_file():
-        raise SystemExit(f"{run.path}: val scores need phase 1's model and its one val cache")
+        raise SystemExit(f"{run.path}: val scores need a run without phase 2 and its one val cache")
     image_features = np.asarray(np.load(cached[0]), np.float32)
     decoder = cap.StepDecoder(model)
     references = [[" ".join(words) for words in captions.tokenize(refs)] for refs in split.captions]
