@@ -28,8 +28,9 @@ unfreezes Xception's top ``--fine-tune-layers`` layers (BatchNormalization stays
 inference mode) and trains the whole model end to end from images at a low learning
 rate. Phase 3 (``--self-critical-epochs``) trains the decoder on cached features
 again, by self-critical sequence training (Rennie et al., CVPR 2017): on the CIDEr-D of
-captions it samples, each against the mean reward of the image's other samples. Captions come from greedy decoding or batched, length-normalised beam search that
-carries the LSTM state between steps; they are scored with the COCO caption evaluation
+captions it samples, each against the mean reward of the image's other samples. Captions
+come from greedy decoding or batched, length-normalised beam search that carries the LSTM
+state between steps; they are scored with the COCO caption evaluation
 code (BLEU-1..4, CIDEr-D, METEOR).
 
 Usage::
@@ -369,8 +370,8 @@ def _batched(dataset, batch_size, target_lengths):
 
 
 def _tf_data_from(batches):
-    """A ``CaptionBatches`` (or ``SelfCriticalBatches``) of cached features as a ``tf.data.Dataset`` whose tensor shapes are declared with free
-    batch and step sizes (Keras infers them from the first batches, and then refuses a batch of
+    """A ``CaptionBatches`` (or ``SelfCriticalBatches``) of cached features as a ``tf.data.Dataset``
+    whose tensor shapes are declared with free batch and step sizes (Keras infers them from the first batches, and then refuses a batch of
     another caption length); its ``on_epoch_end`` reshuffles after each full pass."""
     import tensorflow as tf
 
