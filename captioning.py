@@ -369,10 +369,11 @@ def _batched(dataset, batch_size, target_lengths):
     ).apply(tf.data.experimental.assert_cardinality(batches)).prefetch(2)
 
 
-def _tf_data_from(batches):
+def _tf_data_from(batches, prefetch=2):
     """A ``CaptionBatches`` (or ``SelfCriticalBatches``) of cached features as a ``tf.data.Dataset``
     whose tensor shapes are declared with free batch and step sizes (Keras infers them from the first batches, and then refuses a batch of
-    another caption length); its ``on_epoch_end`` reshuffles after each full pass."""
+    another caption length); its ``on_epoch_end`` reshuffles after each full pass. ``prefetch``
+    batches are prepared ahead (0: each when the train step asks for it)."""
     import tensorflow as tf
 
     def generate():
@@ -384,8 +385,13 @@ def _tf_data_from(batches):
     signature = ((tf.TensorSpec((None, *batches.features.shape[1:]), tf.float32), free), free)
     if isinstance(batches, SelfCriticalBatches):  # and the sample weights
         signature += (tf.TensorSpec((None, None), tf.float32),)
-    return tf.data.Dataset.from_generator(generate, output_signature=signature).apply(
-        tf.data.experimental.assert_cardinality(len(batches))).prefetch(2)
+    dataset = tf.data.Dataset.from_generator(generate, output_signature=signature).apply(
+        tf.data.experimental.assert_cardinality(len(batches)))
+    if prefetch:
+        return dataset.prefetch(prefetch)
+    options = tf.data.Options()
+    options.experimental_optimization.inject_prefetch = False  # tf.data would add one of its own
+    return dataset.with_options(options)
 
 
 def feature_caption_batches(cached, table, batch_size, shuffle=False, seed=0):
@@ -604,6 +610,12 @@ class SelfCriticalBatches(keras.utils.PyDataset):
     def on_epoch_end(self):
         self.order = self.rng.permutation(len(self.features))
 
+    def fit_input(self):
+        """What ``model.fit`` trains on: on TensorFlow a ``tf.data.Dataset`` over these batches
+        without prefetching, elsewhere the ``PyDataset`` itself (one worker: read in step), so
+        that every batch is sampled after the previous train step, from the updated decoder."""
+        return _tf_data_from(self, prefetch=0) if backend.is_tensorflow() else self
+
 
 class SelfCriticalValidation(keras.callbacks.Callback):
     """Keeps the sampling decoder current and adds to each epoch's logs, before the checkpoint
@@ -753,7 +765,7 @@ def train(args):
                                           seed=args.seed)
             compile_self_critical(decoder, adam(args.self_critical_learning_rate), args.jit_compile)
             best = trainer.fit(
-                decoder, "phase3", _tf_data_from(batches) if backend.is_tensorflow() else batches,
+                decoder, "phase3", batches.fit_input(),
                 feature_caption_batches(cached["val"], tables["val"], args.batch_size),
                 epochs=args.self_critical_epochs, monitor="val_cider_d", save=model,
                 callbacks=[SelfCriticalValidation(batches, cached["val"], references["val"])],
