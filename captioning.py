@@ -105,7 +105,8 @@ def parse_args(argv=None):
                           help="captions sampled per image, >= 2; each one's baseline is the others' mean reward "
                           "(default: 5)")
     critical.add_argument("--self-critical-learning-rate", type=float, default=5e-5,
-                          help="Adam's learning rate, constant (default: 5e-05)")
+                          help="Adam's learning rate, without cosine decay or warm-up (--lr-schedule plateau "
+                          "still lowers it) (default: 5e-05)")
     _add_decoding_arguments(train_parser)
     cli.add_performance_arguments(train_parser, distribute=False)
     cli.add_output_arguments(train_parser)
