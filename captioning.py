@@ -372,8 +372,8 @@ def _batched(dataset, batch_size, target_lengths):
 
 def _tf_data_from(batches, prefetch=2):
     """A ``CaptionBatches`` (or ``SelfCriticalBatches``) of cached features as a ``tf.data.Dataset``
-    whose tensor shapes are declared with free batch and step sizes (Keras infers them from the first batches, and then refuses a batch of
-    another caption length); its ``on_epoch_end`` reshuffles after each full pass. ``prefetch``
+    whose tensor shapes are declared with free batch and step sizes (Keras infers them from the
+    first batches, and then refuses a batch of another caption length); its ``on_epoch_end`` reshuffles after each full pass. ``prefetch``
     batches are prepared ahead (0: each when the train step asks for it)."""
     import tensorflow as tf
 
@@ -598,9 +598,7 @@ class SelfCriticalBatches(keras.utils.PyDataset):
         steps = int(lengths.max())
         if self.pad_to_bucket:
             steps = bucket_steps(steps, max_length)
-        targets = np.zeros((len(rows), steps), np.int32)
-        width = min(steps, ids.shape[1])
-        targets[:, :width] = ids[:, :width]
+        targets = ids[:, :steps]  # 0 after each caption's <end>; steps <= ids' width
         tokens = np.concatenate([np.full((len(rows), 1), START_ID, np.int32), targets[:, :-1]], axis=1)
         tokens[np.arange(steps)[None, :] >= lengths[:, None]] = PAD_ID  # the <end> is a target, not an input
         weights = (advantages[:, None] * (targets != PAD_ID)).astype(np.float32)
@@ -659,6 +657,15 @@ class SelfCriticalValidation(keras.callbacks.Callback):
                                                       meteor=False)["cider_d"]
         logs["reward"] = float(np.mean(self.batches.rewards)) if self.batches.rewards else float("nan")
         self.batches.rewards.clear()
+
+
+def cached_train_val_features(encoder, splits, run):
+    """``{"train": ..., "val": ...}``: the encoder's features of those splits' images from the run's
+    cache (``helpers.features``), computed once; an attention encoder's grids in float16 on disk."""
+    grid = len(encoder.output_shape) == 3  # (positions, 2048)
+    return {name: features.cached_features(encoder, splits[name].paths, run.features, name,
+                                           dtype="float16" if grid else "float32")
+            for name in ("train", "val")}
 
 
 def load_data(args):
@@ -728,10 +735,7 @@ def train(args):
         model.summary(print_fn=logger.info, line_length=110, expand_nested=False)
         phase1 = (None, None)
         if features.phase1_on_cache(args, run, "Xception", "image"):
-            grid = len(encoder.output_shape) == 3  # the attention decoder's (positions, 2048): float16 on disk
-            cached = {name: features.cached_features(encoder, splits[name].paths, run.features, name,
-                                                     dtype="float16" if grid else "float32")
-                      for name in ("train", "val")}
+            cached = cached_train_val_features(encoder, splits, run)
             phase1 = (feature_caption_batches(cached["train"], tables["train"], args.batch_size, shuffle=True, seed=args.seed),
                       feature_caption_batches(cached["val"], tables["val"], args.batch_size))
         compile_captioner(decoder, adam(trainer.learning_rate(args.learning_rate, args.epochs, phase1[0])),
@@ -755,12 +759,8 @@ def train(args):
         if args.self_critical_epochs:
             model = keras.saving.load_model(best)
             encoder, decoder = model.get_layer("encoder"), model.get_layer("decoder")
-            grid = len(encoder.output_shape) == 3
-            cached = {name: features.cached_features(encoder, splits[name].paths, run.features, name,
-                                                     dtype="float16" if grid else "float32")
-                      for name in ("train", "val")}  # after phase 2, its encoder's: computed again
-            references = {name: [[" ".join(words) for words in captions.tokenize(refs)] for refs in splits[name].captions]
-                          for name in ("train", "val")}
+            cached = cached_train_val_features(encoder, splits, run)  # after phase 2, its encoder's: computed again
+            references = {name: captions.reference_texts(splits[name].captions) for name in ("train", "val")}
             batches = SelfCriticalBatches(StepDecoder(model), cached["train"], captions.CiderD(references["train"]),
                                           vocabulary, args.self_critical_batch_size, args.self_critical_samples,
                                           seed=args.seed)
@@ -1167,7 +1167,7 @@ def evaluate_captioner(model, vocabulary, split, beam_size=3, batch_size=64, wor
     """
     image_features = encode_images(model, split.paths, batch_size, workers)
     decoder = StepDecoder(model)
-    references = [[" ".join(words) for words in captions.tokenize(refs)] for refs in split.captions]
+    references = captions.reference_texts(split.captions)
     shuffled = np.random.default_rng(0).permutation(len(references))
     metrics, generated = {"split": split.name, "num_images": len(split), "beam_size": beam_size}, {}
     for name, width in (("greedy", 1), ("beam", beam_size)):

@@ -112,7 +112,7 @@ def compare(attention_run, show_and_tell_run, resamples, seed=0):
     images = [row["image"] for row in generated["attention"]]
     if images != [row["image"] for row in generated["show-and-tell"]]:
         raise SystemExit("the two runs captioned different images")
-    references = [[" ".join(words) for words in captions.tokenize(row["references"])] for row in generated["attention"]]
+    references = captions.reference_texts([row["references"] for row in generated["attention"]])
     rng = np.random.default_rng(seed)
     draws = rng.integers(0, len(images), (resamples, len(images)))
     results = {}
@@ -149,7 +149,7 @@ def val_scores(run, data_dir, beam_size):
         raise SystemExit(f"{run.path}: val scores need a run without phase 2 and its one val cache")
     image_features = np.asarray(np.load(cached[0]), np.float32)
     decoder = cap.StepDecoder(model)
-    references = [[" ".join(words) for words in captions.tokenize(refs)] for refs in split.captions]
+    references = captions.reference_texts(split.captions)
     scores = {}
     for name, width in (("greedy", 1), ("beam", beam_size)):
         texts = [vocabulary.decode(ids) for ids in decoder.captions(image_features, width, vocabulary.max_length)]

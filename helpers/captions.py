@@ -307,6 +307,15 @@ def tokenize(texts):
 MAX_LENGTH = 200  # words per caption at most (Flickr8k's longest caption has 38)
 
 
+def reference_texts(captions):
+    """Per image, its captions as the metrics compare them: ``standardize``d words joined by spaces.
+
+    Args:
+        captions: per image, a list of caption strings (``CaptionSplit.captions``).
+    """
+    return [[" ".join(words) for words in tokenize(refs)] for refs in captions]
+
+
 def check_text_arguments(min_word_count, max_length):
     """Raises ``UsageError`` (a ``ValueError``) echoing a text argument that cannot work:
     ``min_word_count`` >= 1, ``max_length`` in [1, ``MAX_LENGTH``]."""
