@@ -55,11 +55,17 @@ def parse_args(argv=None):
         "LRCN (Donahue et al. 2015; seeds 002/003): per-frame VGG16 + GRU, trained in two phases."
     )
     cli.add_data_arguments(train_parser)
-    length = train_parser.add_argument_group("frames").add_mutually_exclusive_group(required=True)
+    frames = train_parser.add_argument_group("frames")
+    length = frames.add_mutually_exclusive_group(required=True)
     length.add_argument("--frames", type=int, help="fixed length: sample N frames spread evenly over each sequence")
     length.add_argument("--variable-length", action="store_true",
                         help="each sequence at its own length: batch size 1 as in the seed, or padded, "
                         "masked batches bucketed by length when the batch size is above 1")
+    frames.add_argument(
+        "--length-multiple", type=int, default=8, metavar="N",
+        help="with --variable-length, training and validation batches are padded (masked) to a multiple of N "
+        "frames, so that JAX, which compiles the train step for every new input shape, compiles it for a few lengths; "
+        "1: each batch at its longest clip's length (default: 8)")
     model = train_parser.add_argument_group("model")
     cli.add_weights_argument(model, "VGG16")
     model.add_argument("--image-size", type=int, default=224, help=f"frame size in pixels, >= {VGG16.min_size} (default: 224)")
@@ -279,7 +285,7 @@ def training_data(splits, args, batch_size, strategy=None):
         return _sharded_input(splits, args, batch_size)
     return tuple(sequences.FrameSequences(splits[name], args.image_size, batch_size, args.frames, shuffle=fitting,
                                           seed=args.seed, per_frame=args.per_frame, workers=args.workers,
-                                          augment=fitting and args.augment)
+                                          augment=fitting and args.augment, length_multiple=args.length_multiple)
                  for name, fitting in (("train", True), ("val", False)))
 
 
@@ -330,6 +336,8 @@ def train(args):
             loss; reported by ``main`` as one line.
     """
     cli.check_training_arguments(args)
+    if args.length_multiple < 1:
+        raise UsageError(f"--length-multiple must be at least 1. Received: {args.length_multiple}")
     if args.class_weight != "none" and args.per_frame:
         raise UsageError("--class-weight needs one label per sequence: Keras weighs classes of 2-D targets only, "
                          "not --per-frame labels.")

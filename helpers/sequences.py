@@ -18,6 +18,7 @@ from pathlib import Path
 import keras
 import numpy as np
 from helpers.data import DatasetError, check_images, is_utf8_name, read_rgb
+from helpers.errors import UsageError
 from helpers.formats import IMAGE_EXTENSIONS
 from helpers.layers import PAD_VALUE
 
@@ -171,6 +172,11 @@ class FrameSequences(keras.utils.PyDataset):
       batches, so a batch's lengths are close), padded at the end to the batch's
       longest with ``PAD_VALUE``; the model masks the padding.
 
+    With ``frames=None`` a batch's length is rounded up to a multiple of ``length_multiple``
+    frames (more ``PAD_VALUE`` frames, masked, so the loss and predictions are unchanged): on
+    JAX every new input shape compiles the train step anew, and a few lengths keep that to a
+    few compiles (1: the longest clip's length, no rounding).
+
     Yields ``(x, y)``: x ``(batch, frames, image_size, image_size, 3)`` float32 RGB 0..255
     (padding ``PAD_VALUE``); y ``(batch, num_classes)`` one-hot float32, or with
     ``per_frame`` ``(batch, frames, num_classes)``.
@@ -180,8 +186,11 @@ class FrameSequences(keras.utils.PyDataset):
     """
 
     def __init__(self, split, image_size, batch_size, frames=None, shuffle=False, seed=0, per_frame=False,
-                 workers=2, augment=False, **kwargs):
+                 workers=2, augment=False, length_multiple=1, **kwargs):
         super().__init__(workers=workers, use_multiprocessing=False, **kwargs)
+        if length_multiple < 1:
+            raise UsageError(f"length_multiple must be at least 1. Received: length_multiple={length_multiple}")
+        self.length_multiple = length_multiple
         self.split, self.image_size, self.frames = split, image_size, frames
         self.batch_size, self.shuffle, self.per_frame = batch_size, shuffle, per_frame
         self.seed, self.augment, self.epoch = seed, augment, 0
@@ -216,6 +225,8 @@ class FrameSequences(keras.utils.PyDataset):
             clips = [augment_clip(clip, np.random.default_rng([self.seed, self.epoch, int(i)]))
                      for clip, i in zip(clips, indices)]
         length = max(len(c) for c in clips)
+        if self.frames is None:
+            length = -(-length // self.length_multiple) * self.length_multiple
         x = np.full((len(clips), length, self.image_size, self.image_size, 3), PAD_VALUE, np.float32)
         for row, clip in enumerate(clips):
             x[row, :len(clip)] = clip

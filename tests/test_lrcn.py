@@ -10,6 +10,7 @@ from PIL import Image
 import lrcn
 from helpers import extract_frames, rundir, sequences, training
 from helpers.data import DatasetError
+from helpers.errors import UsageError
 from helpers.layers import PAD_VALUE
 from tests.conftest import Killed, kill_at_batch, make_clips, weights_never_drawn, write_video
 
@@ -163,6 +164,14 @@ def test_batches_fixed_bucketed_and_single(tmp_path):
     mixed = sequences.FrameSequences(split, 12, batch_size=8, frames=None)
     x, _ = mixed[0]
     assert x.shape[1] == 6 and (x[0, 3:] == PAD_VALUE).all() and (x[0, :3] >= 0).all()
+    # lengths rounded up to a multiple (a few shapes: JAX compiles per shape), at any batch size
+    rounded = sequences.FrameSequences(split, 12, batch_size=2, frames=None, length_multiple=4)
+    assert [rounded[i][0].shape[1] for i in range(len(rounded))] == [4, 4, 8, 8]
+    x, _ = rounded[2]
+    assert (x[:, 5:] == PAD_VALUE).all() and (x[:, :5] >= 0).all()
+    assert sequences.FrameSequences(split, 12, batch_size=1, frames=4, length_multiple=8)[0][0].shape[1] == 4
+    with pytest.raises(UsageError, match="length_multiple must be at least 1. Received: length_multiple=0"):
+        sequences.FrameSequences(split, 12, batch_size=1, length_multiple=0)
 
 
 def test_bad_sequence_inputs(tmp_path):
@@ -276,6 +285,9 @@ def test_cli_bad_inputs(clips, tmp_path, caplog):
     assert "s9: no frames" in caplog.text
     with pytest.raises(SystemExit):
         lrcn.main(["--data-dir", str(clips), "--output-dir", str(tmp_path / "o"), "--frames", "3", "--variable-length"])
+    caplog.clear()
+    assert lrcn.main(["--data-dir", str(clips), *base[:2], "--variable-length", *TINY_FLAGS, "--length-multiple", "0"]) == 1
+    assert "--length-multiple must be at least 1. Received: 0" in caplog.text and not (tmp_path / "o").exists()
     caplog.clear()
     assert lrcn.main(["predict", "--model", str(tmp_path / "m.keras"), str(tmp_path / "missing.mp4")]) == 1
     assert "does not exist" in caplog.text
