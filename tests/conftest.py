@@ -137,12 +137,22 @@ def jax_run_beside():
     return BACKEND == "tensorflow" and "jax" in [b.strip() for b in backends] and _installed("jax")
 
 
+def tensorflow_run_beside():
+    """Whether this run is the other backend's run beside a TensorFlow one (``pytest_configure``)."""
+    return os.environ.get("TEST_BESIDE") == "tensorflow" and BACKEND != "tensorflow"
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked ``tensorflow`` (what TensorFlow alone does: tf.data, FusedLSTM's kernels,
     tf.distribute, SavedModel export) are skipped on the other backends. Tests marked
     ``jax_processes`` (they start JAX processes of their own and need nothing of this one's
-    backend) run once: in the JAX run, or in the TensorFlow run when no JAX run is beside it."""
+    backend) run once: in the JAX run, or in the TensorFlow run when no JAX run is beside it.
+    Tests marked ``backend_independent`` (text and the METEOR scorer: nothing of Keras's backend)
+    run once: in the TensorFlow run, or in whichever run is alone."""
     for item in items:
+        if "backend_independent" in item.keywords and tensorflow_run_beside():
+            item.add_marker(pytest.mark.skip(reason="needs no backend: the TensorFlow run beside this one runs it"))
+            continue
         if "jax_processes" in item.keywords:
             if not _installed("jax"):
                 item.add_marker(pytest.mark.skip(reason="JAX is not installed"))
@@ -151,6 +161,27 @@ def pytest_collection_modifyitems(config, items):
             continue
         if "tensorflow" in item.keywords and BACKEND != "tensorflow":
             item.add_marker(pytest.mark.skip(reason=f"needs TensorFlow; this run is on {BACKEND}"))
+
+
+
+@pytest.fixture(autouse=True, scope="session")
+def meteor_in_the_tensorflow_run_only():
+    """METEOR is a Java program scoring caption strings: nothing of the backend reaches it. The
+    TensorFlow run scores it (its ``backend_independent`` tests and its whole runs' evaluations);
+    the run beside it does not start a second Java scorer (about 14 CPU-seconds): there,
+    ``caption_scores`` reports METEOR as not computed, as it does where Java is missing."""
+    if not tensorflow_run_beside():
+        yield
+        return
+    from helpers import captions
+
+    def elsewhere():
+        raise OSError("METEOR is scored by the TensorFlow run beside this one")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(captions, "_meteor", elsewhere)
+        yield
+
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 

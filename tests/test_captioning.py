@@ -278,6 +278,7 @@ def test_sampling_draws_each_word_from_the_decoder_distribution_until_end():
     assert abs(np.mean(lengths == 2) - 0.5) < 0.04
 
 
+@pytest.mark.backend_independent
 def test_cider_d_reward_is_the_coco_code_on_its_own_corpus_whatever_the_batch():
     from pycocoevalcap.cider.cider import Cider
 
@@ -520,6 +521,7 @@ def test_nothing_is_trained_on_an_undecodable_image(flickr, tmp_path, caplog):
 
 # ----------------------------------------------------------------------------- metrics
 
+@pytest.mark.backend_independent
 def test_caption_scores_match_hand_computed_bleu():
     # candidate "a dog runs on the grass" vs "a dog runs on grass": 1- to 4-gram precisions
     # 5/6, 3/5, 2/4, 1/3, no brevity penalty (6 words > 5).
@@ -539,6 +541,7 @@ def test_caption_scores_match_hand_computed_bleu():
 
 @METEOR
 @pytest.mark.skipif(shutil.which("java") is None, reason="METEOR needs java")
+@pytest.mark.backend_independent
 def test_meteor_starts_java_once_per_process():
     references, candidates = [["a dog runs on grass"], ["a cat sits on the mat"]], ["a dog runs", "a cat sits"]
     first = captions.caption_scores(references, candidates)["meteor"]
@@ -548,6 +551,7 @@ def test_meteor_starts_java_once_per_process():
     assert captions._meteor() is scorer and scorer.meteor_p.poll() is None  # one Java process scored both
 
 
+@pytest.mark.backend_independent
 def test_a_meteor_scorer_whose_process_died_is_replaced(monkeypatch, caplog):
     import functools
     import threading
