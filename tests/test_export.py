@@ -24,38 +24,44 @@ import json, sys
 import numpy as np
 import tensorflow as tf
 from PIL import Image
-export, images, out = sys.argv[1], sys.argv[2].split(","), sys.argv[3]
-pixels = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in images])
-if len(sys.argv) > 4:
-    pixels = pixels[None]  # one clip of frames
-served = tf.saved_model.load(export)
-results = {"float32": served.serve(tf.constant(pixels, tf.float32)).numpy().tolist(),
-           "uint8": served.serve_uint8(tf.constant(pixels, tf.uint8)).numpy().tolist(),
-           "signatures": sorted(served.signatures)}
-interpreter = tf.lite.Interpreter(model_path=export + "_tflite/model.tflite")
-runner = interpreter.get_signature_runner()
-name = list(runner.get_input_details())[0]
-results["tflite"] = [list(runner(**{name: item[None].astype(np.float32)}).values())[0][0].tolist()
-                     for item in pixels]  # one image (or clip) per call
+jobs, out = json.load(open(sys.argv[1])), sys.argv[2]
+results = []
+for job in jobs:
+    pixels = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in job["images"]])
+    if job["clip"]:
+        pixels = pixels[None]  # one clip of frames
+    served = tf.saved_model.load(job["export"])
+    result = {"float32": served.serve(tf.constant(pixels, tf.float32)).numpy().tolist(),
+              "uint8": served.serve_uint8(tf.constant(pixels, tf.uint8)).numpy().tolist(),
+              "signatures": sorted(served.signatures)}
+    interpreter = tf.lite.Interpreter(model_path=job["export"] + "_tflite/model.tflite")
+    runner = interpreter.get_signature_runner()
+    name = list(runner.get_input_details())[0]
+    result["tflite"] = [list(runner(**{name: item[None].astype(np.float32)}).values())[0][0].tolist()
+                        for item in pixels]  # one image (or clip) per call
+    results.append(result)
 assert not any(m == "helpers" or m.startswith("helpers.") or m in ("cnn_rnn_classifier", "lrcn") for m in sys.modules)
 json.dump(results, open(out, "w"))
 """
 
 
-def served(tmp_path, export, images, clip=False):
-    script = tmp_path / "serve.py"
+def served(tmp_path, jobs):
+    """Each job's export (``{"export", "images", "clip"}``) loaded and run by TensorFlow alone, in one
+    fresh process that imports nothing of the repository: per job, its outputs."""
+    script, listed, out = tmp_path / "serve.py", tmp_path / "jobs.json", tmp_path / "served.json"
     script.write_text(SERVE)
-    out = tmp_path / "served.json"
+    listed.write_text(json.dumps([{**job, "export": str(job["export"]), "images": list(map(str, job["images"]))}
+                                  for job in jobs]))
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    command = [sys.executable, str(script), str(export), ",".join(map(str, images)), str(out)] + (["clip"] if clip else [])
-    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, str(script), str(listed), str(out)], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     return json.loads(out.read_text())
 
 
-@pytest.mark.tensorflow  # SavedModel / TFLite export
-@pytest.mark.usefixtures("stand_in_backbones")  # the export graph and the head, not Xception
-def test_classifier_export_serves_raw_pixels_like_classify(tmp_path):
+def exported_classifier(tmp_path):
+    """The tiny classifier saved as a run's checkpoint, its ``classify`` checked, exported as a
+    SavedModel and TFLite: ``(serving job, expected probabilities)``."""
     keras.utils.set_random_seed(0)
     model = crc.build_cnn_rnn_classifier(num_classes=3, **TINY)
     run = tmp_path / "run"
@@ -75,18 +81,14 @@ def test_classifier_export_serves_raw_pixels_like_classify(tmp_path):
         assert crc.main(["export", "--model", str(run / "phase2_best.keras"), "--output", str(folder),
                          "--format", fmt]) == 0
         assert json.loads((folder / rundir.CLASSES).read_text())["class_names"] == names
-    result = served(tmp_path, tmp_path / "export", images)
-    assert {"serve", "serve_uint8", "serving_default"} <= set(result["signatures"])
-    for key in ("float32", "uint8"):  # the same pixels, decoded by PIL on both sides
-        np.testing.assert_allclose(result[key], expected, atol=1e-5)
-    np.testing.assert_allclose(result["tflite"], expected, atol=1e-4)
     # an export never overwrites
     assert crc.main(["export", "--model", str(run / "phase2_best.keras"), "--output", str(tmp_path / "export")]) == 1
+    return {"export": tmp_path / "export", "images": images, "clip": False}, expected
 
 
-@pytest.mark.tensorflow  # SavedModel / TFLite export
-@pytest.mark.usefixtures("stand_in_backbones")  # the export graph over frames and the head, not VGG16
-def test_lrcn_export_serves_raw_frames_like_classify(tmp_path):
+def exported_lrcn(tmp_path):
+    """The tiny LRCN (3 frames) saved, its ``classify`` checked on a frame folder and on an array,
+    exported: ``(serving job, expected probabilities)``."""
     keras.utils.set_random_seed(0)
     model = lrcn.build_lrcn(num_classes=2, frames=3, image_size=32, dense_units=8, gru_units=4, weights=None)
     run = tmp_path / "run"
@@ -103,10 +105,24 @@ def test_lrcn_export_serves_raw_frames_like_classify(tmp_path):
     for fmt, folder in (("saved_model", tmp_path / "export"), ("tflite", tmp_path / "export_tflite")):
         assert lrcn.main(["export", "--model", str(run / "phase2_best.keras"), "--output", str(folder),
                           "--format", fmt]) == 0
-    result = served(tmp_path, tmp_path / "export", frames, clip=True)
-    for key in ("float32", "uint8"):
-        np.testing.assert_allclose(result[key], expected, atol=1e-5)
-    np.testing.assert_allclose(result["tflite"], expected, atol=1e-4)
+    return {"export": tmp_path / "export", "images": frames, "clip": True}, expected
+
+
+@pytest.mark.tensorflow  # SavedModel / TFLite export
+@pytest.mark.usefixtures("stand_in_backbones")  # the export graphs and the heads, not Xception or VGG16
+def test_classifier_and_lrcn_exports_serve_raw_pixels_like_classify(tmp_path):
+    """The classifier's export on images and the LRCN's on a clip's frames, served (SavedModel: float32
+    and uint8 signatures; TFLite) in one fresh TensorFlow process: the probabilities ``classify`` gives."""
+    (tmp_path / "classifier").mkdir()
+    (tmp_path / "lrcn").mkdir()
+    jobs, expected = zip(exported_classifier(tmp_path / "classifier"), exported_lrcn(tmp_path / "lrcn"))
+    results = served(tmp_path, jobs)
+    assert len(results) == 2
+    assert {"serve", "serve_uint8", "serving_default"} <= set(results[0]["signatures"])
+    for result, want in zip(results, expected):
+        for key in ("float32", "uint8"):  # the same pixels, decoded by PIL on both sides
+            np.testing.assert_allclose(result[key], want, atol=1e-5)
+        np.testing.assert_allclose(result["tflite"], want, atol=1e-4)
 
 
 def test_classify_refuses_bad_input(tmp_path):
