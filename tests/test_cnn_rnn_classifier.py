@@ -46,11 +46,15 @@ def test_small_configuration_projects_cnn_features():
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
 
 
-def test_cnn_only_ablation_has_no_rnn_branch():
+@pytest.mark.usefixtures("stand_in_backbones")  # the ablation's head, not Xception (2048 features either way)
+def test_cnn_only_ablation_has_no_rnn_branch_and_its_head_takes_only_the_features():
     model = crc.build_cnn_rnn_classifier(num_classes=3, cnn_only=True, **TINY)
     names = [layer.name for layer in model.layers]
     assert "rnn_lstm_1" not in names and "merge" not in names and "cnn_projection" not in names
     assert model.get_layer("predictions").input.shape == (None, 2048)
+    head = crc.classifier_head(model)
+    assert [tuple(i.shape) for i in head.inputs] == [(None, 2048)]
+    assert [layer.name for layer in head.layers if layer.weights] == ["predictions"]
 
 
 def test_grayscale_layer_is_channel_mean():
@@ -451,13 +455,6 @@ def test_cached_features_follow_the_shuffled_images_in_both_input_paths(class_fo
                     np.testing.assert_array_equal(image, plain[split.paths[i]])
             seen += list(index)
         assert sorted(seen) == list(range(len(split))) and seen != sorted(seen)  # all, shuffled
-
-
-def test_cnn_only_head_takes_only_the_features():
-    model = crc.build_cnn_rnn_classifier(3, **TINY, cnn_only=True)
-    head = crc.classifier_head(model)
-    assert [tuple(i.shape) for i in head.inputs] == [(None, 2048)]
-    assert [layer.name for layer in head.layers if layer.weights] == ["predictions"]
 
 
 @pytest.mark.usefixtures("stand_in_backbones")  # about the training core, not Xception

@@ -47,6 +47,10 @@ def test_seed_shapes_fixed_and_variable(recipe):
         assert "feature_norm" in names and head.get_layer("frame_dense").activation is keras.activations.relu
         assert gru.cell.dropout == 0.2 and gru.cell.recurrent_dropout == 0.0
         assert isinstance(gru.cell.bias_initializer, keras.initializers.Zeros)
+
+
+@pytest.mark.usefixtures("stand_in_backbones")  # the frame folding and the per-frame head, not VGG16
+def test_variable_length_per_frame_shapes():
     variable = lrcn.build_lrcn(3, frames=None, per_frame=True, **TINY)
     assert variable.input_shape == (None, None, 32, 32, 3) and variable.output_shape == (None, None, 3)
     for frames in (1, 4):
@@ -86,6 +90,7 @@ def test_vgg16_preprocessing_inside_model():
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.usefixtures("stand_in_backbones")  # the frame folding and masking, not VGG16
 def test_per_frame_features_correct_after_another_length():
     """Catches the TimeDistributed bug: a new frame count after another was traced."""
     model = lrcn.build_lrcn(3, frames=None, **TINY)
@@ -101,6 +106,7 @@ def test_per_frame_features_correct_after_another_length():
         np.testing.assert_allclose(got, frame_by_frame, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.usefixtures("stand_in_backbones")  # the frame folding and masking, not VGG16
 def test_padded_sample_predicts_as_alone():
     model = lrcn.build_lrcn(3, frames=None, **TINY)
     rng = np.random.default_rng(2)
@@ -113,6 +119,7 @@ def test_padded_sample_predicts_as_alone():
     np.testing.assert_allclose(together[1], model.predict(long, verbose=0)[0], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.usefixtures("stand_in_backbones")  # the frame folding and masking, not VGG16
 def test_safe_mode_round_trip(tmp_path):
     model = lrcn.build_lrcn(3, frames=None, **TINY)
     x = np.random.default_rng(3).uniform(0, 255, (1, 4, 32, 32, 3)).astype("float32")
