@@ -268,19 +268,28 @@ def test_short_run_writes_every_output(clips, tmp_path, capsys, caplog, length_f
 
 
 @pytest.mark.usefixtures("stand_in_backbones")  # the flags, not VGG16
-def test_model_flags_reach_the_builder(clips, tmp_path):
+def test_model_flags_recipe_and_cache_flag_reach_the_run(clips, tmp_path, caplog):
     """Every flag the resume check compares is a keyword of build_lrcn, and the command line
-    passes them: --mixed-precision bfloat16 gives a bfloat16 backbone in the saved model."""
+    passes them: --mixed-precision bfloat16 gives a bfloat16 backbone in the saved model;
+    --recipe seed its head and learning rate; --no-feature-cache trains phase 1 on the frames
+    (the default recipe with the cache: the short run above)."""
     import inspect
 
     assert set(lrcn.MODEL_ARGUMENTS) <= set(inspect.signature(lrcn.build_lrcn).parameters)
     out = tmp_path / "run"
-    assert lrcn.main(["--data-dir", str(clips), "--output-dir", str(out), "--frames", "3", *TINY_FLAGS,
-                      "--epochs", "1", "--fine-tune-epochs", "0", "--mixed-precision", "bfloat16",
-                      "--skip-image-check"]) == 0
+    with caplog.at_level(logging.INFO):
+        assert lrcn.main(["--data-dir", str(clips), "--output-dir", str(out), "--frames", "3", *TINY_FLAGS,
+                          "--epochs", "1", "--fine-tune-epochs", "0", "--mixed-precision", "bfloat16",
+                          "--recipe", "seed", "--no-feature-cache", "--skip-image-check"]) == 0
     model = keras.saving.load_model(out / "phase1_best.keras")
     assert training.find_layer(model, "block2_conv1").dtype_policy.name == "mixed_bfloat16"
     assert training.find_layer(model, "gru").dtype_policy.name == "float32"
+    assert "feature_norm" not in {layer.name for layer in model.get_layer("lrcn_head").layers}  # the seed's head
+    assert json.loads((out / "args.json").read_text())["learning_rate"] == lrcn.RECIPES["seed"]["learning_rate"]
+    assert "feature cache off: --no-feature-cache" in caplog.text
+    assert "head trains on cached VGG16 features" not in caplog.text and not list((out / "features").glob("*.npy"))
+    history = rundir.read_history(out / "phase1_log.csv")
+    assert len(history["loss"]) == 1 and all(np.isfinite(history["loss"]))
 
 
 def test_cli_bad_inputs(clips, tmp_path, caplog):
@@ -393,27 +402,6 @@ def test_phase1_on_cached_features_equals_the_whole_model(tmp_path, mixed_precis
     assert whole_losses[0] != whole_losses[-1]  # it trained
     for a, b in zip(head.get_weights(), whole.get_layer("lrcn_head").get_weights()):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.usefixtures("stand_in_backbones")  # about the training core, not VGG16
-def test_seed_recipe_is_a_flag_and_the_cache_flag_turns_the_cache_off(clips, tmp_path, caplog):
-    """(The default recipe with the cache: the short run above.)"""
-    for recipe, cached in (("seed", True), ("small-data", False)):
-        out = tmp_path / f"{recipe}-{cached}"
-        extra = ["--recipe", recipe] + ([] if cached else ["--no-feature-cache"])
-        caplog.clear()
-        with caplog.at_level(logging.INFO):
-            assert lrcn.main(["--data-dir", str(clips), "--output-dir", str(out), "--frames", "3", *TINY_FLAGS,
-                              "--epochs", "1", "--fine-tune-epochs", "0", "--skip-image-check", *extra]) == 0
-        assert ("head trains on cached VGG16 features" in caplog.text) == cached
-        assert ("feature cache off: --no-feature-cache" in caplog.text) == (not cached)
-        assert len(list((out / "features").glob("*.npy"))) == (2 if cached else 0)
-        args = json.loads((out / "args.json").read_text())
-        assert args["learning_rate"] == lrcn.RECIPES[recipe]["learning_rate"]
-        history = rundir.read_history(out / "phase1_log.csv")
-        assert len(history["loss"]) == 1 and all(np.isfinite(history["loss"]))
-        model = keras.saving.load_model(out / "phase1_best.keras")
-        assert ("feature_norm" in {layer.name for layer in model.get_layer("lrcn_head").layers}) == (recipe != "seed")
 
 
 # ---------------------------------------------------------------- LRCN augmentation
