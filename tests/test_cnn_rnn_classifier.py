@@ -215,27 +215,22 @@ def test_two_phase_run_writes_every_output(class_folders, tmp_path, capsys):
 
 
 @pytest.mark.usefixtures("stand_in_backbones")  # about the training core, not Xception
-def test_model_flags_reach_the_builder(class_folders, tmp_path):
+def test_model_flags_reach_the_builder_and_phase_2_runs_alone(class_folders, tmp_path):
     """Every flag the resume check compares is a keyword of the builder, and the command line
-    passes them: --mixed-precision bfloat16 gives a bfloat16 Xception in the saved model."""
+    passes them: --mixed-precision bfloat16 gives a bfloat16 Xception in the saved model (the
+    LSTMs' float32: test_precision.py), --cnn-only the ablation; --epochs 0 runs phase 2 alone."""
     import inspect
 
     assert set(crc.MODEL_ARGUMENTS) <= set(inspect.signature(crc.build_cnn_rnn_classifier).parameters)
     out = tmp_path / "run"
-    assert crc.main(train_args(class_folders, out, "--epochs", "1", "--fine-tune-epochs", "0",
+    assert crc.main(train_args(class_folders, out, "--epochs", "0", "--fine-tune-epochs", "1", "--cnn-only",
                                "--mixed-precision", "bfloat16", "--skip-image-check")) == 0
-    model = keras.saving.load_model(out / "phase1_best.keras")
-    assert model.get_layer("xception").get_layer("block1_conv1").dtype_policy.name == "mixed_bfloat16"
-    assert model.get_layer("rnn_lstm_1").dtype_policy.name == "float32"
-
-
-@pytest.mark.usefixtures("stand_in_backbones")  # about the training core, not Xception
-def test_fine_tune_only_and_cnn_only(class_folders, tmp_path):
-    out = tmp_path / "run"
-    assert crc.main(train_args(class_folders, out, "--epochs", "0", "--fine-tune-epochs", "1", "--cnn-only")) == 0
     assert not (out / "phase1_best.keras").exists() and (out / "phase2_best.keras").is_file()
     assert json.loads((out / "metrics.json").read_text())["model"].endswith("phase2_best.keras")
-    assert keras.saving.load_model(out / "phase2_best.keras").name == "cnn_classifier"
+    model = keras.saving.load_model(out / "phase2_best.keras")
+    assert model.name == "cnn_classifier"
+    assert model.get_layer("xception").get_layer("block1_conv1").dtype_policy.name == "mixed_bfloat16"
+    assert model.get_layer("predictions").dtype_policy.name == "float32"
 
 
 @pytest.mark.xdist_group("trained_classifier")  # one worker trains the shared run
