@@ -80,13 +80,25 @@ def test_mixed_precision_xception_computes_the_float32_features(float32_xception
     assert np.abs(got - want).max() > 0  # computed in the lower precision, not float32
 
 
+@pytest.fixture(scope="module")
+def float32_steps():
+    """The float32 tiny classifier on the stand-in backbone: its initial weights and the losses of
+    ``two_steps`` from them, computed once for the mixed-precision and XLA comparisons."""
+    from tests.conftest import stand_in_backbones_patched
+
+    with stand_in_backbones_patched():
+        model = tiny_classifier("off")
+        weights = model.get_weights()
+        want = two_steps(model, weights)
+    assert want[1] < want[0]  # the step learned something
+    return weights, want
+
+
+@pytest.mark.xdist_group("float32_steps")  # one worker computes the float32 steps for all three
 @pytest.mark.usefixtures("stand_in_backbones")  # the training step under the policy, not Xception (above)
 @pytest.mark.parametrize("mixed_precision, tolerance", [("bfloat16", 0.02), ("float16", 0.005)])
-def test_mixed_precision_training_steps_agree_with_float32(mixed_precision, tolerance):
-    model = tiny_classifier("off")
-    weights = model.get_weights()
-    want = two_steps(model, weights)
-    assert want[1] < want[0]  # the step learned something
+def test_mixed_precision_training_steps_agree_with_float32(float32_steps, mixed_precision, tolerance):
+    weights, want = float32_steps
     model = tiny_classifier(mixed_precision)
     compute = precision.POLICIES[mixed_precision][len("mixed_"):]
     assert model.get_layer("xception").dtype_policy.compute_dtype == compute
@@ -97,12 +109,10 @@ def test_mixed_precision_training_steps_agree_with_float32(mixed_precision, tole
     np.testing.assert_allclose(got, want, rtol=tolerance)
 
 
+@pytest.mark.xdist_group("float32_steps")
 @pytest.mark.usefixtures("stand_in_backbones")  # XLA against the default path, not Xception
-def test_jit_compile_agrees_with_default():
-    model = tiny_classifier("off")
-    weights = model.get_weights()
-    want = two_steps(model, weights)
-    assert want[1] < want[0]  # the step learned something
+def test_jit_compile_agrees_with_default(float32_steps):
+    weights, want = float32_steps
     np.testing.assert_allclose(two_steps(tiny_classifier("off"), weights, jit_compile=True), want, rtol=1e-4)
 
 
