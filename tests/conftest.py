@@ -163,7 +163,6 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason=f"needs TensorFlow; this run is on {BACKEND}"))
 
 
-
 @pytest.fixture(autouse=True, scope="session")
 def meteor_in_the_tensorflow_run_only():
     """METEOR is a Java program scoring caption strings: nothing of the backend reaches it. The
