@@ -336,8 +336,6 @@ def train(args):
             loss; reported by ``main`` as one line.
     """
     cli.check_training_arguments(args)
-    if args.length_multiple < 1:
-        raise UsageError(f"--length-multiple must be at least 1. Received: {args.length_multiple}")
     if args.class_weight != "none" and args.per_frame:
         raise UsageError("--class-weight needs one label per sequence: Keras weighs classes of 2-D targets only, "
                          "not --per-frame labels.")

@@ -153,8 +153,8 @@ def check_training_arguments(args):
     for flag in ("epochs", "fine_tune_epochs"):
         if getattr(args, flag) < 0:
             raise UsageError(f"--{flag.replace('_', '-')} must be >= 0. Received: {getattr(args, flag)}")
-    for flag in ("batch_size", "fine_tune_batch_size", "steps_per_epoch", "workers"):
-        value = getattr(args, flag)
+    for flag in ("batch_size", "fine_tune_batch_size", "steps_per_epoch", "workers", "length_multiple"):
+        value = getattr(args, flag, None)  # --length-multiple: the LRCN's only
         if value is not None and value < 1:
             raise UsageError(f"--{flag.replace('_', '-')} must be >= 1. Received: {value}")
     for flag in ("learning_rate", "fine_tune_learning_rate"):

@@ -303,7 +303,7 @@ def test_cli_bad_inputs(clips, tmp_path, caplog):
         lrcn.main(["--data-dir", str(clips), "--output-dir", str(tmp_path / "o"), "--frames", "3", "--variable-length"])
     caplog.clear()
     assert lrcn.main(["--data-dir", str(clips), *base[:2], "--variable-length", *TINY_FLAGS, "--length-multiple", "0"]) == 1
-    assert "--length-multiple must be at least 1. Received: 0" in caplog.text and not (tmp_path / "o").exists()
+    assert "--length-multiple must be >= 1. Received: 0" in caplog.text and not (tmp_path / "o").exists()
     caplog.clear()
     assert lrcn.main(["predict", "--model", str(tmp_path / "m.keras"), str(tmp_path / "missing.mp4")]) == 1
     assert "does not exist" in caplog.text
