@@ -373,8 +373,9 @@ def _batched(dataset, batch_size, target_lengths):
 def _tf_data_from(batches, prefetch=2):
     """A ``CaptionBatches`` (or ``SelfCriticalBatches``) of cached features as a ``tf.data.Dataset``
     whose tensor shapes are declared with free batch and step sizes (Keras infers them from the
-    first batches, and then refuses a batch of another caption length); its ``on_epoch_end`` reshuffles after each full pass. ``prefetch``
-    batches are prepared ahead (0: each when the train step asks for it)."""
+    first batches, and then refuses a batch of another caption length); its ``on_epoch_end``
+    reshuffles after each full pass. ``prefetch`` batches are prepared ahead (0: each when the
+    train step asks for it)."""
     import tensorflow as tf
 
     def generate():

@@ -502,11 +502,14 @@ def test_resume_after_interruption_reuses_the_cache_unless_an_image_changed(clas
     import os
 
     out = tmp_path / "run"
-    args = train_args(class_folders, out, "--epochs", "3", "--fine-tune-epochs", "0", "--steps-per-epoch", "2",
-                      "--skip-image-check")
+
+    def args(epochs=3):
+        return train_args(class_folders, out, "--epochs", str(epochs), "--fine-tune-epochs", "0",
+                          "--steps-per-epoch", "2", "--skip-image-check")
+
     kill_at_batch(monkeypatch, 3)  # first batch of epoch 2 (2 steps per epoch)
     with pytest.raises(Killed):
-        crc.main(args)
+        crc.main(args())
     monkeypatch.undo()
     assert rundir.read_history(out / "phase1_log.csv")["epoch"] == [0.0]
     assert (out / "backup" / "phase1").is_dir() and not (out / "phase1_done.json").exists()
@@ -514,7 +517,7 @@ def test_resume_after_interruption_reuses_the_cache_unless_an_image_changed(clas
     before = train_features()
     caplog.clear()
     with caplog.at_level(logging.INFO):
-        assert crc.main(args) == 0
+        assert crc.main(args()) == 0
     assert train_features() == before and len(before) == 1
     assert "features of 18 train images read from the cache" in caplog.text
     assert "resuming after 1 completed epochs" in caplog.text
@@ -530,7 +533,7 @@ def test_resume_after_interruption_reuses_the_cache_unless_an_image_changed(clas
     os.utime(image, ns=(1, 1))
     caplog.clear()
     with caplog.at_level(logging.INFO):
-        assert crc.main(args[:args.index("--epochs") + 1] + ["1"] + args[args.index("--epochs") + 2:]) == 0
+        assert crc.main(args(epochs=1)) == 0
     after = train_features()
     assert len(after) == 1 and after != before
     assert "train images read from the cache" not in caplog.text and "features of 18 train images" in caplog.text
