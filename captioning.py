@@ -372,28 +372,14 @@ def _batched(dataset, batch_size, target_lengths):
 
 def _tf_data_from(batches, prefetch=2):
     """A ``CaptionBatches`` (or ``SelfCriticalBatches``) of cached features as a ``tf.data.Dataset``
-    whose tensor shapes are declared with free batch and step sizes (Keras infers them from the
-    first batches, and then refuses a batch of another caption length); its ``on_epoch_end``
-    reshuffles after each full pass. ``prefetch`` batches are prepared ahead (0: each when the
-    train step asks for it)."""
+    with free batch and step sizes (``backend.tf_dataset_with_free_shapes``)."""
     import tensorflow as tf
-
-    def generate():
-        for index in range(len(batches)):
-            yield batches[index]
-        batches.on_epoch_end()
 
     free = tf.TensorSpec((None, None), tf.int32)
     signature = ((tf.TensorSpec((None, *batches.features.shape[1:]), tf.float32), free), free)
     if isinstance(batches, SelfCriticalBatches):  # and the sample weights
         signature += (tf.TensorSpec((None, None), tf.float32),)
-    dataset = tf.data.Dataset.from_generator(generate, output_signature=signature).apply(
-        tf.data.experimental.assert_cardinality(len(batches)))
-    if prefetch:
-        return dataset.prefetch(prefetch)
-    options = tf.data.Options()
-    options.experimental_optimization.inject_prefetch = False  # tf.data would add one of its own
-    return dataset.with_options(options)
+    return backend.tf_dataset_with_free_shapes(batches, signature, prefetch)
 
 
 def feature_caption_batches(cached, table, batch_size, shuffle=False, seed=0):

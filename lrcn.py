@@ -280,13 +280,26 @@ def _sharded_input(splits, args, batch_size):
 
 def training_data(splits, args, batch_size, strategy=None):
     """``(train, val)`` ``FrameSequences`` for a phase's ``batch_size``; under
-    ``--distribute multi-worker``, each worker's shards."""
+    ``--distribute multi-worker``, each worker's shards. With ``--variable-length`` on
+    TensorFlow they are read through ``tf.data`` with the frames axis declared free
+    (``backend.tf_dataset_with_free_shapes``): Keras would otherwise fix it from the first two
+    batches and refuse a longer one."""
     if multiworker.is_multi_worker(strategy):
         return _sharded_input(splits, args, batch_size)
-    return tuple(sequences.FrameSequences(splits[name], args.image_size, batch_size, args.frames, shuffle=fitting,
+    data = tuple(sequences.FrameSequences(splits[name], args.image_size, batch_size, args.frames, shuffle=fitting,
                                           seed=args.seed, per_frame=args.per_frame, workers=args.workers,
                                           augment=fitting and args.augment, length_multiple=args.length_multiple)
                  for name, fitting in (("train", True), ("val", False)))
+    if args.frames or not backend.is_tensorflow():
+        return data
+    import tensorflow as tf  # variable length on TensorFlow: the frames axis declared free
+
+    classes = len(splits["train"].class_names)
+    signature = (tf.TensorSpec((None, None, args.image_size, args.image_size, 3), tf.float32),
+                 tf.TensorSpec((None, None, classes) if args.per_frame else (None, classes), tf.float32))
+    replicas = strategy.num_replicas_in_sync if strategy else 1  # the partial last batch dropped first
+    return tuple(backend.tf_dataset_with_free_shapes(distribute.replica_safe(reader, replicas, what), signature)
+                 for reader, what in zip(data, ("training", "validation")))
 
 
 def phase1_inputs(model, splits, args, trainer, strategy=None):

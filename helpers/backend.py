@@ -75,6 +75,29 @@ def is_tf_dataset(data):
     return tf is not None and isinstance(data, tf.data.Dataset)
 
 
+def tf_dataset_with_free_shapes(batches, signature, prefetch=2):
+    """A ``keras.utils.PyDataset`` read through ``tf.data`` with its tensor shapes declared
+    (``signature``: ``tf.TensorSpec``s, ``None`` on the axes that vary between batches). Keras on
+    TensorFlow otherwise fixes a PyDataset's shapes from its first two batches and then refuses
+    a batch whose caption or clip length differs. Each full pass ends with ``on_epoch_end`` (the
+    dataset's reshuffle); ``prefetch`` batches are prepared ahead (0: each when the train step
+    asks for it). TensorFlow backend only."""
+    import tensorflow as tf
+
+    def generate():
+        for index in range(len(batches)):
+            yield batches[index]
+        batches.on_epoch_end()
+
+    dataset = tf.data.Dataset.from_generator(generate, output_signature=signature).apply(
+        tf.data.experimental.assert_cardinality(len(batches)))
+    if prefetch:
+        return dataset.prefetch(prefetch)
+    options = tf.data.Options()
+    options.experimental_optimization.inject_prefetch = False  # tf.data would add one of its own
+    return dataset.with_options(options)
+
+
 def jit_compile(flag):
     """``Model.compile``'s ``jit_compile`` for ``--jit-compile``: XLA on TensorFlow only when
     asked (it measured slower on a CPU); on JAX every step is compiled by XLA anyway and on

@@ -267,6 +267,22 @@ def test_short_run_writes_every_output(clips, tmp_path, capsys, caplog, length_f
     assert printed.count("  1. ") == 2 and "  2. " not in printed
 
 
+@pytest.mark.usefixtures("stand_in_backbones")  # the input pipeline, not VGG16
+def test_variable_length_trains_on_batches_padded_to_different_lengths(tmp_path):
+    """Clips of 3 to 10 frames in batches of 2, padded to 8 frames but one batch to 16: a batch of a
+    length the first two batches did not have trains (on TensorFlow, Keras fixed a dataset's shapes
+    from its first two batches before they were declared free)."""
+    data = tmp_path / "data"
+    for split, lengths in (("train", (3, 4, 5, 6, 7, 10)), ("val", (3, 10))):
+        make_clips(data / split, lengths=lengths)
+    out = tmp_path / "run"
+    assert lrcn.main(["--data-dir", str(data), "--output-dir", str(out), "--variable-length", *TINY_FLAGS,
+                      "--epochs", "2", "--fine-tune-epochs", "0", "--skip-image-check"]) == 0
+    assert rundir.read_history(out / "phase1_log.csv")["epoch"] == [0.0, 1.0]
+    batches = sequences.FrameSequences(sequences.list_sequences(data / "train"), 32, 2, length_multiple=8)
+    assert sorted(batches[i][0].shape[1] for i in range(len(batches))) == [8, 8, 8, 8, 8, 16]
+
+
 @pytest.mark.usefixtures("stand_in_backbones")  # the flags, not VGG16
 def test_model_flags_recipe_and_cache_flag_reach_the_run(clips, tmp_path, caplog):
     """Every flag the resume check compares is a keyword of build_lrcn, and the command line
