@@ -188,7 +188,7 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 # The classifier at the smallest size Xception takes: builder keywords, command-line flags.
 CLASSIFIER_TINY = dict(image_size=71, rnn_timesteps=71, rnn_units=8, weights=None)
 CLASSIFIER_FLAGS = ["--weights", "none", "--image-size", "71", "--rnn-timesteps", "71", "--rnn-units", "8",
-                    "--batch-size", "4", "--fine-tune-batch-size", "4"]
+                    "--batch-size", "3", "--fine-tune-batch-size", "3"]
 
 
 def classifier_train_args(data, out, *extra):

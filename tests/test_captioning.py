@@ -22,7 +22,7 @@ from tests.conftest import Killed, colour_captions, kill_at_batch, make_coco, ma
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--weights", "none", "--image-size", "71", "--embedding-dim", "16", "--lstm-units", "16",
-        "--min-word-count", "1", "--max-length", "6", "--batch-size", "8", "--fine-tune-batch-size", "4"]
+        "--min-word-count", "1", "--max-length", "6", "--batch-size", "8", "--fine-tune-batch-size", "3"]
 
 
 @pytest.fixture
@@ -585,7 +585,7 @@ def test_attention_run_caches_grids_in_float16_and_draws_where_it_looks(flickr, 
     caplog.set_level(logging.INFO)
     assert cap.main(["--data-dir", str(flickr), "--output-dir", str(out), *TINY, "--decoder", "attention",
                      "--attention-dim", "8", "--epochs", "1", "--fine-tune-epochs", "1", "--self-critical-epochs", "2",
-                     "--self-critical-batch-size", "4", "--self-critical-samples", "3", "--beam-size", "2"]) == 0
+                     "--self-critical-batch-size", "3", "--self-critical-samples", "3", "--beam-size", "2"]) == 0
     run = rundir.RunDir(out)
     cached = np.load(next(run.features.glob("train-*.npy")))
     assert cached.dtype == np.float16 and cached.shape == (9, 4, 2048)  # 71 px: a 2 x 2 grid
@@ -593,7 +593,7 @@ def test_attention_run_caches_grids_in_float16_and_draws_where_it_looks(flickr, 
     key = features.cache_key(fine_tuned, captions.load_caption_splits(flickr)["train"].paths, " as float16")[:20]
     assert (run.features / f"train-{key}.npy").is_file()
     assert "MB on disk" in caplog.text
-    history = rundir.read_history(run.log("phase3"))  # self-critical training: 3 batches of 4 images x 3 samples
+    history = rundir.read_history(run.log("phase3"))  # self-critical training: 3 batches of 3 images x 3 samples
     assert history["epoch"] == [0.0, 1.0] and all(0 <= value < 11 for value in history["reward"] + history["val_cider_d"])
     assert run.done("phase3").is_file() and run.curves("phase3").is_file()
     metrics = json.loads(run.metrics.read_text())
