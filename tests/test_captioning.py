@@ -388,53 +388,6 @@ def test_step_decoding_carries_the_state_like_the_whole_model(inject, decoder):
         assert probabilities.argmax(axis=1).tolist() == words
 
 
-@pytest.mark.tensorflow  # a SavedModel is TensorFlow's
-@pytest.mark.usefixtures("stand_in_backbones")  # the search and the serving graph are under test, not Xception
-def test_exported_captioner_captions_encoded_images_like_the_caption_command(tmp_path):
-    """``export``: a SavedModel that TensorFlow alone loads (a fresh process importing nothing of
-    the repository) takes JPEG and PNG bytes and returns, greedy and beam, the captions that
-    ``captioning.caption`` gives for the same files, for both decoders. Random untrained
-    decoders with 40 words make long, varied captions (some cut at max_length)."""
-    rng = np.random.default_rng(7)
-    files = []
-    for i, (size, file_format) in enumerate([(71, "PNG"), (71, "PNG"), (71, "JPEG"), (90, "JPEG"), (50, "PNG")]):
-        path = tmp_path / "images" / f"{i}.{file_format.lower()}"
-        path.parent.mkdir(exist_ok=True)
-        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(path, format=file_format)
-        files.append(str(path))
-    vocabulary = captions.Vocabulary(list(captions.SPECIAL_TOKENS) + [f"w{i}" for i in range(36)], 7)
-    expected = {}
-    for decoder in cap.DECODERS:
-        keras.utils.set_random_seed(1)
-        model = cap.build_captioner(vocabulary_size=len(vocabulary), image_size=71, embedding_dim=8, lstm_units=8,
-                                    decoder=decoder, attention_dim=8, dropout=0.0, weights=None)
-        run = tmp_path / decoder
-        run.mkdir()
-        model.save(run / "model.keras")
-        vocabulary.save(run / "vocabulary.json")
-        assert cap.main(["export", "--model", str(run / "model.keras"), "--output", str(run / "served"),
-                         "--beam-size", "3"]) == 0
-        expected[decoder] = {width: cap.caption(run / "model.keras", files, beam_size=width) for width in (1, 3)}
-        assert len(set(expected[decoder][3])) > 1 and expected[decoder][1] != expected[decoder][3]
-    code = (f"import json, sys, tensorflow as tf\n"
-            f"files = {files!r}\n"
-            f"images = tf.constant([open(f, 'rb').read() for f in files])\n"
-            f"out = {{}}\n"
-            f"for name in {list(cap.DECODERS)!r}:\n"
-            f"    served = tf.saved_model.load({str(tmp_path)!r} + '/' + name + '/served')\n"
-            f"    out[name] = {{1: [c.decode() for c in served.caption_greedy(images).numpy()],\n"
-            f"                 3: [c.decode() for c in served.caption(images).numpy()],\n"
-            f"                 'default': [c.decode() for c in served.signatures['serving_default'](images=images)['output_0'].numpy()]}}\n"
-            f"assert not [m for m in sys.modules if m.split('.')[0] in ('captioning', 'helpers', 'tests')], 'repository imported'\n"
-            f"print(json.dumps(out))\n")
-    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-3000:]
-    served = json.loads(result.stdout.strip().splitlines()[-1])
-    for decoder in cap.DECODERS:
-        assert served[decoder]["1"] == expected[decoder][1], decoder
-        assert served[decoder]["3"] == expected[decoder][3] == served[decoder]["default"], decoder
-
-
 # ----------------------------------------------------------------------------- text
 
 def test_vocabulary_counts_training_words_and_round_trips(tmp_path):

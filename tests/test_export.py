@@ -1,5 +1,6 @@
-"""Export for serving (SavedModel and TFLite taking raw pixels, loaded by TensorFlow alone in a
-fresh process) and the ``classify`` API it must agree with."""
+"""Export for serving (the classifiers' SavedModel and TFLite taking raw pixels, the captioner's
+SavedModel taking encoded images, all loaded by TensorFlow alone in one fresh process) and the
+``classify`` and ``caption`` APIs they must agree with."""
 
 import json
 import os
@@ -11,9 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import captioning as cap
 import cnn_rnn_classifier as crc
 import lrcn
-from helpers import rundir
+from helpers import captions, rundir
 from helpers.errors import UsageError
 from tests.conftest import CLASSIFIER_TINY as TINY, write_jpeg
 
@@ -27,10 +29,17 @@ from PIL import Image
 jobs, out = json.load(open(sys.argv[1])), sys.argv[2]
 results = []
 for job in jobs:
-    pixels = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in job["images"]])
-    if job["clip"]:
-        pixels = pixels[None]  # one clip of frames
     served = tf.saved_model.load(job["export"])
+    if job["kind"] == "captioner":  # encoded bytes in, caption strings out
+        images = tf.constant([open(p, "rb").read() for p in job["images"]])
+        results.append({"1": [c.decode() for c in served.caption_greedy(images).numpy()],
+                        "3": [c.decode() for c in served.caption(images).numpy()],
+                        "default": [c.decode() for c in
+                                    served.signatures["serving_default"](images=images)["output_0"].numpy()]})
+        continue
+    pixels = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in job["images"]])
+    if job["kind"] == "clip":
+        pixels = pixels[None]  # one clip of frames
     result = {"float32": served.serve(tf.constant(pixels, tf.float32)).numpy().tolist(),
               "uint8": served.serve_uint8(tf.constant(pixels, tf.uint8)).numpy().tolist(),
               "signatures": sorted(served.signatures)}
@@ -40,13 +49,14 @@ for job in jobs:
     result["tflite"] = [list(runner(**{name: item[None].astype(np.float32)}).values())[0][0].tolist()
                         for item in pixels]  # one image (or clip) per call
     results.append(result)
-assert not any(m == "helpers" or m.startswith("helpers.") or m in ("cnn_rnn_classifier", "lrcn") for m in sys.modules)
+assert not [m for m in sys.modules if m.split(".")[0] in ("helpers", "tests", "cnn_rnn_classifier", "lrcn", "captioning")]
 json.dump(results, open(out, "w"))
 """
 
 
 def served(tmp_path, jobs):
-    """Each job's export (``{"export", "images", "clip"}``) loaded and run by TensorFlow alone, in one
+    """Each job's export (``{"export", "images", "kind"}``; kind ``"images"``, ``"clip"`` or
+    ``"captioner"``) loaded and run by TensorFlow alone, in one
     fresh process that imports nothing of the repository: per job, its outputs."""
     script, listed, out = tmp_path / "serve.py", tmp_path / "jobs.json", tmp_path / "served.json"
     script.write_text(SERVE)
@@ -83,7 +93,7 @@ def exported_classifier(tmp_path):
         assert json.loads((folder / rundir.CLASSES).read_text())["class_names"] == names
     # an export never overwrites
     assert crc.main(["export", "--model", str(run / "phase2_best.keras"), "--output", str(tmp_path / "export")]) == 1
-    return {"export": tmp_path / "export", "images": images, "clip": False}, expected
+    return {"export": tmp_path / "export", "images": images, "kind": "images"}, expected
 
 
 def exported_lrcn(tmp_path):
@@ -105,24 +115,61 @@ def exported_lrcn(tmp_path):
     for fmt, folder in (("saved_model", tmp_path / "export"), ("tflite", tmp_path / "export_tflite")):
         assert lrcn.main(["export", "--model", str(run / "phase2_best.keras"), "--output", str(folder),
                           "--format", fmt]) == 0
-    return {"export": tmp_path / "export", "images": frames, "clip": True}, expected
+    return {"export": tmp_path / "export", "images": frames, "kind": "clip"}, expected
+
+
+def exported_captioners(tmp_path):
+    """A random untrained captioner of each decoder (40 words: long, varied captions, some cut at
+    max_length) saved with its vocabulary and exported with beam width 3; ``caption`` on five
+    JPEG and PNG files of three sizes: ``(serving jobs, expected captions)``, greedy and beam."""
+    rng = np.random.default_rng(7)
+    files = []
+    for i, (size, file_format) in enumerate([(71, "PNG"), (71, "PNG"), (71, "JPEG"), (90, "JPEG"), (50, "PNG")]):
+        path = tmp_path / "images" / f"{i}.{file_format.lower()}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(path, format=file_format)
+        files.append(path)
+    vocabulary = captions.Vocabulary(list(captions.SPECIAL_TOKENS) + [f"w{i}" for i in range(36)], 7)
+    jobs, expected = [], []
+    for decoder in cap.DECODERS:
+        keras.utils.set_random_seed(1)
+        model = cap.build_captioner(vocabulary_size=len(vocabulary), image_size=71, embedding_dim=8, lstm_units=8,
+                                    decoder=decoder, attention_dim=8, dropout=0.0, weights=None)
+        run = tmp_path / decoder
+        run.mkdir()
+        model.save(run / "model.keras")
+        vocabulary.save(run / "vocabulary.json")
+        assert cap.main(["export", "--model", str(run / "model.keras"), "--output", str(run / "served"),
+                         "--beam-size", "3"]) == 0
+        by_width = {width: cap.caption(run / "model.keras", files, beam_size=width) for width in (1, 3)}
+        assert len(set(by_width[3])) > 1 and by_width[1] != by_width[3]
+        jobs.append({"export": run / "served", "images": files, "kind": "captioner"})
+        expected.append(by_width)
+    return jobs, expected
 
 
 @pytest.mark.tensorflow  # SavedModel / TFLite export
-@pytest.mark.usefixtures("stand_in_backbones")  # the export graphs and the heads, not Xception or VGG16
-def test_classifier_and_lrcn_exports_serve_raw_pixels_like_classify(tmp_path):
-    """The classifier's export on images and the LRCN's on a clip's frames, served (SavedModel: float32
-    and uint8 signatures; TFLite) in one fresh TensorFlow process: the probabilities ``classify`` gives."""
-    (tmp_path / "classifier").mkdir()
-    (tmp_path / "lrcn").mkdir()
+@pytest.mark.usefixtures("stand_in_backbones")  # the export graphs, heads and searches, not Xception or VGG16
+def test_exports_serve_raw_inputs_like_the_python_apis_in_one_fresh_tensorflow_process(tmp_path):
+    """Every export, served by TensorFlow alone in one fresh process that imports nothing of the
+    repository: the classifier's on images and the LRCN's on a clip's frames (SavedModel float32 and
+    uint8 signatures, TFLite) give the probabilities ``classify`` gives; each captioner's SavedModel
+    takes JPEG and PNG bytes and returns, greedy and beam, the captions ``captioning.caption`` gives
+    (the ``caption`` command's)."""
+    for name in ("classifier", "lrcn", "captioner"):
+        (tmp_path / name).mkdir()
     jobs, expected = zip(exported_classifier(tmp_path / "classifier"), exported_lrcn(tmp_path / "lrcn"))
-    results = served(tmp_path, jobs)
-    assert len(results) == 2
+    caption_jobs, expected_captions = exported_captioners(tmp_path / "captioner")
+    results = served(tmp_path, [*jobs, *caption_jobs])
+    assert len(results) == 4
     assert {"serve", "serve_uint8", "serving_default"} <= set(results[0]["signatures"])
     for result, want in zip(results, expected):
         for key in ("float32", "uint8"):  # the same pixels, decoded by PIL on both sides
             np.testing.assert_allclose(result[key], want, atol=1e-5)
         np.testing.assert_allclose(result["tflite"], want, atol=1e-4)
+    for decoder, result, want in zip(cap.DECODERS, results[2:], expected_captions):
+        assert result["1"] == want[1], decoder
+        assert result["3"] == want[3] == result["default"], decoder
 
 
 def test_classify_refuses_bad_input(tmp_path):
