@@ -3,6 +3,7 @@ ImageNet download, captioned photos (Flickr8k and COCO layouts), frame folders a
 
 import collections
 import contextlib
+import gc
 import importlib.abc
 import json
 import os
@@ -91,6 +92,12 @@ def pytest_configure(config):
 
 
 def pytest_sessionfinish(session, exitstatus):
+    # After the session pytest collects garbage five times over to report any exception raised in a
+    # __del__; each full collection walks every object the session's models left (seconds per
+    # process). Collected once here, while that report still listens, then frozen: those five are
+    # then quick, and the same garbage was collected.
+    gc.collect()
+    gc.freeze()
     failed = False
     for other, run in OTHER_RUNS.items():
         if run is not None and run[0].wait() not in (0, 5):  # 5: nothing selected on that backend
