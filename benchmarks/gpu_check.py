@@ -11,9 +11,9 @@ It prints one table. For each model at the seed's configuration (classifier 299 
 phase 1 batch 32 with Xception frozen and phase 2 batch 16 with everything trained; LRCN 16
 frames x 224 px, batch 4; captioner 299 px, batch 64, end to end) in float32 and in bfloat16
 mixed precision (the backbone in bfloat16, as ``--mixed-precision bfloat16`` trains): images
-(or clips) per second of ``train_on_batch`` (median of ``--steps`` steps after two warm-up steps,
-compilation excluded), the peak device memory of that measurement (each in a fresh process,
-so the peak is its own), the training FLOPs per step (XLA's cost analysis of the forward and
+(or clips) per second of ``train_on_batch`` (median of ``--steps`` steps after two warm-up
+steps, one with ``--smoke``; compilation excluded), the peak device memory of that measurement
+(each in a fresh process, so the peak is its own), the training FLOPs per step (XLA's cost analysis of the forward and
 backward pass of the trainable weights) and the model FLOP utilisation: achieved FLOP/s over
 the same device's bfloat16 matmul peak, measured first in the same run. Phase 2 is also
 measured at a batch that fills the card (``--fill-batch``). Then a short real run:
@@ -116,11 +116,11 @@ def measure(model, phase, batch, mixed_precision, steps, smoke):
         crc.compile_classifier(net, keras.optimizers.RMSprop(1e-3))
     x, y = make_batch(batch)
     flops = train_flops(net, x, y) if keras.backend.backend() == "jax" else 0.0
-    times = []
-    for step in range(steps + 2):
+    times, warm_up = [], 1 if smoke else 2  # smoke: the first step compiles; its timings mean nothing on a CPU
+    for step in range(warm_up + steps):
         start = time.perf_counter()
         net.train_on_batch(x, y)  # returns host numbers: the step has finished
-        if step >= 2:
+        if step >= warm_up:
             times.append(time.perf_counter() - start)
     device = jax.devices()[0]
     stats = device.memory_stats() or {} if hasattr(device, "memory_stats") else {}
