@@ -292,6 +292,8 @@ class Trainer:
                     logger.info("%s: resuming after %d completed epochs (best %s so far: %s)", phase, first,
                                 monitor, "none" if best_so_far is None else f"{best_so_far:.4f}")
                 replicas = self.strategy.num_replicas_in_sync if self.strategy else 1
+                if self.strategy is None:
+                    build_before_tracing(model, train_data)
                 model.fit(
                     distribute.replica_safe(train_data, replicas, "training"),
                     validation_data=distribute.replica_safe(val_data, replicas, "validation"),
@@ -494,6 +496,31 @@ def _backups(folder):
         if number.isdigit():
             found.append((int(number), path))
     return found
+
+
+def build_before_tracing(model, train_data):
+    """Creates ``model``'s optimizer and metric variables before ``fit`` traces its train step.
+
+    Without a distribution strategy Keras on TensorFlow creates them inside the step's first
+    trace, and ``tf.function`` then traces the step a second time (its rule for a function that
+    creates variables): a second trace of the whole forward and backward pass at the start of
+    every phase. Keras builds them first (``Trainer._symbolic_build``, from the shapes and dtypes
+    of one batch) under a strategy and on the other backends; this does the same here. A no-op
+    off TensorFlow, once built, or where that Keras method is missing (the step is then traced twice,
+    as before).
+
+    Args:
+        model: a compiled ``keras.Model``.
+        train_data: a ``tf.data.Dataset`` (its ``element_spec`` is read, nothing of the data)
+            or a ``keras.utils.PyDataset`` (its first batch is read).
+    """
+    build = getattr(model, "_symbolic_build", None)
+    optimizer_built = model.optimizer is None or model.optimizer.built
+    metrics = getattr(model, "_compile_metrics", None)
+    if not backend.is_tensorflow() or build is None or (optimizer_built and (metrics is None or metrics.built)):
+        return
+    batch = train_data.element_spec if backend.is_tf_dataset(train_data) else train_data[0]
+    build(data_batch=tuple(batch) if isinstance(batch, list) else batch)
 
 
 def restore_backup(model, folder, phase):
