@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import cnn_rnn_classifier as crc
-from helpers import rundir, training
+from helpers import backend, rundir, training
 from tests.conftest import Killed, weights_never_drawn, write_jpeg
 
 # ---------------------------------------------------------------- training controls
@@ -65,6 +65,28 @@ def killed_then_resumed(folder, monkeypatch, completed, **controls):
         fit_regression(folder, **controls)
     monkeypatch.undo()
     return fit_regression(folder, **controls)
+
+
+def test_the_train_step_is_traced_once_per_phase(tmp_path, monkeypatch):
+    """The optimizer's and the metrics' variables exist before ``fit`` traces the train step
+    (``training.build_before_tracing``): on TensorFlow a step that creates them is traced twice.
+    From a PyDataset and, on TensorFlow, from a ``tf.data`` pipeline (its element spec)."""
+    real = keras.Model.train_step
+    calls = []
+    monkeypatch.setattr(keras.Model, "train_step", lambda self, *args: calls.append(self.name) or real(self, *args))
+    inputs = [Batches(1.0)]
+    if backend.is_tensorflow():
+        import tensorflow as tf
+
+        batches = Batches(1.0)
+        inputs.append(tf.data.Dataset.from_tensor_slices((np.concatenate(batches.x), np.concatenate(batches.y))).batch(8))
+    for index, train in enumerate(inputs):
+        model = regression(0.05)
+        model.compile(keras.optimizers.RMSprop(0.01), "mse", metrics=["mae"])  # RMSprop and MAE have variables
+        calls.clear()
+        with training.Trainer(tmp_path / str(index)) as trainer:
+            trainer.fit(model, "phase1", train, Batches(-1.0), epochs=2, monitor="val_loss")
+        assert calls == [model.name], type(train).__name__
 
 
 def test_schedules_step_by_step(tmp_path):
