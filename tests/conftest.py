@@ -155,7 +155,7 @@ def pytest_collection_modifyitems(config, items):
     ``jax_processes`` (they start JAX processes of their own and need nothing of this one's
     backend) run once: in the JAX run, or in the TensorFlow run when no JAX run is beside it.
     Tests marked ``backend_independent`` (text and the METEOR scorer: nothing of Keras's backend)
-    run once: in the TensorFlow run, or in whichever run is alone."""
+    run once: in the TensorFlow run, or in whichever run is alone. Tests marked ``heavy`` run first."""
     for item in items:
         if "backend_independent" in item.keywords and tensorflow_run_beside():
             item.add_marker(pytest.mark.skip(reason="needs no backend: the TensorFlow run beside this one runs it"))
@@ -168,6 +168,9 @@ def pytest_collection_modifyitems(config, items):
             continue
         if "tensorflow" in item.keywords and BACKEND != "tensorflow":
             item.add_marker(pytest.mark.skip(reason=f"needs TensorFlow; this run is on {BACKEND}"))
+    # The tests marked heavy first, the rest as collected: the workers take tests in this order as
+    # they free up, so what is left at the end is short and both finish together.
+    items.sort(key=lambda item: "heavy" not in item.keywords)
 
 
 @pytest.fixture(autouse=True, scope="session")

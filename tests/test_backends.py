@@ -29,6 +29,7 @@ def run_on(keras_backend, *argv):
 
 @needs_jax
 @pytest.mark.tensorflow  # this process is the TensorFlow side
+@pytest.mark.heavy
 def test_checkpoints_cross_backends_with_the_same_probabilities(tmp_path, capsys):
     """TensorFlow saves (here), JAX loads and saves again (a fresh process, TensorFlow hidden),
     TensorFlow loads (here): both directions."""

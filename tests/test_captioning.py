@@ -135,6 +135,7 @@ def test_attention_over_grouped_captions_equals_one_grid_per_caption():
         decoder.test_on_batch([np.repeat(grids, 3, axis=0), tokens], targets), rel=1e-5)
 
 
+@pytest.mark.heavy
 def test_grid_batches_hold_each_image_once_with_all_its_captions():
     split = captions.CaptionSplit("train", [f"{i}.jpg" for i in range(5)],
                                   [["a b"] * 3, ["a b c d e"] * 2, ["a"] * 3, ["b c"] * 3, ["a b c"]], Path("x"))
@@ -495,6 +496,7 @@ def test_caption_scores_match_hand_computed_bleu():
 @METEOR
 @pytest.mark.skipif(shutil.which("java") is None, reason="METEOR needs java")
 @pytest.mark.backend_independent
+@pytest.mark.heavy
 def test_meteor_starts_java_once_per_process():
     references, candidates = [["a dog runs on grass"], ["a cat sits on the mat"]], ["a dog runs", "a cat sits"]
     first = captions.caption_scores(references, candidates)["meteor"]
@@ -533,6 +535,7 @@ def test_a_meteor_scorer_whose_process_died_is_replaced(monkeypatch, caplog):
 
 @METEOR
 @pytest.mark.usefixtures("stand_in_backbones")  # the attention decoder's run, not Xception
+@pytest.mark.heavy
 def test_attention_run_caches_grids_in_float16_and_draws_where_it_looks(flickr, tmp_path, caplog, capsys):
     out = tmp_path / "run"
     caplog.set_level(logging.INFO)
@@ -584,6 +587,7 @@ def test_attention_run_caches_grids_in_float16_and_draws_where_it_looks(flickr, 
 
 @METEOR
 @pytest.mark.usefixtures("stand_in_backbones")  # the run, not Xception (whose captioner: test_seed_size_captioners)
+@pytest.mark.heavy
 def test_interrupted_two_phase_run_resumes_then_writes_every_output_evaluates_and_captions(
         flickr, tmp_path, monkeypatch, caplog, capsys):
     """Show-and-tell (the default decoder), killed in phase 1's second epoch: other model flags are
@@ -642,6 +646,7 @@ def test_interrupted_two_phase_run_resumes_then_writes_every_output_evaluates_an
 
 @METEOR
 @pytest.mark.usefixtures("stand_in_backbones")  # about the training core, not Xception
+@pytest.mark.heavy
 def test_coco_format_trains_and_evaluates_on_val_without_test(tmp_path, caplog):
     out = tmp_path / "run"
     assert cap.main(["--data-dir", str(make_coco(tmp_path / "coco")), "--output-dir", str(out), *TINY,

@@ -164,6 +164,7 @@ PROMISED = ["args.json", "classes.json", "metrics.json", "phase1_best.keras", "p
 
 
 @pytest.mark.usefixtures("stand_in_backbones")  # the run, not Xception (whose training: test_precision.py)
+@pytest.mark.heavy
 def test_two_phase_run_writes_every_output(class_folders, tmp_path, capsys):
     out = tmp_path / "run"
     (class_folders / "words.txt").write_text("cat\tdomestic cat\ndog\tdomestic dog\n")
@@ -493,6 +494,7 @@ def test_phase1_cache_is_on_by_default_and_flags_turn_it_off(trained_classifier,
 
 
 @pytest.mark.usefixtures("stand_in_backbones")  # about the training core, not Xception
+@pytest.mark.heavy
 def test_resume_after_interruption_reuses_the_cache_unless_an_image_changed(class_folders, tmp_path, monkeypatch,
                                                                            caplog):
     """Killed in epoch 2 (after epoch 1 was backed up), the same command continues from epoch 2,

@@ -78,6 +78,7 @@ def run_with_two_cpus(code, timeout=600):
     return result.stdout.strip().splitlines()[-1]
 
 
+@pytest.mark.heavy
 def test_mirrored_matches_single_device_and_the_command_line_resumes(tmp_path):
     """Under 2 logical CPUs, in one fresh process: (1) 3 SGD steps of the tiny classifier, global
     batch 4: MirroredStrategy (2 per replica) against one device, same initial weights and data;
@@ -203,6 +204,7 @@ def start_workers(script, flags, outputs, ports=None):
     return processes, ports
 
 
+@pytest.mark.heavy
 def test_killed_worker_stops_the_other_and_a_rerun_resumes_identically_writing_only_on_the_chief(tmp_path):
     """Two loopback workers of the classifier: one killed in epoch 3 stops the other (no hang);
     the same command then resumes on both, which train identically (the same weights fingerprint
@@ -245,6 +247,7 @@ def test_killed_worker_stops_the_other_and_a_rerun_resumes_identically_writing_o
     assert not outputs[1].exists()  # the other worker wrote only to its own temporary folder, now removed
 
 
+@pytest.mark.heavy
 def test_lrcn_on_two_loopback_workers(tmp_path):
     data = tmp_path / "data"
     for split, lengths in (("train", (3, 5, 4, 6)), ("val", (4, 2)), ("test", (5, 3))):
@@ -309,6 +312,7 @@ json.dump({"replicas": strategy.num_replicas_in_sync, "single": single, "paralle
 
 
 @pytest.mark.jax_processes
+@pytest.mark.heavy
 def test_mirrored_on_jax_is_keras_data_parallel_with_the_single_device_result(tmp_path):
     """--distribute mirrored on JAX: keras.distribution.DataParallel over two (forced) CPU devices
     gives the single-device losses and weights for the same global batch."""

@@ -150,6 +150,7 @@ def exported_captioners(tmp_path):
 
 @pytest.mark.tensorflow  # SavedModel / TFLite export
 @pytest.mark.usefixtures("stand_in_backbones")  # the export graphs, heads and searches, not Xception or VGG16
+@pytest.mark.heavy
 def test_exports_serve_raw_inputs_like_the_python_apis_in_one_fresh_tensorflow_process(tmp_path):
     """Every export, served by TensorFlow alone in one fresh process that imports nothing of the
     repository: the classifier's on images and the LRCN's on a clip's frames (SavedModel float32 and

@@ -16,6 +16,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 @pytest.mark.jax_processes
+@pytest.mark.heavy
 def test_smoke_run_prints_the_table(tmp_path):
     result = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--smoke", "--steps", "1", "--only", "lrcn",
                              "--json", str(tmp_path / "check.json")], cwd=ROOT, capture_output=True, text=True,

@@ -232,6 +232,7 @@ PROMISED = ["args.json", "classes.json", "metrics.json", "phase1_best.keras", "p
 
 @pytest.mark.usefixtures("stand_in_backbones")  # the run, not VGG16 (whose training: test_precision.py)
 @pytest.mark.parametrize("length_flags", [["--frames", "3"], ["--variable-length"]])
+@pytest.mark.heavy
 def test_short_run_writes_every_output(clips, tmp_path, capsys, caplog, length_flags):
     """The default recipe (small-data), both phases, then ``predict``; at a fixed length phase 1
     trains on cached features (the other recipe and the cache flag: the test below)."""
@@ -268,6 +269,7 @@ def test_short_run_writes_every_output(clips, tmp_path, capsys, caplog, length_f
 
 
 @pytest.mark.usefixtures("stand_in_backbones")  # the input pipeline, not VGG16
+@pytest.mark.heavy
 def test_variable_length_trains_on_batches_padded_to_different_lengths(tmp_path):
     """Clips of 3 to 10 frames in batches of 2, padded to 8 frames but one batch to 16: a batch of a
     length the first two batches did not have trains (on TensorFlow, Keras fixed a dataset's shapes

@@ -116,6 +116,7 @@ def test_jit_compile_agrees_with_default(float32_steps):
     np.testing.assert_allclose(two_steps(tiny_classifier("off"), weights, jit_compile=True), want, rtol=1e-4)
 
 
+@pytest.mark.heavy
 def test_lrcn_mixed_precision_backbone():
     model = lrcn.build_lrcn(3, 4, 32, 16, 8, weights=None, mixed_precision="bfloat16")
     vgg16 = [layer for layer in precision.all_layers(model) if layer.name == "vgg16"][0]

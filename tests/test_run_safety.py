@@ -59,6 +59,7 @@ def test_kill_during_checkpoint_write_keeps_the_previous_best(tmp_path, monkeypa
     assert keras.saving.load_model(path).get_weights()[0] == pytest.approx(saved[0])
 
 
+@pytest.mark.heavy
 def test_killed_checkpoint_write_then_the_same_command_finishes(class_folders, tmp_path, monkeypatch):
     out = tmp_path / "run"
     args = train_args(class_folders, out, *SHORT)
@@ -84,6 +85,7 @@ def test_killed_checkpoint_write_then_the_same_command_finishes(class_folders, t
     assert json.loads((out / "metrics.json").read_text())["num_images"] == 9
 
 
+@pytest.mark.heavy
 def test_full_disk_is_one_line_and_the_same_command_resumes(class_folders, tmp_path, monkeypatch, caplog):
     out = tmp_path / "run"
     args = train_args(class_folders, out, *SHORT)
@@ -201,6 +203,7 @@ def test_a_finished_phase_rerun_with_other_epochs_is_refused_in_one_line_and_cha
 
 
 @pytest.mark.xdist_group("trained_classifier")  # one worker trains the shared run
+@pytest.mark.heavy
 def test_one_line_errors_for_unwritable_paths_and_damaged_models(trained_classifier, tmp_path, caplog):
     class_folders, run, argv = trained_classifier.data, trained_classifier.run, trained_classifier.argv
     a_file = tmp_path / "a_file"

@@ -33,6 +33,7 @@ assert not {"captioning", "cnn_rnn_classifier", "lrcn"} & set(sys.modules)
 
 
 @pytest.mark.usefixtures("stand_in_backbones")  # the project's registered layers are under test, not Xception's
+@pytest.mark.heavy
 def test_saved_models_load_in_safe_mode_in_a_fresh_process(tmp_path):
     rng = np.random.default_rng(1)
     images = rng.uniform(0, 255, (1, 71, 71, 3)).astype(np.float32)
