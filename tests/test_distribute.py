@@ -105,7 +105,8 @@ def test_mirrored_matches_single_device_and_the_command_line_resumes(tmp_path):
         def run(strategy, weights=None):
             with distribute.scope(strategy):
                 keras.utils.set_random_seed(1)
-                model = crc.build_cnn_rnn_classifier(3, 71, 71, 8, weights=None)
+                model = crc.build_cnn_rnn_classifier(num_classes=3, image_size=71, rnn_timesteps=71, rnn_units=8,
+                                                     weights=None)
                 if weights is not None:
                     model.set_weights(weights)
                 start = model.get_weights()

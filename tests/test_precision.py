@@ -38,7 +38,8 @@ def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
 
 def tiny_classifier(mixed_precision):
     keras.utils.set_random_seed(1)
-    return crc.build_cnn_rnn_classifier(3, 71, 71, 8, weights=None, mixed_precision=mixed_precision)
+    return crc.build_cnn_rnn_classifier(num_classes=3, image_size=71, rnn_timesteps=71, rnn_units=8, weights=None,
+                                         mixed_precision=mixed_precision)
 
 
 BATCH = np.random.default_rng(2).uniform(-1, 1, (4, 71, 71, 3)).astype("float32")  # Xception's input range
@@ -118,7 +119,8 @@ def test_jit_compile_agrees_with_default(float32_steps):
 
 @pytest.mark.heavy
 def test_lrcn_mixed_precision_backbone():
-    model = lrcn.build_lrcn(3, 4, 32, 16, 8, weights=None, mixed_precision="bfloat16")
+    model = lrcn.build_lrcn(num_classes=3, frames=4, image_size=32, dense_units=16, gru_units=8, weights=None,
+                            mixed_precision="bfloat16")
     vgg16 = [layer for layer in precision.all_layers(model) if layer.name == "vgg16"][0]
     assert vgg16.dtype_policy.name == "mixed_bfloat16"
     assert training.find_layer(model, "gru").dtype_policy.name == "float32"
