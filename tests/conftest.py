@@ -87,8 +87,10 @@ def pytest_configure(config):
         log = tempfile.NamedTemporaryFile("w+", prefix=f"pytest-{other}-", suffix=".log", delete=False)
         env = dict(os.environ, KERAS_BACKEND=other, TEST_BACKENDS=other, TEST_BESIDE=BACKEND)
         command = [sys.executable, "-m", "pytest", *config.invocation_params.args]
+        # At a lower priority (nice 5): the TensorFlow run has more to do, and the run beside it fills
+        # the cores whenever the TensorFlow run leaves one idle, so that both end together.
         OTHER_RUNS[other] = (subprocess.Popen(command, cwd=config.invocation_params.dir, env=env, stdout=log,
-                                              stderr=subprocess.STDOUT), log)
+                                              stderr=subprocess.STDOUT, preexec_fn=lambda: os.nice(5)), log)
 
 
 def pytest_sessionfinish(session, exitstatus):
