@@ -71,6 +71,12 @@ def _installed(backend_name):
     return importlib.util.find_spec({"jax": "jax", "torch": "torch"}.get(backend_name, backend_name)) is not None
 
 
+def lower_priority():
+    """Run in the child before it starts: nice 5 where the system has it (POSIX)."""
+    if hasattr(os, "nice"):
+        os.nice(5)
+
+
 def pytest_configure(config):
     backends = [b.strip() for b in os.environ.get("TEST_BACKENDS", "tensorflow,jax").split(",") if b.strip()]
     if BACKEND != "tensorflow" or hasattr(config, "workerinput") or config.option.collectonly:
@@ -90,7 +96,7 @@ def pytest_configure(config):
         # At a lower priority (nice 5): the TensorFlow run has more to do, and the run beside it fills
         # the cores whenever the TensorFlow run leaves one idle, so that both end together.
         OTHER_RUNS[other] = (subprocess.Popen(command, cwd=config.invocation_params.dir, env=env, stdout=log,
-                                              stderr=subprocess.STDOUT, preexec_fn=lambda: os.nice(5)), log)
+                                              stderr=subprocess.STDOUT, preexec_fn=lower_priority), log)
 
 
 def pytest_sessionfinish(session, exitstatus):
