@@ -13,11 +13,11 @@ frames x 224 px, batch 4; captioner 299 px, batch 64, end to end) in float32 and
 mixed precision (the backbone in bfloat16, as ``--mixed-precision bfloat16`` trains): images
 (or clips) per second of ``train_on_batch`` (median of ``--steps`` steps after two warm-up
 steps, one with ``--smoke``; compilation excluded), the peak device memory of that measurement
-(each in a fresh process, so the peak is its own), the training FLOPs per step (XLA's cost analysis of the forward and
-backward pass of the trainable weights) and the model FLOP utilisation: achieved FLOP/s over
-the same device's bfloat16 matmul peak, measured first in the same run. Phase 2 is also
-measured at a batch that fills the card (``--fill-batch``). Then a short real run:
-``cnn_rnn_classifier.py train`` with pretrained Xception (the carried float16 copy of the
+(each in a fresh process, so the peak is its own), the training FLOPs per step (XLA's cost
+analysis of the forward and backward pass of the trainable weights) and the model FLOP
+utilisation: achieved FLOP/s over the same device's bfloat16 matmul peak, measured first in the
+same run. Phase 2 is also measured at a batch that fills the card (``--fill-batch``). Then a
+short real run: ``cnn_rnn_classifier.py train`` with pretrained Xception (the carried float16 copy of the
 ImageNet weights, cast back to float32) on the carried tiny-imagenet-100 subset, with its
 held-out accuracy and images/s.
 """

@@ -520,7 +520,7 @@ def build_before_tracing(model, train_data):
     if not backend.is_tensorflow() or build is None or (optimizer_built and (metrics is None or metrics.built)):
         return
     batch = train_data.element_spec if backend.is_tf_dataset(train_data) else train_data[0]
-    build(data_batch=tuple(batch) if isinstance(batch, list) else batch)
+    build(data_batch=batch)
 
 
 def restore_backup(model, folder, phase):

@@ -56,8 +56,8 @@ json.dump(results, open(out, "w"))
 
 def served(tmp_path, jobs):
     """Each job's export (``{"export", "images", "kind"}``; kind ``"images"``, ``"clip"`` or
-    ``"captioner"``) loaded and run by TensorFlow alone, in one
-    fresh process that imports nothing of the repository: per job, its outputs."""
+    ``"captioner"``) loaded and run by TensorFlow alone, in one fresh process that imports nothing
+    of the repository: per job, its outputs."""
     script, listed, out = tmp_path / "serve.py", tmp_path / "jobs.json", tmp_path / "served.json"
     script.write_text(SERVE)
     listed.write_text(json.dumps([{**job, "export": str(job["export"]), "images": list(map(str, job["images"]))}
