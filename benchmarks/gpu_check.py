@@ -17,9 +17,9 @@ steps, one with ``--smoke``; compilation excluded), the peak device memory of th
 analysis of the forward and backward pass of the trainable weights) and the model FLOP
 utilisation: achieved FLOP/s over the same device's bfloat16 matmul peak, measured first in the
 same run. Phase 2 is also measured at a batch that fills the card (``--fill-batch``). Then a
-short real run: ``cnn_rnn_classifier.py train`` with pretrained Xception (the carried float16 copy of the
-ImageNet weights, cast back to float32) on the carried tiny-imagenet-100 subset, with its
-held-out accuracy and images/s.
+short real run: ``cnn_rnn_classifier.py train`` with pretrained Xception (the carried float16
+copy of the ImageNet weights, cast back to float32) on the carried tiny-imagenet-100 subset, with
+its held-out accuracy and images/s.
 """
 
 import argparse
