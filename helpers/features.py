@@ -6,8 +6,8 @@ features instead of running the backbone again. The cache is one ``.npy`` array
 ``(num_images, features)`` (float32; or float16 for a feature grid) per image list, in the run's ``features/`` folder
 (``rundir.RunDir.features``), named ``<name>-<key>.npy``. The key is a SHA-256 of
 everything the features depend on: the encoder's weights (so ImageNet, random or a
-file's weights, and a bfloat16 policy, all give other keys), its input size and dtype
-policy, and each image file's path, size and modification time. A rerun with the same
+file's weights, and a bfloat16 policy, all give other keys), its input size, its layers' dtype
+policies, and each image file's path, size and modification time. A rerun with the same
 key reads the file; any change computes it again and replaces the old one. Files are
 written atomically (``rundir.write_atomically``).
 """
@@ -73,12 +73,26 @@ class ImageBatches(keras.utils.PyDataset):
         return np.stack([data.read_rgb(path, self.image_size) for path in chunk])
 
 
+def computing_layers(model):
+    """The layers of ``model`` that compute, nested models opened, in order: what the features'
+    dtypes depend on. Input layers and the nested models themselves are left out: they only hand
+    tensors on (each layer casts its own inputs), and ``keras.saving.load_model`` gives them the
+    float32 policy back whatever they were built with (a backbone built under ``mixed_bfloat16``
+    comes back with ``float32`` on its container and input layer, the same policies inside)."""
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            yield from computing_layers(layer)
+        elif not isinstance(layer, keras.layers.InputLayer):
+            yield layer
+
+
 def cache_key(encoder, paths, reader=""):
-    """The SHA-256 (hex) of the encoder's weights, input shape and dtype policy, of the image
-    reader's name, and of each file's path, size and modification time."""
+    """The SHA-256 (hex) of the encoder's weights, input shape and the dtype policies of its
+    computing layers (``computing_layers``), of the image reader's name, and of each file's path,
+    size and modification time: the same for a model and its saved and loaded copy."""
     digest = hashlib.sha256()
-    digest.update(repr((tuple(encoder.input_shape), encoder.dtype_policy.name,
-                        [layer.dtype_policy.name for layer in encoder.layers], reader, READER)).encode())
+    digest.update(repr((tuple(encoder.input_shape), [layer.dtype_policy.name for layer in computing_layers(encoder)],
+                        reader, READER)).encode())
     for variable in encoder.weights:
         digest.update(np.ascontiguousarray(variable.numpy()).tobytes())
     for path in paths:

@@ -8,7 +8,7 @@ import keras
 import numpy as np
 import pytest
 
-from helpers import features
+from helpers import features, precision
 from tests.conftest import write_jpeg
 
 
@@ -17,6 +17,21 @@ def tiny_encoder(size=16, seed=0):
     image = keras.Input((size, size, 3))
     x = keras.layers.Conv2D(4, 3)(keras.layers.Rescaling(1 / 255)(image))
     return keras.Model(image, keras.layers.GlobalAveragePooling2D()(x))
+
+
+def encoder_with_backbone(policy):
+    """A tiny encoder whose convolutions are a nested model built under ``policy``, as the scripts
+    build Xception under ``--mixed-precision``."""
+    keras.utils.set_random_seed(0)
+    with precision.policy_scope(policy):
+        inner = keras.Input((16, 16, 3))
+        backbone = keras.Model(inner, keras.layers.Conv2D(4, 3)(keras.layers.Rescaling(1 / 255)(inner)))
+    image = keras.Input((16, 16, 3))
+    return keras.Model(image, keras.layers.GlobalAveragePooling2D(dtype="float32")(backbone(image)))
+
+
+def must_not_run(*args, **kwargs):
+    raise AssertionError("the encoder ran although the cache is valid")
 
 
 @pytest.fixture
@@ -30,14 +45,26 @@ def test_cached_features_equal_the_encoder_and_are_reused(paths, tmp_path, monke
     images = np.concatenate([features.ImageBatches(paths, 16, 2)[i] for i in range(3)])
     np.testing.assert_allclose(cached, encoder.predict(images, verbose=0), rtol=1e-6, atol=1e-6)
     assert len(list((tmp_path / "cache").glob("train-*.npy"))) == 1
-
-    def must_not_run(*args, **kwargs):
-        raise AssertionError("the encoder ran although the cache is valid")
-
     monkeypatch.setattr(encoder, "predict", must_not_run)
     caplog.set_level(logging.INFO)
     np.testing.assert_array_equal(features.cached_features(encoder, paths, tmp_path / "cache", "train"), cached)
     assert "read from the cache" in caplog.text
+
+
+def test_a_saved_and_loaded_bfloat16_encoder_reads_the_cache_of_the_one_saved(paths, tmp_path, monkeypatch):
+    # load_model gives a nested model and its input layer the float32 policy back (the layers
+    # inside keep mixed_bfloat16): the captioner's phase 3, on the loaded phase-1 model, computed
+    # every feature again.
+    encoder = encoder_with_backbone("mixed_bfloat16")
+    cached = features.cached_features(encoder, paths, tmp_path / "cache", "train")
+    encoder.save(tmp_path / "encoder.keras")
+    loaded = keras.saving.load_model(tmp_path / "encoder.keras")
+    monkeypatch.setattr(loaded, "predict", must_not_run)
+    np.testing.assert_array_equal(features.cached_features(loaded, paths, tmp_path / "cache", "train"), cached)
+    # the policies the layers compute with still count
+    float32 = encoder_with_backbone("float32")
+    assert features.cache_key(float32, paths) != features.cache_key(encoder, paths)
+    assert not np.array_equal(float32.predict(features.ImageBatches(paths, 16, 5)[0], verbose=0), cached)
 
 
 @pytest.mark.parametrize("change", ["weights", "image size", "file touched", "file list"])
