@@ -28,10 +28,10 @@ case "$DECODER" in
   # CIDEr-D); phase 2 (Xception's top layers) added nothing measurable and would need the
   # features computed again for phase 3.
   show-and-tell) MODEL=(--decoder show-and-tell --inject merge --epochs 10 --fine-tune-epochs 0 --self-critical-epochs 1) ;;
-  # Soft attention over Xception's 10 x 10 grid (Xu et al. 2015): an epoch costs about 5x
-  # show-and-tell's, so 3 of them, and no phase 2 (Xception's pass over the images with
-  # gradients would double the time; at show-and-tell's budget it added nothing measurable).
-  attention) MODEL=(--decoder attention --epochs 3 --fine-tune-epochs 0) ;;
+  # Soft attention over Xception's 10 x 10 grid (Xu et al. 2015): an epoch costs 2.5x to 5x
+  # show-and-tell's, so 5 of them (above 3 on val; about show-and-tell's time in all), and no
+  # phase 2 (Xception's pass over the images with gradients would double the time).
+  attention) MODEL=(--decoder attention --epochs 5 --fine-tune-epochs 0) ;;
   *) echo "DECODER must be attention or show-and-tell, not $DECODER" >&2; exit 2 ;;
 esac
 python captioning.py train "${DATA[@]}" --output-dir "$DEMO_DIR" --weights "$WEIGHTS" "${MODEL[@]}" "$@"
