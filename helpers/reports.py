@@ -250,8 +250,9 @@ def plot_captions(paths, generated, references, path, title, columns=4, attentio
 
     maps = attention[1] if attention else []
     rows = max(1, -(-len(paths) // columns))
+    # constrained layout keeps the title clear of the first row's captions, however tall the figure
     figure, axes = plt.subplots(rows + len(maps), columns, figsize=(4 * columns, 5.2 * rows + 4.2 * len(maps)),
-                                squeeze=False)
+                                squeeze=False, layout="constrained")
     for axis in axes.ravel():
         axis.axis("off")
     for axis, image_path, ours, reference in zip(axes[:rows].ravel(), paths, generated, references):
@@ -266,7 +267,6 @@ def plot_captions(paths, generated, references, path, title, columns=4, attentio
             _attention_overlay(axis, image, weight, attention[0])
             axis.set_title(f"attention: {word}", fontsize=10)
     figure.suptitle(title)
-    figure.tight_layout()
     rundir.write_atomically(path, lambda partial: figure.savefig(partial, dpi=80, format="png"))
     plt.close(figure)
     return path
