@@ -5,9 +5,9 @@ same features in every epoch, so a phase can train the layers above it from the 
 features instead of running the backbone again. The cache is one ``.npy`` array
 ``(num_images, features)`` (float32; or float16 for a feature grid) per image list, in the run's ``features/`` folder
 (``rundir.RunDir.features``), named ``<name>-<key>.npy``. The key is a SHA-256 of
-everything the features depend on: the encoder's weights (so ImageNet, random or a
-file's weights, and a bfloat16 policy, all give other keys), its input size, its layers' dtype
-policies, and each image file's path, size and modification time. A rerun with the same
+everything the features depend on: the encoder's weights (ImageNet, random or a file's
+weights all give other keys), its input size, the dtype policies its layers compute with (a
+bfloat16 backbone gives another key), and each image file's path, size and modification time. A rerun with the same
 key reads the file; any change computes it again and replaces the old one. Files are
 written atomically (``rundir.write_atomically``).
 """
