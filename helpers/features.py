@@ -20,7 +20,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from helpers import backend, data, rundir
+from helpers import backend, data, precision, rundir
 from helpers.training import progress_verbosity
 
 logger = logging.getLogger(__name__)
@@ -73,26 +73,19 @@ class ImageBatches(keras.utils.PyDataset):
         return np.stack([data.read_rgb(path, self.image_size) for path in chunk])
 
 
-def computing_layers(model):
-    """The layers of ``model`` that compute, nested models opened, in order: what the features'
-    dtypes depend on. Input layers and the nested models themselves are left out: they only hand
-    tensors on (each layer casts its own inputs), and ``keras.saving.load_model`` gives them the
-    float32 policy back whatever they were built with (a backbone built under ``mixed_bfloat16``
-    comes back with ``float32`` on its container and input layer, the same policies inside)."""
-    for layer in model.layers:
-        if isinstance(layer, keras.Model):
-            yield from computing_layers(layer)
-        elif not isinstance(layer, keras.layers.InputLayer):
-            yield layer
-
-
 def cache_key(encoder, paths, reader=""):
-    """The SHA-256 (hex) of the encoder's weights, input shape and the dtype policies of its
-    computing layers (``computing_layers``), of the image reader's name, and of each file's path,
-    size and modification time: the same for a model and its saved and loaded copy."""
+    """The SHA-256 (hex) of the encoder's weights, input shape and the dtype policies of the layers
+    that compute (nested and wrapped ones included), of the image reader's name, and of each file's
+    path, size and modification time: the same for a model and its saved and loaded copy.
+
+    Nested models and input layers are left out of the policies: they only hand tensors on (each
+    layer casts its own inputs), and ``keras.saving.load_model`` gives them the float32 policy back
+    whatever they were built with (a backbone built under ``mixed_bfloat16`` comes back with
+    ``float32`` on its container and input layer, the same policies inside)."""
+    policies = [layer.dtype_policy.name for layer in precision.all_layers(encoder)
+                if not isinstance(layer, (keras.Model, keras.layers.InputLayer))]
     digest = hashlib.sha256()
-    digest.update(repr((tuple(encoder.input_shape), [layer.dtype_policy.name for layer in computing_layers(encoder)],
-                        reader, READER)).encode())
+    digest.update(repr((tuple(encoder.input_shape), policies, reader, READER)).encode())
     for variable in encoder.weights:
         digest.update(np.ascontiguousarray(variable.numpy()).tobytes())
     for path in paths:
