@@ -9,6 +9,11 @@ Recognition and Description", CVPR 2015, as the seed write-ups ``002_*.txt`` /
       -> per frame (frame_backbone): VGG16 preprocessing -> VGG16 (no top) -> Flatten
       -> head (lrcn_head): Dense(2048) -> Dropout -> GRU(1024, orthogonal kernel) -> Dense(num_classes, softmax)
 
+Clips of per-frame features computed elsewhere (``.npy`` files ``(frames, features)``, e.g.
+UCF101's VGG16 fc6 features through ``helpers.ucf101_features``) train the head alone: no
+backbone, so one phase. ``--temporal average`` and ``middle-frame`` swap the GRU for the
+baselines that see no order (the frames' mean, the middle frame).
+
 ``--recipe seed`` is the seed's head and optimizer: linear Dense on the raw features,
 dropout 0.5 on it and on the GRU's input and state, GRU bias ones, SGD(momentum 0.9,
 clipnorm 1). The default ``--recipe small-data`` is what a few dozen real clips need (the
@@ -21,10 +26,12 @@ Usage::
 
     python lrcn.py [train] --data-dir DATA --output-dir runs/lrcn (--frames 16 | --variable-length) [--weights imagenet|none|PATH]
     python lrcn.py evaluate --model runs/lrcn/phase2_best.keras --data-dir DATA [--json FILE]
-    python lrcn.py predict --model runs/lrcn/phase2_best.keras [--top-k 5] FRAME_FOLDER_OR_VIDEO...
+    python lrcn.py predict --model runs/lrcn/phase2_best.keras [--top-k 5] FRAME_FOLDER_OR_VIDEO_OR_NPY...
+    python lrcn.py predict --model M --over-time --window 2 [--stride 1] --output DIR LONG_VIDEO...
     python lrcn.py export --model runs/lrcn/phase2_best.keras --output DIR [--format saved_model|tflite]
 
-In Python, ``classify(model_or_path, clips, top_k=5)`` returns what ``predict`` prints.
+In Python, ``classify(model_or_path, clips, top_k=5)`` returns what ``predict`` prints (with
+``window=``, its predictions over time).
 """
 
 import dataclasses
@@ -36,6 +43,9 @@ from pathlib import Path
 from helpers import cli
 from helpers.backbones import VGG16
 
+
+# How a clip's frames combine (--temporal): the LRCN's GRU, or the two baselines that see no order.
+TEMPORAL = ("gru", "average", "middle-frame")
 
 # The head's settings and optimizer of each --recipe (README: "LRCN on real footage").
 # seed: the seed's (Donahue et al. as seeds 002/003 build it); small-data: what the diagnosis found
@@ -80,7 +90,12 @@ def parse_args(argv=None):
     model.add_argument("--recurrent-dropout", type=float, default=None,
                        help="GRU recurrent dropout; above 0 rules out the fast cuDNN kernel on a GPU "
                        "(default: the recipe's, 0 or the seed's 0.5)")
-    model.add_argument("--per-frame", action="store_true", help="a label per frame (default: one per sequence)")
+    model.add_argument("--temporal", choices=TEMPORAL, default="gru",
+                       help="how the frames combine: gru, the LRCN; average, the frame-average baseline (the per-frame "
+                       "Dense's outputs averaged over the real frames, no order); middle-frame, the single-frame "
+                       "baseline (the middle real frame) (default: gru)")
+    model.add_argument("--per-frame", action="store_true",
+                       help="a label per frame, with --temporal gru (default: one per sequence)")
     train_parser.add_argument("--augment", action="store_true",
                               help="a random crop (80-100%% of the side) and horizontal flip per training clip, the "
                               "same for all its frames (default: off)")
@@ -95,7 +110,18 @@ def parse_args(argv=None):
 
     predict_parser.add_argument("--max-frames", type=int, default=None,
                                 help="frames read from a video at most (default: all)")
-    cli.add_predict_arguments(predict_parser, "frame folders or video files (mp4, avi)")
+    over_time = predict_parser.add_argument_group("predictions over time (long videos)")
+    over_time.add_argument("--over-time", action="store_true",
+                           help="classify sliding windows of each input instead of the whole, and write DIR/<name>.csv "
+                           "and DIR/<name>.png (a timeline) for each; needs --window and --output (default: off)")
+    over_time.add_argument("--window", type=float, default=None,
+                           help="window length: seconds for a video (its frame rate), frames for a frame folder or "
+                           ".npy clip; required with --over-time")
+    over_time.add_argument("--stride", type=float, default=None,
+                           help="step between window starts, in the window's unit (default: half the window)")
+    over_time.add_argument("--output", type=Path, default=None,
+                           help="folder for the per-window CSV files and timeline plots; required with --over-time")
+    cli.add_predict_arguments(predict_parser, "frame folders, video files (mp4, avi) or .npy feature clips")
     args = parser.parse_args(cli.with_default_command(argv))
     if args.command == "train":  # the recipe's values where no flag gave one
         for name in ("recurrent_dropout", "learning_rate", "fine_tune_learning_rate"):
@@ -113,7 +139,7 @@ import numpy as np  # noqa: E402
 from helpers import backend, data, distribute, features, multiworker, precision, reports, sequences, training  # noqa: E402
 from helpers.backbones import pretrained_backbone  # noqa: E402
 from helpers.errors import UsageError  # noqa: E402
-from helpers.layers import FoldFrames, FrameMask, VGG16Preprocess  # noqa: E402
+from helpers.layers import FoldFrames, FrameMask, MiddleFrame, VGG16Preprocess  # noqa: E402
 from helpers.optimizers import FusedAdam  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -122,11 +148,19 @@ BACKBONE = VGG16.name
 # The builder's keyword arguments that come from flags of the same name: passed from here
 # (``cli.model_arguments``), and compared by the resume check.
 MODEL_ARGUMENTS = ("image_size", "frames", "dense_units", "gru_units", "fine_tune_layers", "per_frame",
-                   "recurrent_dropout", "mixed_precision", "recipe")
+                   "recurrent_dropout", "mixed_precision", "recipe", "temporal", "feature_width")
 
 
-def check_model_arguments(num_classes, frames, image_size, dense_units, gru_units, fine_tune_layers, recurrent_dropout):
+def check_model_arguments(num_classes, frames, image_size, dense_units, gru_units, fine_tune_layers, recurrent_dropout,
+                          feature_width=None, temporal="gru", per_frame=False):
     """Raises ``UsageError`` (a ``ValueError``) echoing the first argument the model cannot be built with."""
+    if temporal not in TEMPORAL:
+        raise UsageError(f"temporal must be one of {', '.join(TEMPORAL)}. Received: temporal={temporal!r}")
+    if per_frame and temporal != "gru":
+        raise UsageError(f"per_frame needs temporal gru: the baselines give one label per sequence. "
+                         f"Received: temporal={temporal}")
+    if feature_width is not None and feature_width < 1:
+        raise UsageError(f"feature_width must be None (frames) or at least 1. Received: feature_width={feature_width}")
     if num_classes < 2:
         raise UsageError(f"num_classes must be at least 2. Received: num_classes={num_classes}")
     if image_size < VGG16.min_size:
@@ -143,8 +177,9 @@ def check_model_arguments(num_classes, frames, image_size, dense_units, gru_unit
 
 
 def build_lrcn(num_classes, frames=None, image_size=224, dense_units=2048, gru_units=1024, fine_tune_layers=5,
-               per_frame=False, weights="imagenet", recurrent_dropout=None, mixed_precision="off", recipe="small-data"):
-    """Builds the LRCN: a per-frame VGG16 backbone and a recurrent head.
+               per_frame=False, weights="imagenet", recurrent_dropout=None, mixed_precision="off", recipe="small-data",
+               temporal="gru", feature_width=None):
+    """Builds the LRCN: a per-frame VGG16 backbone and a recurrent head, or the head alone on feature clips.
 
     Args:
         num_classes: number of classes, at least 2.
@@ -167,6 +202,13 @@ def build_lrcn(num_classes, frames=None, image_size=224, dense_units=2048, gru_u
             VGG16 features, dropout 0.5 on it and on the GRU's input, GRU bias ones (as the
             seed). ``"small-data"``: the features layer-normalised first
             (``feature_norm``), ReLU ``Dense``, dropout 0.2, GRU bias zeros.
+        temporal: how the frames combine after the per-frame ``Dense``: ``"gru"`` (the
+            LRCN), ``"average"`` (their mean over the real frames, ``frame_average``: the
+            frame-average baseline, blind to order) or ``"middle-frame"`` (the middle real
+            frame alone, ``middle_frame``: the single-frame baseline).
+        feature_width: features per frame of feature clips: the model is the head alone,
+            without VGG16 (``image_size``, ``fine_tune_layers``, ``weights`` and
+            ``mixed_precision`` then unused); ``None``: frames through VGG16.
 
     Returns:
         A functional ``keras.Model`` ``lrcn``. Input ``(batch, frames, image_size,
@@ -177,7 +219,9 @@ def build_lrcn(num_classes, frames=None, image_size=224, dense_units=2048, gru_u
         preprocessing, ``vgg16``, Flatten: ``(batch, frames, features)`` with
         ``features = (image_size // 32)**2 * 512``), then ``lrcn_head`` (inputs
         ``[features, mask]``; layers ``frame_dense``, ``gru``, ``predictions``), which
-        phase 1 trains alone on cached backbone features.
+        phase 1 trains alone on cached backbone features. With ``feature_width``: input
+        ``(batch, frames, feature_width)`` float32 features, padded frames all
+        ``PAD_VALUE`` (masked), the same output, through the same ``lrcn_head``.
 
     Raises:
         helpers.errors.UsageError: an argument is out of range (a ``ValueError``; the
@@ -188,28 +232,39 @@ def build_lrcn(num_classes, frames=None, image_size=224, dense_units=2048, gru_u
         raise UsageError(f"recipe must be one of {', '.join(RECIPES)}. Received: recipe={recipe!r}")
     settings = RECIPES[recipe]
     recurrent_dropout = settings["recurrent_dropout"] if recurrent_dropout is None else recurrent_dropout
-    check_model_arguments(num_classes, frames, image_size, dense_units, gru_units, fine_tune_layers, recurrent_dropout)
-    frame = keras.Input((image_size, image_size, 3), name="frame")
-    backbone = pretrained_backbone(VGG16.constructor(), weights, precision.resolve(mixed_precision),
-                                   input_shape=(image_size, image_size, 3))
-    flat = keras.layers.Flatten(name="flatten", dtype="float32")(backbone(VGG16Preprocess(name="vgg16_preprocess")(frame)))
-    frame_backbone = keras.Model(frame, flat, name="frame_backbone")
+    check_model_arguments(num_classes, frames, image_size, dense_units, gru_units, fine_tune_layers, recurrent_dropout,
+                          feature_width, temporal, per_frame)
+    if feature_width is None:
+        frame = keras.Input((image_size, image_size, 3), name="frame")
+        backbone = pretrained_backbone(VGG16.constructor(), weights, precision.resolve(mixed_precision),
+                                       input_shape=(image_size, image_size, 3))
+        flat = keras.layers.Flatten(name="flatten", dtype="float32")(
+            backbone(VGG16Preprocess(name="vgg16_preprocess")(frame)))
+        frame_backbone = keras.Model(frame, flat, name="frame_backbone")
 
-    features = keras.Input((frames, flat.shape[-1]), name="frame_features")
+    features = keras.Input((frames, feature_width or flat.shape[-1]), name="frame_features")
     mask = keras.Input((frames,), dtype="bool", name="mask")
     x = keras.layers.LayerNormalization(name="feature_norm")(features) if settings["feature_norm"] else features
     x = keras.layers.Dense(dense_units, activation=settings["dense_activation"], name="frame_dense")(x)
     x = keras.layers.Dropout(settings["dropout"], name="frame_dropout")(x)
-    if recurrent_dropout and precision.gpu_compute_capability() is not None:
-        logger.warning("recurrent_dropout=%g rules out the fused cuDNN GRU kernel on this GPU (several "
-                       "times slower); --recurrent-dropout 0 allows it", recurrent_dropout)
-    x = keras.layers.GRU(
-        gru_units, kernel_initializer="orthogonal", bias_initializer=settings["gru_bias"], dropout=settings["dropout"],
-        recurrent_dropout=recurrent_dropout, return_sequences=per_frame, name="gru",
-    )(x, mask=mask)
+    if temporal == "average":
+        x = keras.layers.GlobalAveragePooling1D(name="frame_average")(x, mask=mask)
+    elif temporal == "middle-frame":
+        x = MiddleFrame(name="middle_frame")([x, mask])
+    else:
+        if recurrent_dropout and precision.gpu_compute_capability() is not None:
+            logger.warning("recurrent_dropout=%g rules out the fused cuDNN GRU kernel on this GPU (several "
+                           "times slower); --recurrent-dropout 0 allows it", recurrent_dropout)
+        x = keras.layers.GRU(
+            gru_units, kernel_initializer="orthogonal", bias_initializer=settings["gru_bias"],
+            dropout=settings["dropout"], recurrent_dropout=recurrent_dropout, return_sequences=per_frame, name="gru",
+        )(x, mask=mask)
     outputs = keras.layers.Dense(num_classes, activation="softmax", name="predictions")(x)
     head = keras.Model([features, mask], outputs, name="lrcn_head")
 
+    if feature_width is not None:  # feature clips: the head alone
+        inputs = keras.Input((frames, feature_width), name="clip_features")
+        return keras.Model(inputs, head([inputs, FrameMask(name="frame_mask")(inputs)]), name="lrcn")
     inputs = keras.Input((frames, image_size, image_size, 3), name="frames")
     frame_mask = FrameMask(name="frame_mask")(inputs)  # (batch, frames): False on padding
     per_frame_features = FoldFrames(frame_backbone, name="per_frame_cnn")(inputs)  # (batch, frames, features)
@@ -270,12 +325,17 @@ def _sharded_input(splits, args, batch_size):
                 if not training:
                     return
 
-        signature = (tf.TensorSpec((per_replica, args.frames, args.image_size, args.image_size, 3), tf.float32),
+        signature = (tf.TensorSpec((per_replica, args.frames, *clip_shape(args)), tf.float32),
                      tf.TensorSpec((per_replica, len(split.class_names)), tf.float32))
         return tf.data.Dataset.from_generator(batches, output_signature=signature).prefetch(2)
 
     return multiworker.ShardedInput.train_and_val(dataset_fn, batch_size, len(splits["train"].samples),
                                                   len(splits["val"].samples), "sequences")
+
+
+def clip_shape(args):
+    """A frame's shape in a batch: ``(feature_width,)`` for feature clips, else ``(image_size, image_size, 3)``."""
+    return (args.feature_width,) if args.feature_width else (args.image_size, args.image_size, 3)
 
 
 def training_data(splits, args, batch_size, strategy=None):
@@ -295,7 +355,7 @@ def training_data(splits, args, batch_size, strategy=None):
     import tensorflow as tf  # variable length on TensorFlow: the frames axis declared free
 
     classes = len(splits["train"].class_names)
-    signature = (tf.TensorSpec((None, None, args.image_size, args.image_size, 3), tf.float32),
+    signature = (tf.TensorSpec((None, None, *clip_shape(args)), tf.float32),
                  tf.TensorSpec((None, None, classes) if args.per_frame else (None, classes), tf.float32))
     replicas = strategy.num_replicas_in_sync if strategy else 1  # the partial last batch dropped first
     return tuple(backend.tf_dataset_with_free_shapes(distribute.replica_safe(reader, replicas, what), signature)
@@ -313,6 +373,8 @@ def phase1_inputs(model, splits, args, trainer, strategy=None):
     same batches (tested). Otherwise (or with ``--no-feature-cache``) the whole model trains
     from the frames (``training_data``); the log says which and why.
     """
+    if args.feature_width:  # feature clips: the model is the head, which trains on them as they are
+        return (model, *training_data(splits, args, args.batch_size, strategy))
     if not features.phase1_on_cache(args, trainer.run, "VGG16", "frame", off=((not args.frames, "--variable-length"),)):
         return (model, *training_data(splits, args, args.batch_size, strategy))
     backbone = training.find_layer(model, "frame_backbone")
@@ -338,6 +400,9 @@ def phase1_inputs(model, splits, args, trainer, strategy=None):
 def train(args):
     """The ``train`` command: two phases, then evaluation (and on shuffled frames) and the report.
 
+    On feature clips (``.npy``) the model is the head alone and phase 1 is the whole training:
+    there is no VGG16 to fine-tune, so phase 2 is skipped (and said so).
+
     Phase 1 freezes VGG16 and trains the head (per-frame Dense, GRU, classifier); its best
     checkpoint is the highest validation accuracy (``--recipe seed``: the lowest validation
     loss, which on a few dozen clips picks a nearly untrained epoch). Phase 2 starts from it and
@@ -361,9 +426,14 @@ def train(args):
     for name in ("val", "test"):
         if name == "val" or (args.data_dir / name).is_dir():
             splits[name] = sequences.list_sequences(args.data_dir / name, names)
+    sequences.check_same_kind(list(splits.values()))
+    args.feature_width = splits["train"].features  # None: frames through VGG16
+    if args.feature_width and args.augment:
+        raise UsageError("--augment crops and flips frames; feature clips (.npy) have no pixels to augment.")
     with cli.in_flag_words(MODEL_ARGUMENTS):
         check_model_arguments(len(names), args.frames, args.image_size, args.dense_units, args.gru_units,
-                              args.fine_tune_layers, args.recurrent_dropout)
+                              args.fine_tune_layers, args.recurrent_dropout, args.feature_width, args.temporal,
+                              args.per_frame)
     class_weight = (training.balanced_class_weights(splits["train"].labels, len(names))
                     if args.class_weight == "balanced" else None)
     # The run directory's lock is held from here on: a second run on it stops at once.
@@ -380,26 +450,30 @@ def train(args):
             model = build_lrcn(num_classes=len(names), weights=args.weights, **cli.model_arguments(args, MODEL_ARGUMENTS))
 
             # Phase 1: VGG16 frozen; the head trains, from each frame's VGG16 features computed once
-            # when they can be cached (phase1_inputs); best by the recipe's monitor (val accuracy, or
-            # the seed's val loss).
-            training.set_backbone_trainable(model, BACKBONE, False)
+            # when they can be cached (phase1_inputs), or from the feature clips themselves; best by
+            # the recipe's monitor (val accuracy, or the seed's val loss).
+            if not args.feature_width:
+                training.set_backbone_trainable(model, BACKBONE, False)
             model.summary(print_fn=logger.info, line_length=110)
             fitted, train_data, val_data = phase1_inputs(model, splits, args, trainer, strategy)
             compile_lrcn(fitted, optimizer(args.recipe, trainer.learning_rate(args.learning_rate, args.epochs,
                                                                               train_data)), args.jit_compile)
             best = trainer.fit(fitted, "phase1", train_data, val_data, epochs=args.epochs,
                                monitor=RECIPES[args.recipe]["phase1_monitor"], class_weight=class_weight, save=model,
-                               title="phase 1: VGG16 frozen")
+                               title="the head on feature clips" if args.feature_width else "phase 1: VGG16 frozen")
 
             # Phase 2: from phase 1's best, VGG16's top layers fine-tuned too; best by val accuracy.
-            model = training.best_model(best, model)
-            training.set_backbone_trainable(model, BACKBONE, True, top_layers=args.fine_tune_layers)
-            train_data, val_data = training_data(splits, args, args.fine_tune_batch_size, strategy)
-            compile_lrcn(model, optimizer(args.recipe, trainer.learning_rate(
-                args.fine_tune_learning_rate, args.fine_tune_epochs, train_data)), args.jit_compile)
-            best = trainer.fit(model, "phase2", train_data, val_data, epochs=args.fine_tune_epochs,
-                               monitor="val_accuracy", class_weight=class_weight,
-                               title=f"phase 2: VGG16's top {args.fine_tune_layers} layers fine-tuned") or best
+            if args.feature_width:
+                logger.info("phase 2: skipped: feature clips have no VGG16 to fine-tune")
+            else:
+                model = training.best_model(best, model)
+                training.set_backbone_trainable(model, BACKBONE, True, top_layers=args.fine_tune_layers)
+                train_data, val_data = training_data(splits, args, args.fine_tune_batch_size, strategy)
+                compile_lrcn(model, optimizer(args.recipe, trainer.learning_rate(
+                    args.fine_tune_learning_rate, args.fine_tune_epochs, train_data)), args.jit_compile)
+                best = trainer.fit(model, "phase2", train_data, val_data, epochs=args.fine_tune_epochs,
+                                   monitor="val_accuracy", class_weight=class_weight,
+                                   title=f"phase 2: VGG16's top {args.fine_tune_layers} layers fine-tuned") or best
 
         if not trainer.chief:  # the chief evaluates and reports
             multiworker.cleanup(args.output_dir)
@@ -417,10 +491,9 @@ def train(args):
 class _ShuffledFrames(sequences.FrameSequences):
     """The same clips with their frames in a random order (checks that the GRU reads the order)."""
 
-    def sample_paths(self, index):
-        paths = list(super().sample_paths(index))
-        np.random.default_rng(index).shuffle(paths)
-        return paths
+    def load_clip(self, index):
+        clip = super().load_clip(index)
+        return clip[np.random.default_rng(index).permutation(len(clip))]
 
 
 def evaluate_lrcn(model, split, batch_size, workers=2, shuffle_frames=False):
@@ -433,7 +506,8 @@ def evaluate_lrcn(model, split, batch_size, workers=2, shuffle_frames=False):
         ``reports.classification_metrics`` plus ``split``; ``top5`` only with more than 5 classes.
     """
     frames = model.input_shape[1]
-    size = model.input_shape[2]
+    check_clips_fit(model, split)
+    size = model.input_shape[2] if len(model.input_shape) == 5 else None  # None: feature clips
     kind = _ShuffledFrames if shuffle_frames else sequences.FrameSequences
     dataset = kind(split, size, batch_size if frames else 1, frames, shuffle=False, workers=workers)
     probabilities = model.predict(dataset, verbose=training.progress_verbosity())
@@ -444,6 +518,16 @@ def evaluate_lrcn(model, split, batch_size, workers=2, shuffle_frames=False):
     if len(split.class_names) <= 5:
         del metrics["top5"], metrics["top_k"]
     return metrics
+
+
+def check_clips_fit(model, split):
+    """Raises ``DatasetError`` when ``split``'s clips are not what ``model`` reads (frames for a
+    VGG16 model, feature clips of its width for a head-only one), naming a clip and the model's input."""
+    width = model.input_shape[-1] if len(model.input_shape) == 3 else None
+    if split.features != width:
+        clips = f"{split.features} features per frame" if split.features else "frames"
+        wanted = f"feature clips of {width} features per frame" if width else "frame folders or videos"
+        raise data.DatasetError(f"{split.samples[0]} holds {clips}; this model reads {wanted}.")
 
 
 def evaluate(args):
@@ -459,34 +543,55 @@ def evaluate(args):
         reports.write_json(args.json, metrics)
 
 
-def classify(model, clips, top_k=5, class_names=None, max_frames=None):
+def classify(model, clips, top_k=5, class_names=None, max_frames=None, window=None, stride=None):
     """The ``top_k`` most probable classes of each clip: the Python API ``predict`` prints.
 
     Args:
         model: a saved ``.keras`` LRCN (its class names from the ``classes.json`` beside
             it) or a loaded ``keras.Model``.
-        clips: frame folders, video files (``helpers.extract_frames.read_video``) and/or
-            arrays ``(frames, height, width, 3)`` RGB 0..255 of any frame size (resized
-            bilinearly). A fixed-length model samples its frames evenly
-            (``sequences.sample_indices``); a variable-length one reads them all.
+        clips: for a model on frames: frame folders, video files
+            (``helpers.extract_frames.read_video``) and/or arrays ``(frames, height, width, 3)``
+            RGB 0..255 of any frame size (resized bilinearly); for a model on feature clips:
+            ``.npy`` files and/or arrays ``(frames, features)``. A fixed-length model samples its
+            frames evenly (``sequences.sample_indices``); a variable-length one reads them all.
+            A single path or array is one clip.
         top_k: classes per clip (capped at the number of classes).
         class_names: the classes in index order (default: the run's ``classes.json``).
         max_frames: frames read from a video at most (default: all).
+        window, stride: predictions over time (``helpers.timeline``): each clip in sliding
+            windows of ``window`` (seconds for a video, frames otherwise) every ``stride``
+            (default: half the window), read as a stream; ``None``: each clip whole.
 
     Returns:
         Per clip, ``[(class_name, probability), ...]``, most probable first; a per-frame
-        model's clip probabilities are the mean over its frames.
+        model's clip probabilities are the mean over its frames. With ``window``, per clip a
+        list of windows ``{"start": s, "end": e, "unit": "s" | "frames", "classes": [(class_name,
+        probability), ...]}``.
 
     Raises:
         helpers.errors.UsageError, helpers.data.DatasetError, helpers.extract_frames.VideoError:
-            a bad argument, an empty or undecodable frame folder, an unreadable video.
+            a bad argument, an empty or undecodable frame folder, an unreadable video, a clip of
+            another kind than the model reads (frames against feature clips).
     """
-    from helpers import extract_frames
+    from helpers import extract_frames, timeline
 
     if top_k < 1:
         raise UsageError(f"top_k must be >= 1. Received: {top_k}")
+    if isinstance(clips, (str, os.PathLike, np.ndarray)):
+        clips = [clips]
     model, names, _ = training.model_and_classes(model, "lrcn", class_names)
-    frames, size = model.input_shape[1], model.input_shape[2]
+    frames = model.input_shape[1]
+    width = model.input_shape[-1] if len(model.input_shape) == 3 else None  # None: frames through VGG16
+    size = None if width else model.input_shape[2]
+    for index, item in enumerate(clips):
+        check_clip_kind(item, index, width)
+    if window is not None:
+        results = []
+        for item in clips:
+            rows, unit = timeline.predict_over_time(model, item, window, stride, max_frames)
+            results.append([{"start": start, "end": end, "unit": unit, "classes": reports.top_k(scores, names, top_k)}
+                            for start, end, scores in rows])
+        return results
     ranked = []
     for item in clips:
         if isinstance(item, (str, os.PathLike)) and Path(item).is_dir():
@@ -495,8 +600,12 @@ def classify(model, clips, top_k=5, class_names=None, max_frames=None):
                 raise data.DatasetError(f"{item} holds no frames.")
             data.check_images(paths)
             clip = sequences.load_frames(paths, size)
+        elif isinstance(item, (str, os.PathLike)) and width:
+            clip = np.stack(list(timeline.frame_source(item, None)[0]))
         elif isinstance(item, (str, os.PathLike)):
             clip = extract_frames.read_video(item, size=size, max_frames=max_frames).astype(np.float32)
+        elif width:
+            clip = np.asarray(item, np.float32)
         else:
             clip = np.stack([data.rgb_array(frame, size) for frame in np.asarray(item)])
         if frames:
@@ -506,13 +615,66 @@ def classify(model, clips, top_k=5, class_names=None, max_frames=None):
     return ranked
 
 
+def check_clip_kind(item, index, width):
+    """Raises ``UsageError`` naming clip ``index`` when it is not what the model reads: a ``.npy`` file
+    or a 2-D array ``(frames, width)`` of finite numbers for a model on feature clips (``width``),
+    a frame folder, video or 4-D array for one on frames (``width`` ``None``)."""
+    is_path = isinstance(item, (str, os.PathLike))
+    if is_path:
+        feature_clip = Path(item).suffix.lower() == sequences.CLIP_EXTENSION
+        shape = None
+    else:
+        array = np.asarray(item)
+        feature_clip, shape = array.ndim == 2, array.shape
+        if array.dtype.kind not in "fiu" or array.size == 0 or (array.dtype.kind == "f" and not np.isfinite(array).all()):
+            raise UsageError(f"clip {index}: an array of finite real numbers is needed. Received: dtype {array.dtype}, "
+                             f"shape {array.shape}")
+    what = item if is_path else f"clip {index} (shape {shape})"
+    if width and not feature_clip:
+        raise UsageError(f"{what}: this model reads feature clips (.npy files or arrays (frames, {width})), not frames.")
+    if not width and feature_clip:
+        raise UsageError(f"{what}: this model reads frames (frame folders, videos, arrays (frames, height, width, 3)), "
+                         "not feature clips.")
+    if width and shape is not None and shape[1] != width:
+        raise UsageError(f"{what}: this model reads {width} features per frame.")
+
+
 def predict(args):
-    """The ``predict`` command: top-k classes of frame folders or video files (``classify``)."""
+    """The ``predict`` command: top-k classes of frame folders, videos or feature clips (``classify``);
+    with ``--over-time``, of sliding windows of each, written to ``--output`` as a CSV file and a
+    timeline plot per input (``helpers.timeline``)."""
+    from helpers import rundir, timeline
+
     if args.top_k < 1:  # named by flag, before the model loads
         raise UsageError(f"--top-k must be >= 1. Received: {args.top_k}")
+    if args.over_time:
+        if args.window is None or args.output is None:
+            raise UsageError("--over-time needs --window (seconds for a video, frames otherwise) and --output DIR.")
+        timeline.check_window(args.window, args.stride)  # judged before the model loads
+        stems = {}
+        for item in args.inputs:
+            stem = Path(item).stem or "input"
+            if stem in stems:
+                raise UsageError(f"{stems[stem]} and {item} would both write {stem}.csv in --output; predict them in "
+                                 "two runs, or rename one.")
+            stems[stem] = item
+        rundir.check_writable(args.output, "--output", folder=True)
+    elif args.window is not None or args.stride is not None or args.output is not None:
+        raise UsageError("--window, --stride and --output go with --over-time.")
     model, names, descriptions = training.model_and_classes(args.model, "lrcn")
-    for item, ranked in zip(args.inputs, classify(model, args.inputs, args.top_k, names, args.max_frames)):
-        reports.print_ranked(item, ranked, descriptions)
+    if not args.over_time:
+        for item, ranked in zip(args.inputs, classify(model, args.inputs, args.top_k, names, args.max_frames)):
+            reports.print_ranked(item, ranked, descriptions)
+        return
+    for item in args.inputs:
+        check_clip_kind(item, 0, model.input_shape[-1] if len(model.input_shape) == 3 else None)
+        rows, unit = timeline.predict_over_time(model, item, args.window, args.stride, args.max_frames)
+        print(item)
+        for start, end, scores in rows:
+            ranked = reports.top_k(scores, names, args.top_k)
+            print(f"  {start:g}-{end:g}{'s' if unit == 's' else ''}: " + ", ".join(f"{c} {p:.3f}" for c, p in ranked))
+        csv_path, png_path = timeline.write_timeline(rows, unit, names, args.top_k, args.output, Path(item).stem or "input")
+        print(f"  -> {csv_path}, {png_path}")
 
 
 def export(args):

@@ -43,11 +43,18 @@ def serving_model(model, preprocess=None):
             model preprocesses inside (LRCN).
 
     Returns:
-        A ``keras.Model`` from float32 RGB 0..255 of ``model``'s input shape to its output.
+        A ``keras.Model`` from float32 RGB 0..255 of ``model``'s input shape to its output; for a
+        model on feature clips (input ``(batch, frames, features)``: the LRCN's head alone) from
+        those features, its input named ``features``.
     """
-    pixels = keras.Input(model.input_shape[1:], dtype="float32", name="pixels")
+    pixels = keras.Input(model.input_shape[1:], dtype="float32", name=input_name(model))
     outputs = model(preprocess(pixels) if preprocess is not None else pixels)
     return keras.Model(pixels, outputs, name=f"{model.name}_serving")
+
+
+def input_name(model):
+    """``"features"`` for a model on feature clips (3-D input), else ``"pixels"``."""
+    return "features" if len(model.input_shape) == 3 else "pixels"
 
 
 def export_model(model, output, export_format="saved_model", preprocess=None, classes_file=None):
@@ -56,6 +63,8 @@ def export_model(model, output, export_format="saved_model", preprocess=None, cl
     ``saved_model``: a TensorFlow SavedModel with the signatures ``serve`` (also
     ``serving_default``; float32 pixels) and ``serve_uint8`` (uint8 pixels), each
     ``(batch, *input_shape)`` RGB 0..255 -> ``(batch, num_classes)`` float32 probabilities.
+    A model on feature clips gets ``serve`` alone: float32 ``(batch, frames, features)``
+    named ``features`` (padded frames all -1, masked, as in training).
     ``tflite``: ``output/model.tflite``, one float32 input ``(1, *input_shape)``: one image
     (or clip) per call. With a fixed batch of 1 the converter lowers the LSTM/GRU time
     loops to TFLite builtins; with a free batch size it keeps them as TensorFlow Select
@@ -90,10 +99,13 @@ def export_model(model, output, export_format="saved_model", preprocess=None, cl
         if export_format == "saved_model":
             archive = keras.export.ExportArchive()
             archive.track(serving)
+            name = input_name(model)
             archive.add_endpoint("serve", lambda pixels: serving(pixels, training=False),
-                                 input_signature=[tf.TensorSpec(shape, tf.float32, name="pixels")])
-            archive.add_endpoint("serve_uint8", lambda pixels: serving(tf.cast(pixels, tf.float32), training=False),
-                                 input_signature=[tf.TensorSpec(shape, tf.uint8, name="pixels")])
+                                 input_signature=[tf.TensorSpec(shape, tf.float32, name=name)])
+            if name == "pixels":
+                archive.add_endpoint("serve_uint8", lambda pixels: serving(tf.cast(pixels, tf.float32),
+                                                                           training=False),
+                                     input_signature=[tf.TensorSpec(shape, tf.uint8, name="pixels")])
             archive.write_out(str(folder), verbose=False)
         else:
             folder.mkdir()
@@ -105,7 +117,8 @@ def export_model(model, output, export_format="saved_model", preprocess=None, cl
             output.rmdir()
         folder.rename(output)
     written = output if export_format == "saved_model" else output / TFLITE_FILE
-    logger.info("exported %s (%s, input %s float32 RGB 0..255) to %s", model.name, export_format, shape, written)
+    logger.info("exported %s (%s, input %s float32 %s) to %s", model.name, export_format, shape,
+                "features" if input_name(model) == "features" else "RGB 0..255", written)
     return written
 
 

@@ -60,15 +60,38 @@ class FrameMask(keras.layers.Layer):
     ``keras.layers.Masking`` on 5-D frames gives a ``(batch, frames, height, width)``
     mask that the GRU cannot use; this one is what a recurrent layer expects.
 
-    Input: ``(batch, frames, height, width, channels)`` float, padded with ``PAD_VALUE``.
+    Input: ``(batch, frames, height, width, channels)`` float pixels or ``(batch, frames,
+    features)`` float feature clips, padded with ``PAD_VALUE``.
     Output: ``(batch, frames)`` bool.
     """
 
     def call(self, inputs):
-        return keras.ops.any(keras.ops.not_equal(inputs, PAD_VALUE), axis=(2, 3, 4))
+        return keras.ops.any(keras.ops.not_equal(inputs, PAD_VALUE), axis=tuple(range(2, len(inputs.shape))))
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape[:2])
+
+
+@serializable()
+class MiddleFrame(keras.layers.Layer):
+    """The middle real frame of each sequence: the single-frame baseline's input.
+
+    With ``n`` real frames (the mask's count; padding sits at the end), the frame at index
+    ``(n - 1) // 2``: the middle one of an odd count, the earlier of the two middle ones of an
+    even count.
+
+    Input: ``[features, mask]``: ``(batch, frames, features)`` float and ``(batch, frames)`` bool.
+    Output: ``(batch, features)``, the features' dtype.
+    """
+
+    def call(self, inputs):
+        inputs, mask = inputs
+        count = keras.ops.sum(keras.ops.cast(mask, "int32"), axis=1)
+        index = keras.ops.maximum(count - 1, 0) // 2
+        return keras.ops.take_along_axis(inputs, index[:, None, None], axis=1)[:, 0]
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0][0], input_shape[0][-1])
 
 
 @serializable()

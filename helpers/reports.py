@@ -98,6 +98,42 @@ def plot_history(history, path, title):
     return path
 
 
+def plot_timeline(rows, unit, class_names, path, title, classes=6):
+    """An input's predictions over time (``helpers.timeline``): each window's probability of the
+    classes that lead some window (at most ``classes``, the most often leading first), drawn at
+    the window's centre, and a band along the top coloured by the leading class.
+
+    Args:
+        rows: per window ``(start, end, probabilities (num_classes,))``, ``start``/``end`` in ``unit``.
+        unit: ``"s"`` or ``"frames"`` (the x axis' label).
+        class_names: names in index order.
+        path: the PNG to write (aside, then renamed into place).
+        title: figure title.
+    """
+    centres = np.array([(start + end) / 2 for start, end, _ in rows])
+    scores = np.stack([p for _, _, p in rows])
+    leaders = scores.argmax(axis=1)
+    shown = [int(i) for i in np.argsort(-np.bincount(leaders, minlength=scores.shape[1]), kind="stable")
+             if (leaders == i).any()][:classes]
+    colours = {index: plt.cm.tab10(n % 10) for n, index in enumerate(shown)}
+    figure, axis = plt.subplots(figsize=(9, 3.6))
+    for index in shown:
+        axis.plot(centres, scores[:, index], marker="o" if len(rows) < 40 else None, color=colours[index],
+                  label=class_names[index])
+    for (start, end, _), leader in zip(rows, leaders):
+        axis.axvspan(start, end, ymin=0.94, ymax=1.0, color=colours.get(int(leader), "0.6"), lw=0)
+    axis.set_ylim(0, 1.08)
+    axis.set_xlabel("time (s)" if unit == "s" else "frame")
+    axis.set_ylabel("probability")
+    axis.grid(alpha=0.3)
+    axis.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize="small", title="leading class")
+    axis.set_title(title)
+    figure.tight_layout()
+    rundir.write_atomically(path, lambda partial: figure.savefig(partial, dpi=100, format="png"))
+    plt.close(figure)
+    return path
+
+
 def plot_confusion_matrix(confusion, class_names, path, title):
     """Row-normalised confusion matrix (rows: true class, columns: predicted)."""
     confusion = np.asarray(confusion, dtype=np.float64)

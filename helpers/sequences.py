@@ -6,9 +6,14 @@ names (``frame_2`` before ``frame_10``). Two layouts are read (seeds ``002``/``0
 - the seed's: ``<split>/<label>_<anything>/<frames>``, the label a 1-based number;
 - class folders: ``<split>/<class>/<sample>/<frames>``.
 
+Or a sample is a **feature clip**: a ``.npy`` file ``(frames, features)`` of per-frame
+features computed elsewhere (``<split>/<class>/<clip>.npy``; the way large video datasets
+ship, and what ``helpers.ucf101_features`` writes). A dataset is one or the other.
+
 Batches stream from disk through a ``keras.utils.PyDataset`` with worker threads, so
 memory does not grow with the dataset: ``(batch, frames, size, size, 3)`` float32 RGB
-in 0..255 (the model applies VGG16's preprocessing itself) and one-hot labels.
+in 0..255 (the model applies VGG16's preprocessing itself), or ``(batch, frames,
+features)`` float32 for feature clips, and one-hot labels.
 """
 
 import dataclasses
@@ -23,6 +28,7 @@ from helpers.formats import IMAGE_EXTENSIONS
 from helpers.layers import PAD_VALUE
 
 SEED_LAYOUT = re.compile(r"^(\d+)_")
+CLIP_EXTENSION = ".npy"  # a feature clip: (frames, features)
 
 
 def natural_key(name):
@@ -66,6 +72,8 @@ class SequenceSplit:
         samples: one list of naturally sorted frame paths per sample.
         labels: class index per sample.
         layout: ``"seed"`` or ``"class_folders"``.
+        features: for feature clips, the features per frame (every clip's width); ``None``
+            for frame folders. A feature clip's sample is the ``.npy`` path itself.
     """
 
     directory: Path
@@ -73,6 +81,7 @@ class SequenceSplit:
     samples: list
     labels: list
     layout: str
+    features: int = None
 
     def __len__(self):
         return len(self.samples)
@@ -93,7 +102,9 @@ def list_sequences(directory, class_names=None):
 
     Raises:
         DatasetError: a missing or empty folder, a sample folder without frames, a seed
-            layout name without a number, a class not in ``class_names``. Every problem is named.
+            layout name without a number, a class not in ``class_names``, a ``.npy`` clip that
+            is not ``(frames, features)`` of real numbers. Every problem is named. Frame folders
+            and ``.npy`` clips mixed, or clips of different widths: one line naming two of them.
     """
     directory = Path(directory)
     if not directory.is_dir():
@@ -117,13 +128,29 @@ def list_sequences(directory, class_names=None):
                                 "the class name); rename it")
                 continue
             samples = sorted(_folders(class_folder), key=lambda p: natural_key(p.name))
+            samples += sorted(_clip_files(class_folder), key=lambda p: natural_key(p.name))
             if not samples:
-                problems.append(f"{class_folder}: no sample folders")
+                problems.append(f"{class_folder}: no sample folders or {CLIP_EXTENSION} clips")
             entries += [(class_folder.name, sample) for sample in samples]
+    _check_one_kind([sample for _, sample in entries])
     if class_names is None:
         class_names = sorted({name for name, _ in entries}, key=natural_key)
-    samples, labels = [], []
+    samples, labels, width = [], [], None
     for name, folder in entries:
+        if folder.is_file():  # a feature clip
+            shape, problem = _clip_shape(folder)
+            if problem:
+                problems.append(problem)
+            elif name not in class_names:
+                problems.append(f"{folder}: class {name!r} is not one of the training classes {class_names}")
+            elif width is not None and shape[1] != width[0]:
+                raise DatasetError(f"Feature clips of different widths: {width[1]} has {width[0]} features per "
+                                   f"frame, {folder} {shape[1]}; every clip needs the same.")
+            else:
+                width = width or (shape[1], folder)
+                samples.append(folder)
+                labels.append(class_names.index(name))
+            continue
         frames = frame_files(folder)
         if not frames:
             problems.append(f"{folder}: no frames ({', '.join(IMAGE_EXTENSIONS)})")
@@ -135,7 +162,68 @@ def list_sequences(directory, class_names=None):
     if problems:
         shown = "\n  ".join(problems[:20])
         raise DatasetError(f"The frame sequences in {directory} cannot be used:\n  {shown}")
-    return SequenceSplit(directory, list(class_names), samples, labels, "seed" if seed_layout else "class_folders")
+    return SequenceSplit(directory, list(class_names), samples, labels, "seed" if seed_layout else "class_folders",
+                         features=width[0] if width else None)
+
+
+def _clip_files(folder):
+    """The ``.npy`` feature clips directly in ``folder`` but hidden ones (a partial write)."""
+    return [p for p in Path(folder).iterdir()
+            if p.is_file() and p.suffix.lower() == CLIP_EXTENSION and not p.name.startswith(".")]
+
+
+def _check_one_kind(samples):
+    """Raises ``DatasetError`` naming a frame folder and a ``.npy`` clip when ``samples`` holds both."""
+    folder = next((s for s in samples if s.is_dir()), None)
+    clip = next((s for s in samples if s.is_file()), None)
+    if folder is not None and clip is not None:
+        raise DatasetError(f"Frame folders and {CLIP_EXTENSION} feature clips are mixed ({folder} and {clip}): a "
+                           "dataset is one or the other.")
+
+
+def _clip_shape(path):
+    """``(shape, None)`` of a ``.npy`` feature clip, read from its header, or ``(None, problem)``."""
+    try:
+        clip = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError) as error:
+        return None, f"{path}: not a readable .npy array ({str(error).splitlines()[0] if str(error) else error!r})"
+    if not isinstance(clip, np.ndarray) or clip.ndim != 2 or min(clip.shape) < 1 or clip.dtype.kind not in "fiu":
+        return None, (f"{path}: a feature clip must be a non-empty (frames, features) array of real numbers. "
+                      f"Received: shape {getattr(clip, 'shape', None)}, dtype {getattr(clip, 'dtype', None)}")
+    return clip.shape, None
+
+
+def check_same_kind(splits):
+    """Raises ``DatasetError`` naming a sample of each when the ``SequenceSplit``s mix frame
+    folders and feature clips, or feature clips of different widths."""
+    first = splits[0]
+    for split in splits[1:]:
+        if split.features != first.features:
+            def what(s):
+                return f"{s.samples[0]} ({f'{s.features} features per frame' if s.features else 'frames'})"
+
+            raise DatasetError(f"{what(first)} and {what(split)} are not the same kind of clip: every split needs "
+                               "the same.")
+
+
+def sequence_length(sample):
+    """Frames in a sample: a frame folder's files, or a feature clip's rows (from its header)."""
+    if isinstance(sample, Path) and sample.suffix.lower() == CLIP_EXTENSION:
+        return np.load(sample, mmap_mode="r").shape[0]
+    return len(sample)
+
+
+def load_clip(sample, frames=None, image_size=None):
+    """A sample's frames, ``frames`` of them spread evenly (``sample_indices``) or all (``None``).
+
+    Returns:
+        float32 ``(frames, image_size, image_size, 3)`` RGB 0..255 for a frame folder (its list
+        of paths), ``(frames, features)`` for a feature clip (its ``.npy`` path).
+    """
+    if isinstance(sample, Path) and sample.suffix.lower() == CLIP_EXTENSION:
+        clip = np.load(sample, mmap_mode="r")
+        return np.asarray(clip[sample_indices(len(clip), frames)] if frames else clip, np.float32)
+    return load_frames(sampled_paths(sample, frames), image_size)
 
 
 def load_frames(paths, image_size):
@@ -203,7 +291,7 @@ class FrameSequences(keras.utils.PyDataset):
         if self.shuffle:
             self.rng.shuffle(order)
         if self.frames is None and self.batch_size > 1:  # bucketing: close lengths share a batch
-            order = sorted(order, key=lambda index: len(self.split.samples[index]))
+            order = sorted(order, key=lambda index: sequence_length(self.split.samples[index]))
         self.batches = [list(order[i:i + self.batch_size]) for i in range(0, len(order), self.batch_size)]
         if self.shuffle:
             self.rng.shuffle(self.batches)
@@ -215,19 +303,20 @@ class FrameSequences(keras.utils.PyDataset):
         self.epoch += 1
         self._make_batches()
 
-    def sample_paths(self, index):
-        return sampled_paths(self.split.samples[index], self.frames)
+    def load_clip(self, index):
+        """Sample ``index``'s (sampled) frames or features (``load_clip``)."""
+        return load_clip(self.split.samples[index], self.frames, self.image_size)
 
     def __getitem__(self, batch_index):
         indices = self.batches[batch_index]
-        clips = [load_frames(self.sample_paths(i), self.image_size) for i in indices]
+        clips = [self.load_clip(i) for i in indices]
         if self.augment:  # a generator per clip: worker threads share no random state
             clips = [augment_clip(clip, np.random.default_rng([self.seed, self.epoch, int(i)]))
                      for clip, i in zip(clips, indices)]
         length = max(len(c) for c in clips)
         if self.frames is None:
             length = -(-length // self.length_multiple) * self.length_multiple
-        x = np.full((len(clips), length, self.image_size, self.image_size, 3), PAD_VALUE, np.float32)
+        x = np.full((len(clips), length, *clips[0].shape[1:]), PAD_VALUE, np.float32)
         for row, clip in enumerate(clips):
             x[row, :len(clip)] = clip
         y = one_hot([self.split.labels[i] for i in indices], self.num_classes, length if self.per_frame else None)
@@ -263,6 +352,18 @@ def augment_clip(clip, rng, min_scale=0.8):
 
 
 def check_sequences(split):
-    """Decodes every frame once; raises ``DatasetError`` naming each unreadable frame."""
-    check_images([p for sample in split.samples for p in sample])
+    """Decodes every frame once, or reads every feature clip whole; raises ``DatasetError``
+    naming each unreadable frame, or each clip that cannot be read or holds NaN or infinite values."""
+    if not split.features:
+        check_images([p for sample in split.samples for p in sample])
+        return
+    problems = []
+    for path in split.samples:
+        try:
+            if not np.isfinite(np.load(path, allow_pickle=False)).all():
+                problems.append(f"{path}: NaN or infinite values")
+        except (OSError, ValueError, EOFError) as error:
+            problems.append(f"{path}: cannot be read ({error})")
+    if problems:
+        raise DatasetError(f"{len(problems)} feature clips cannot be used:\n  " + "\n  ".join(problems[:20]))
 
