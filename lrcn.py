@@ -497,13 +497,32 @@ class _ShuffledFrames(sequences.FrameSequences):
 
 
 def evaluate_lrcn(model, split, batch_size, workers=2, shuffle_frames=False):
-    """Scores ``model`` on every sample of a ``SequenceSplit``.
-
-    Variable-length models see each sample at its own length (batch 1, no padding).
-    A per-frame model's clip prediction is the mean of its frame probabilities.
+    """Scores ``model`` on every sample of a ``SequenceSplit`` (``lrcn_probabilities``).
 
     Returns:
         ``reports.classification_metrics`` plus ``split``; ``top5`` only with more than 5 classes.
+    """
+    probabilities, labels = lrcn_probabilities(model, split, batch_size, workers, shuffle_frames)
+    metrics = {"split": split.directory.name}
+    metrics.update(reports.classification_metrics(probabilities, labels, split.class_names))
+    if len(split.class_names) <= 5:
+        del metrics["top5"], metrics["top_k"]
+    return metrics
+
+
+def lrcn_probabilities(model, split, batch_size, workers=2, shuffle_frames=False):
+    """``model``'s class probabilities of every sample of a ``SequenceSplit``, and their labels.
+
+    Variable-length models see each sample at its own length (batch 1, no padding).
+    A per-frame model's clip prediction is the mean of its frame probabilities. With
+    ``shuffle_frames`` each clip's frames are in a random order (fixed per clip).
+
+    Returns:
+        ``(probabilities, labels)``: float32 ``(samples, num_classes)`` and the class index of
+        each sample, in the same order.
+
+    Raises:
+        helpers.data.DatasetError: the split's clips are not what the model reads (``check_clips_fit``).
     """
     frames = model.input_shape[1]
     check_clips_fit(model, split)
@@ -513,11 +532,7 @@ def evaluate_lrcn(model, split, batch_size, workers=2, shuffle_frames=False):
     probabilities = model.predict(dataset, verbose=training.progress_verbosity())
     if probabilities.ndim == 3:
         probabilities = probabilities.mean(axis=1)
-    metrics = {"split": split.directory.name}
-    metrics.update(reports.classification_metrics(probabilities, dataset.labels, split.class_names))
-    if len(split.class_names) <= 5:
-        del metrics["top5"], metrics["top_k"]
-    return metrics
+    return probabilities, dataset.labels
 
 
 def check_clips_fit(model, split):
@@ -550,7 +565,7 @@ def classify(model, clips, top_k=5, class_names=None, max_frames=None, window=No
         model: a saved ``.keras`` LRCN (its class names from the ``classes.json`` beside
             it) or a loaded ``keras.Model``.
         clips: for a model on frames: frame folders, video files
-            (``helpers.extract_frames.read_video``) and/or arrays ``(frames, height, width, 3)``
+            (``helpers.video.read_video``) and/or arrays ``(frames, height, width, 3)``
             RGB 0..255 of any frame size (resized bilinearly); for a model on feature clips:
             ``.npy`` files and/or arrays ``(frames, features)``. A fixed-length model samples its
             frames evenly (``sequences.sample_indices``); a variable-length one reads them all.
@@ -569,11 +584,11 @@ def classify(model, clips, top_k=5, class_names=None, max_frames=None, window=No
         probability), ...]}``.
 
     Raises:
-        helpers.errors.UsageError, helpers.data.DatasetError, helpers.extract_frames.VideoError:
+        helpers.errors.UsageError, helpers.data.DatasetError, helpers.video.VideoError:
             a bad argument, an empty or undecodable frame folder, an unreadable video, a clip of
             another kind than the model reads (frames against feature clips).
     """
-    from helpers import extract_frames, timeline
+    from helpers import timeline, video
 
     if top_k < 1:
         raise UsageError(f"top_k must be >= 1. Received: {top_k}")
@@ -603,7 +618,7 @@ def classify(model, clips, top_k=5, class_names=None, max_frames=None, window=No
         elif isinstance(item, (str, os.PathLike)) and width:
             clip = np.stack(list(timeline.frame_source(item, None)[0]))
         elif isinstance(item, (str, os.PathLike)):
-            clip = extract_frames.read_video(item, size=size, max_frames=max_frames).astype(np.float32)
+            clip = video.read_video(item, size=size, max_frames=max_frames).astype(np.float32)
         elif width:
             clip = np.asarray(item, np.float32)
         else:

@@ -33,56 +33,9 @@ import cv2
 import numpy as np
 
 from helpers.errors import UsageError
+from helpers.video import VideoError, read_video  # noqa: F401 (re-exported: the tool's API)
 
 logger = logging.getLogger(__name__)
-
-
-class VideoError(UsageError):
-    """A video file is missing or cannot be decoded."""
-
-
-def read_video(path, fps=None, max_frames=None, size=None):
-    """Decodes a video's frames.
-
-    Args:
-        path: the video file.
-        fps: keep about this many frames per second (default: every frame). Frames are
-            taken at the source's timestamps nearest to multiples of ``1 / fps``.
-        max_frames: stop after this many frames (default: all).
-        size: resize every frame to ``size x size`` pixels (default: keep).
-
-    Returns:
-        uint8 array ``(frames, height, width, 3)``, RGB.
-
-    Raises:
-        VideoError: the file is missing, cannot be opened, or yields no frame.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise VideoError(f"Video file {path} does not exist.")
-    capture = cv2.VideoCapture(str(path))
-    if not capture.isOpened():
-        raise VideoError(f"{path} cannot be opened as a video (unknown format or corrupt).")
-    source_fps = capture.get(cv2.CAP_PROP_FPS) or 0.0
-    step = source_fps / fps if fps and source_fps > 0 else 1.0
-    frames, index, next_kept = [], 0, 0.0
-    try:
-        while max_frames is None or len(frames) < max_frames:
-            ok, frame = capture.read()
-            if not ok:
-                break
-            if index >= next_kept - 1e-6:
-                frame = cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
-                if size:
-                    frame = cv2.resize(frame, (size, size), interpolation=cv2.INTER_AREA)
-                frames.append(frame)
-                next_kept += step
-            index += 1
-    finally:
-        capture.release()
-    if not frames:
-        raise VideoError(f"{path} holds no decodable frame.")
-    return np.stack(frames)
 
 
 SOURCE = ".source"  # in each sample folder: the video its frames come from

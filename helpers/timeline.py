@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from helpers import data, sequences
+from helpers import data, sequences, video
 from helpers.errors import UsageError
 
 CHUNK = 16  # frames per pass through the per-frame backbone
@@ -40,7 +40,7 @@ def frame_source(item, image_size, max_frames=None):
     ``(features,)`` rows.
 
     Raises:
-        helpers.extract_frames.VideoError: a video that is missing or cannot be opened.
+        helpers.video.VideoError: a video that is missing or cannot be opened.
         helpers.data.DatasetError: an empty frame folder, an unreadable ``.npy`` file.
     """
     def limited(frames):
@@ -62,43 +62,12 @@ def frame_source(item, image_size, max_frames=None):
             except (OSError, ValueError) as error:
                 raise data.DatasetError(f"{path} cannot be read as a .npy clip ({error}).") from error
             return limited(np.asarray(row, np.float32) for row in clip), None
-        return _video_frames(path, image_size, max_frames)
+        frames, fps = video.video_frames(path, max_frames=max_frames, size=image_size)
+        return (frame.astype(np.float32) for frame in frames), fps
     array = np.asarray(item)
     if array.ndim == 2:
         return limited(np.asarray(row, np.float32) for row in array), None
     return limited(data.rgb_array(frame, image_size) for frame in array), None
-
-
-def _video_frames(path, image_size, max_frames):
-    """A video's frames as an iterator (OpenCV, decoded one at a time) and its frame rate."""
-    import cv2
-
-    from helpers.extract_frames import VideoError
-
-    if not path.is_file():
-        raise VideoError(f"Video file {path} does not exist.")
-    capture = cv2.VideoCapture(str(path))
-    if not capture.isOpened():
-        raise VideoError(f"{path} cannot be opened as a video (unknown format or corrupt).")
-    fps = capture.get(cv2.CAP_PROP_FPS) or None
-
-    def frames():
-        count = 0
-        try:
-            while max_frames is None or count < max_frames:
-                ok, frame = capture.read()
-                if not ok:
-                    break
-                frame = cv2.resize(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB), (image_size, image_size),
-                                   interpolation=cv2.INTER_AREA)
-                count += 1
-                yield frame.astype(np.float32)
-        finally:
-            capture.release()
-        if not count:
-            raise VideoError(f"{path} holds no decodable frame.")
-
-    return frames(), fps
 
 
 def sliding_windows(rows, window, stride):

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-TOOLS = {"restructure_dataset", "extract_frames", "fashion_mnist_tiny_imagenet", "moving_fashion_mnist"}
+TOOLS = {"restructure_dataset", "extract_frames", "fashion_mnist_tiny_imagenet", "moving_fashion_mnist",
+         "ucf101_features"}
 
 
 def helpers_imports():
