@@ -673,7 +673,7 @@ def predict(args):
                 raise UsageError(f"{stems[stem]} and {item} would both write {stem}.csv in --output; predict them in "
                                  "two runs, or rename one.")
             stems[stem] = item
-        rundir.check_writable(args.output, "--output", folder=True)
+        rundir.check_writable(args.output, "--output", folder=True, empty=False)
     elif args.window is not None or args.stride is not None or args.output is not None:
         raise UsageError("--window, --stride and --output go with --over-time.")
     model, names, descriptions = training.model_and_classes(args.model, "lrcn")

@@ -31,6 +31,7 @@ import csv
 import errno
 import math
 import os
+import tempfile
 from pathlib import Path
 
 from helpers.errors import UsageError
@@ -228,32 +229,41 @@ def _free_bytes(folder):
     return stats.f_bavail * stats.f_frsize
 
 
-def check_writable(path, flag, folder=False):
+def check_writable(path, flag, folder=False, empty=True):
     """Refuses, before any work, an output path the user named that could not be written later.
 
-    The path's nearest existing ancestor must be a writable folder; an existing ``path`` must
-    be a file (``folder=False``) or an empty folder (``folder=True``).
+    The path's nearest existing ancestor must be a folder in which a file can be created: a
+    probe file is created there and removed (``os.access`` says yes to root, and knows nothing of
+    read-only mounts or ``/proc``); an existing ``path`` must be a file (``folder=False``) or a
+    folder, empty unless ``empty=False`` (``folder=True``).
 
     Args:
         path: the file or folder to be written.
         flag: the flag that named it, for the message (``"--json"``).
-        folder: ``path`` is a folder to create.
+        folder: ``path`` is a folder to create (or to write into, with ``empty=False``).
+        empty: with ``folder``, an existing folder must be empty (a folder whose files the
+            command owns whole, such as an export).
 
     Raises:
         UsageError: naming the flag, the path and why.
     """
     path = Path(path)
-    if folder and path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise UsageError(f"{flag} {path} already exists and is not an empty folder; choose a new {flag}.")
+    if folder and path.exists() and (not path.is_dir() or (empty and any(path.iterdir()))):
+        raise UsageError(f"{flag} {path} already exists and is not {'an empty ' if empty else 'a '}folder; "
+                         f"choose a new {flag}.")
     if not folder and path.is_dir():
         raise UsageError(f"{flag} {path} is a folder; give a file name.")
-    existing = path.parent
+    existing = path if folder and path.is_dir() else path.parent
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
         raise UsageError(f"{flag} {path} cannot be written: {existing} is a file, not a folder.")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(f"{flag} {path} cannot be written: no permission to write in {existing}.")
+    try:
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".write-probe-"):
+            pass
+    except OSError as error:
+        raise UsageError(f"{flag} {path} cannot be written: a file cannot be created in {existing} "
+                         f"({error.strerror or error}).") from error
 
 
 def classes_beside(model_path):

@@ -8,6 +8,7 @@ OpenCV, 16-bit, EXIF-rotated, TIFF and PPM images written with Pillow, captioned
 import json
 import logging
 import warnings
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -344,3 +345,19 @@ def test_a_weights_file_of_another_architecture_gives_one_line_without_warnings(
             pretrained_backbone(keras.applications.Xception, str(tmp_path / "other.weights.h5"),
                                 input_shape=(71, 71, 3), pooling="avg")
     assert not shown, [str(w.message)[:100] for w in shown]
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc, where os.access says yes to root")
+@pytest.mark.backend_independent
+def test_output_paths_are_probed_by_writing_a_file(tmp_path):
+    for path, folder in (("/proc/x.json", False), ("/proc/xmaps", True)):
+        with pytest.raises(UsageError, match=f"{path} cannot be written: a file cannot be created in /proc"):
+            rundir.check_writable(path, "--json", folder=folder)
+    rundir.check_writable(tmp_path / "new" / "x.json", "--json")  # a folder still to create is fine
+    assert list(tmp_path.iterdir()) == []  # the probe is gone, and nothing was created
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "a.csv").write_text("a")
+    rundir.check_writable(tmp_path / "full", "--output", folder=True, empty=False)
+    with pytest.raises(UsageError, match="is not an empty folder"):
+        rundir.check_writable(tmp_path / "full", "--output", folder=True)
+    assert [p.name for p in (tmp_path / "full").iterdir()] == ["a.csv"]
