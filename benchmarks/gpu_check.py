@@ -24,6 +24,7 @@ its held-out accuracy and images/s.
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -213,9 +214,24 @@ def main(argv=None):
                         help="what prepare_gpu_check.py wrote: the real run runs when given (default: skip it)")
     parser.add_argument("--only", choices=("classifier", "lrcn", "captioner"), default=None,
                         help="measure this model only (default: all three)")
-    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--json", default=None, help="also write the results here (a file name)")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(ROOT))
+    from helpers import rundir
+    from helpers.errors import UsageError
+
+    try:  # judged before minutes of measuring: a file can be created where --json goes
+        if args.json is not None:
+            if args.json.endswith(("/", os.sep)):
+                raise UsageError(f"--json {args.json} names a folder; give a file name (e.g. {args.json}gpu_check.json)")
+            args.json = Path(args.json)
+            rundir.check_writable(args.json, "--json")
+        if args.carried is not None and not (args.carried / "tiny-imagenet-subset").is_dir():
+            raise UsageError(f"--carried {args.carried} holds no tiny-imagenet-subset/: run "
+                             "benchmarks/prepare_gpu_check.py --output there first")
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     import keras
 
     steps = args.steps or (2 if args.smoke else 10)
@@ -240,7 +256,7 @@ def main(argv=None):
             results["real_run"] = real_run(args.carried, args.smoke, Path(folder))
     print(table(results))
     if args.json:
-        args.json.write_text(json.dumps(results, indent=1))
+        rundir.write_text(args.json, json.dumps(results, indent=1))
     return 0
 
 

@@ -5,7 +5,10 @@ of at most 64 MiB that travels with the repository.
     python benchmarks/prepare_gpu_check.py --output .gpu_check [--tiny-imagenet ../shared/tiny-imagenet-100]
         [--weights ../shared/weights/xception_imagenet_notop.weights.h5] [--classes 10]
 
-Writes into ``--output`` (ignored by git):
+Writes ``--output`` (ignored by git): a new or empty folder, or one this script wrote before (it
+holds the script's marker file), which is replaced; any other folder is refused. Every argument is
+judged first, and the folder is written aside and renamed into place once whole, so a failure
+leaves ``--output`` as it was. It holds:
 
 - ``wheels/``: the ``keras``, ``namex`` and ``optree`` wheels of this machine's versions for
   CPython 3.12 on x86-64 Linux (``pip download``; the box has JAX but not Keras);
@@ -25,6 +28,7 @@ import argparse
 import shutil
 import subprocess
 import sys
+import tempfile
 from importlib import metadata
 from pathlib import Path
 
@@ -87,9 +91,44 @@ def tiny_imagenet_subset(source, target, classes, train=300, val=25, test=25):
                 shutil.copyfile(source / "val" / "images" / name, target / split / wnid / name)
 
 
+MARKER = ".prepare_gpu_check"  # in every folder this script wrote: the only kind it replaces
+
+
+def check_arguments(args):
+    """Judges every argument and the output path before anything is written.
+
+    Returns:
+        ``None``, or the one-line reason the run cannot start.
+    """
+    wnids_file = args.tiny_imagenet / "wnids.txt"
+    if not wnids_file.is_file() or not (args.tiny_imagenet / "val" / "val_annotations.txt").is_file():
+        return (f"--tiny-imagenet {args.tiny_imagenet} is not a raw Tiny ImageNet download "
+                "(wnids.txt and val/val_annotations.txt are needed)")
+    available = len(wnids_file.read_text().split())
+    if not 1 <= args.classes <= available:
+        return f"--classes must be in [1, {available}] (the classes of {args.tiny_imagenet}). Received: {args.classes}"
+    if not args.weights.is_file():
+        return f"--weights {args.weights} does not exist (no-top Xception ImageNet weights, .weights.h5)"
+    output = args.output
+    if output.exists() and not output.is_dir():
+        return f"--output {output} is a file, not a folder"
+    if output.is_dir() and any(output.iterdir()) and not (output / MARKER).is_file():
+        return (f"--output {output} is a folder this script did not write (no {MARKER} in it); "
+                "choose a new or empty folder")
+    parent = output.resolve().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=".write-probe-"):
+            pass
+    except OSError as error:
+        return f"--output {output} cannot be written: a file cannot be created in {parent} ({error.strerror or error})"
+    return None
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--output", type=Path, default=ROOT / ".gpu_check", help="(default: .gpu_check)")
+    parser.add_argument("--output", type=Path, default=ROOT / ".gpu_check",
+                        help="the folder to write: new, empty, or written before by this script (default: .gpu_check)")
     parser.add_argument("--tiny-imagenet", type=Path, default=ROOT.parent / "shared" / "tiny-imagenet-100",
                         help="the raw tiny-imagenet-100 download (default: ../shared/tiny-imagenet-100)")
     parser.add_argument("--weights", type=Path,
@@ -97,16 +136,34 @@ def main(argv=None):
                         help="no-top Xception ImageNet weights (default: ../shared/weights/...)")
     parser.add_argument("--classes", type=int, default=10, help="classes of the subset (default: 10)")
     args = parser.parse_args(argv)
-    if args.output.exists():
-        shutil.rmtree(args.output)
-    download_wheels(args.output / "wheels")
-    half_weights(args.weights, args.output / "xception_notop.float16.weights.h5")
-    tiny_imagenet_subset(args.tiny_imagenet, args.output / "tiny-imagenet-subset", args.classes)
-    size = sum(p.stat().st_size for p in args.output.rglob("*") if p.is_file())
-    print(f"{args.output}: {size / 2**20:.1f} MiB (limit {LIMIT / 2**20:.0f} MiB)")
-    if size > LIMIT:
-        print("too large to travel: use fewer --classes", file=sys.stderr)
+    problem = check_arguments(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    # Everything goes into a folder beside --output and is renamed into place once whole: a failure
+    # or a kill leaves --output as it was, and the half-written folder is removed.
+    output = args.output.resolve()
+    partial = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.partial-"))
+    try:
+        (partial / MARKER).write_text("written by benchmarks/prepare_gpu_check.py\n")
+        download_wheels(partial / "wheels")
+        half_weights(args.weights, partial / "xception_notop.float16.weights.h5")
+        tiny_imagenet_subset(args.tiny_imagenet, partial / "tiny-imagenet-subset", args.classes)
+        size = sum(p.stat().st_size for p in partial.rglob("*") if p.is_file())
+        print(f"{args.output}: {size / 2**20:.1f} MiB (limit {LIMIT / 2**20:.0f} MiB)")
+        if size > LIMIT:
+            print(f"error: too large to travel ({size / 2**20:.1f} MiB): use fewer --classes; {args.output} "
+                  "is left as it was", file=sys.stderr)
+            return 1
+        if output.exists():  # empty, or written by this script (check_arguments)
+            shutil.rmtree(output)
+        partial.rename(output)
+    except (OSError, subprocess.CalledProcessError) as error:
+        print(f"error: {error}; {args.output} is left as it was", file=sys.stderr)
         return 1
+    finally:
+        if partial.exists():
+            shutil.rmtree(partial, ignore_errors=True)
     return 0
 
 
