@@ -1219,7 +1219,9 @@ def caption(model, images, beam_size=3, vocabulary=None, batch_size=32):
         model: a saved captioner ``.keras`` (its words from the ``vocabulary.json`` beside it)
             or a loaded captioner ``keras.Model`` (then ``vocabulary`` is required).
         images: image files (``helpers.data.read_rgb``: the reader training uses, EXIF
-            orientation applied) and/or arrays ``(height, width, 3)`` RGB 0..255 of any size.
+            orientation applied) and/or arrays ``(height, width, 3)`` RGB 0..255 of any size
+            (uint8, or float in 0..255; grayscale and RGBA converted: ``data.image_array``); a
+            single path or array is one image.
         beam_size: beam search width; 1 is greedy decoding.
         vocabulary: a ``helpers.captions.Vocabulary`` (default: the one beside a saved model).
         batch_size: images per forward pass of the encoder.
@@ -1241,11 +1243,12 @@ def caption(model, images, beam_size=3, vocabulary=None, batch_size=32):
         model, saved = load_captioner(model)
         vocabulary = vocabulary or saved
     encoder = model.get_layer("encoder")
-    size, images = encoder.input_shape[1], list(images)
+    size, images = encoder.input_shape[1], data.as_inputs(images)
     if not images:
         return []
     image_features = np.concatenate([
-        encoder.predict(np.stack([data.rgb_array(item, size) for item in images[first:first + batch_size]]),
+        encoder.predict(np.stack([data.rgb_array(item, size, f"input {first + i}")
+                                  for i, item in enumerate(images[first:first + batch_size])]),
                         verbose=0) for first in range(0, len(images), batch_size)])
     ids = StepDecoder(model).captions(np.asarray(image_features, np.float32), beam_size, vocabulary.max_length)
     return [vocabulary.decode(words) for words in ids]

@@ -620,9 +620,10 @@ def classify(model, inputs, top_k=5, class_names=None, batch_size=32):
     Args:
         model: a saved ``.keras`` classifier (its class names from the ``classes.json``
             beside it) or a loaded ``keras.Model``.
-        inputs: image files and/or arrays ``(height, width, 3)`` RGB 0..255 (uint8 or
-            float) of any size (``data.rgb_array``: files are decoded and resized
-            bilinearly, as the training generator reads them).
+        inputs: image files and/or arrays ``(height, width, 3)`` RGB 0..255 (uint8, or float
+            in 0..255; grayscale and RGBA converted) of any size (``data.rgb_array``: files are
+            decoded and resized bilinearly, as the training generator reads them); a single
+            path or array is one input.
         top_k: classes per image (capped at the number of classes).
         class_names: the classes in index order (default: the run's ``classes.json``,
             else ``"0"``, ``"1"``, ...).
@@ -638,10 +639,11 @@ def classify(model, inputs, top_k=5, class_names=None, batch_size=32):
     if top_k < 1 or batch_size < 1:
         raise UsageError(f"top_k and batch_size must be >= 1. Received: {top_k}, {batch_size}")
     model, names, _ = training.model_and_classes(model, "classifier", class_names)
-    size = model.input_shape[1]
+    size, inputs = model.input_shape[1], data.as_inputs(inputs)
     ranked = []
     for start in range(0, len(inputs), batch_size):
-        images = np.stack([data.rgb_array(item, size) for item in inputs[start:start + batch_size]])
+        images = np.stack([data.rgb_array(item, size, f"input {start + i}")
+                           for i, item in enumerate(inputs[start:start + batch_size])])
         probabilities = model.predict(XCEPTION.preprocess_input(images), verbose=0)
         ranked += [reports.top_k(row, names, top_k) for row in probabilities]
     return ranked

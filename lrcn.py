@@ -608,7 +608,7 @@ def classify(model, clips, top_k=5, class_names=None, max_frames=None, window=No
                             for start, end, scores in rows])
         return results
     ranked = []
-    for item in clips:
+    for index, item in enumerate(clips):
         if isinstance(item, (str, os.PathLike)) and Path(item).is_dir():
             paths = sequences.frame_files(item)
             if not paths:
@@ -622,7 +622,8 @@ def classify(model, clips, top_k=5, class_names=None, max_frames=None, window=No
         elif width:
             clip = np.asarray(item, np.float32)
         else:
-            clip = np.stack([data.rgb_array(frame, size) for frame in np.asarray(item)])
+            clip = np.stack([data.rgb_array(frame, size, f"clip {index}, frame {t}")
+                             for t, frame in enumerate(np.asarray(item))])
         if frames:
             clip = clip[sequences.sample_indices(len(clip), frames)]
         scores = model.predict(clip[None], verbose=0)[0]

@@ -308,19 +308,72 @@ def open_rgb(path):
         return ImageOps.exif_transpose(image).convert("RGB")
 
 
-def rgb_array(item, size):
+def as_inputs(inputs):
+    """The inputs of ``classify()``/``caption()`` as a list: a single path (``str`` or ``PathLike``)
+    or a single image array (2-D, or 3-D with 1, 3 or 4 channels last) is one input, not a
+    sequence of characters or rows; anything else is iterated."""
+    if isinstance(inputs, (str, bytes, os.PathLike)):
+        return [inputs]
+    if isinstance(inputs, np.ndarray) and (inputs.ndim == 2 or (inputs.ndim == 3 and inputs.shape[-1] in (1, 3, 4))):
+        return [inputs]
+    return list(inputs)
+
+
+def image_array(array, name="the array"):
+    """Checks an image array against the Python API's contract and returns it as ``(height, width,
+    3)`` RGB, uint8 or float32 in 0..255.
+
+    The contract: uint8 RGB ``(height, width, 3)``, grayscale ``(height, width)`` or ``(height,
+    width, 1)`` (repeated to RGB), or RGBA ``(height, width, 4)`` (alpha dropped, as a file's is);
+    or the same shapes in float, values in 0..255.
+
+    Raises:
+        UsageError: naming ``name``, the dtype and the shape: another dtype (uint16, int, bool,
+            complex, object: say how to convert), NaN or infinite values, values outside 0..255,
+            a float array whose maximum is in (0, 1] (scaled 0..1: multiply by 255), an empty or
+            otherwise shaped array.
+    """
+    array = np.asarray(array)
+    what = f"{name} (dtype {array.dtype}, shape {array.shape})"
+    if array.dtype != np.uint8 and array.dtype.kind != "f":
+        hint = " divide by 257 and convert to uint8" if array.dtype == np.uint16 else " convert it to uint8"
+        raise UsageError(f"{what}: an image array must be uint8 RGB or float RGB in 0..255;{hint}.")
+    shape_ok = array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in (1, 3, 4))
+    if not shape_ok or array.size == 0:
+        raise UsageError(f"{what}: an image array must be a non-empty (height, width, 3) RGB, (height, width, 4) "
+                         "RGBA or (height, width) grayscale array.")
+    if array.dtype.kind == "f":
+        if not np.isfinite(array).all():
+            raise UsageError(f"{what}: holds NaN or infinite values.")
+        low, high = float(array.min()), float(array.max())
+        if low < 0 or high > 255:
+            raise UsageError(f"{what}: values from {low:g} to {high:g}; RGB 0..255 is expected.")
+        if 0 < high <= 1:
+            raise UsageError(f"{what}: values at most {high:g}, as if scaled to 0..1; RGB 0..255 is expected: "
+                             "multiply by 255.")
+    if array.ndim == 3 and array.shape[-1] == 4:
+        array = array[..., :3]
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim == 2:
+        array = np.repeat(array[..., None], 3, axis=-1)
+    return array
+
+
+def rgb_array(item, size, name=None):
     """One image at ``size x size`` as float32 RGB 0..255: ``(size, size, 3)``.
 
     Args:
         item: an image file (``read_rgb``: EXIF orientation applied, converted to RGB,
-            bilinear resize, as training reads it) or an array ``(height, width, 3)`` or
-            ``(height, width)`` (grayscale) of RGB values in 0..255, uint8 or float. An
-            array already at ``size`` is used as it is; another is rounded to uint8
-            and resized like a file.
+            bilinear resize, as training reads it) or an array under ``image_array``'s contract
+            (uint8, or float in 0..255; RGB, RGBA or grayscale). An array already at ``size`` is
+            used as it is; another is rounded to uint8 and resized like a file.
+        size: output height and width in pixels.
+        name: what the errors call an array (``"input 3"``; default ``"the array"``).
 
     Raises:
-        UsageError: an array of another shape; DatasetError: a file that cannot be decoded, or
-            a 16- or 32-bit image (``read_rgb``).
+        UsageError: an array outside the contract (``image_array``); DatasetError: a file that
+            cannot be decoded, or a 16- or 32-bit image (``read_rgb``).
     """
     if isinstance(item, (str, os.PathLike)):
         try:
@@ -329,16 +382,8 @@ def rgb_array(item, size):
             raise
         except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, ...
             raise DatasetError(f"{item} cannot be decoded as an image ({error}).") from error
-    array = np.asarray(item)
-    if array.ndim == 3 and array.shape[-1] == 1:
-        array = array[..., 0]
-    if array.ndim == 2:
-        array = np.repeat(array[..., None], 3, axis=-1)
-    if array.ndim != 3 or array.shape[-1] != 3:
-        raise UsageError(f"an image array must be (height, width, 3) RGB or (height, width) grayscale. "
-                         f"Received shape {array.shape}")
+    array = image_array(item, name or "the array")
     if array.shape[:2] == (size, size):
         return array.astype(np.float32)
     image = Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8), "RGB")
     return np.asarray(image.resize((size, size), Image.BILINEAR), np.float32)
-

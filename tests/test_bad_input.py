@@ -108,6 +108,21 @@ def test_the_python_apis_refuse_a_model_of_another_kind(saved_models):
     assert all(isinstance(text, str) for text in cap.caption(saved_models["captioner"], [image, image]))
 
 
+def test_the_python_apis_take_a_single_path_or_array_as_one_input(saved_models, tmp_path):
+    image = np.random.default_rng(0).integers(0, 256, (20, 20, 3)).astype(np.uint8)
+    Image.fromarray(image).save(tmp_path / "one.png")
+    for path in (str(tmp_path / "one.png"), tmp_path / "one.png"):
+        assert crc.classify(saved_models["classifier"], path, top_k=1) == \
+            crc.classify(saved_models["classifier"], [image], top_k=1)
+        assert cap.caption(saved_models["captioner"], path) == cap.caption(saved_models["captioner"], [image])
+    assert len(crc.classify(saved_models["classifier"], image)) == 1
+    assert len(lrcn.classify(saved_models["lrcn"], np.zeros((3, 20, 20, 3), np.uint8))) == 1
+    with pytest.raises(UsageError, match=r"input 1 \(dtype float64, shape \(20, 20, 3\)\).*multiply by 255"):
+        crc.classify(saved_models["classifier"], [image, image / 255.0])
+    with pytest.raises(UsageError, match=r"clip 0, frame 0 \(dtype uint16"):
+        lrcn.classify(saved_models["lrcn"], [np.zeros((3, 20, 20, 3), np.uint16)])
+
+
 def test_a_file_that_is_no_keras_model_is_named(tmp_path, caplog):
     fake = tmp_path / "model.keras"
     fake.write_bytes(b"not a zip")
@@ -361,3 +376,40 @@ def test_output_paths_are_probed_by_writing_a_file(tmp_path):
     with pytest.raises(UsageError, match="is not an empty folder"):
         rundir.check_writable(tmp_path / "full", "--output", folder=True)
     assert [p.name for p in (tmp_path / "full").iterdir()] == ["a.csv"]
+
+
+@pytest.mark.backend_independent
+@pytest.mark.parametrize("array, message", [
+    (np.full((71, 71, 3), 257 * 200, np.uint16), r"input 2 \(dtype uint16, shape \(71, 71, 3\)\).*divide by 257"),
+    (np.full((8, 8, 3), 0.5, np.float32), r"input 2 \(dtype float32, shape \(8, 8, 3\)\).*multiply by 255"),
+    (np.zeros((0, 0, 3), np.uint8), r"shape \(0, 0, 3\)\): an image array must be a non-empty"),
+    (np.full((8, 8, 3), np.nan, np.float32), "holds NaN or infinite values"),
+    (np.full((8, 8, 3), np.inf, np.float64), "holds NaN or infinite values"),
+    (np.full((8, 8, 3), -3.0), r"values from -3 to -3; RGB 0..255"),
+    (np.full((8, 8, 3), 300.0), r"values from 300 to 300; RGB 0..255"),
+    (np.ones((8, 8, 3), bool), r"dtype bool.*uint8 RGB or float RGB in 0..255"),
+    (np.ones((8, 8, 3), complex), r"dtype complex128"),
+    (np.array([[object()]]), r"dtype object"),
+    (np.full((8, 8, 3), 7, np.int64), r"dtype int64.*convert it to uint8"),
+    (np.zeros((8, 8, 5), np.uint8), r"shape \(8, 8, 5\)"),
+])
+def test_image_arrays_outside_the_contract_are_refused_by_index(array, message):
+    with pytest.raises(UsageError, match=message) as error:
+        data.rgb_array(array, 71, "input 2")
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.backend_independent
+def test_image_arrays_inside_the_contract_are_read_as_files_are(tmp_path):
+    rgb = np.random.default_rng(0).integers(0, 256, (9, 9, 3)).astype(np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "x.png")
+    from_file = data.rgb_array(tmp_path / "x.png", 5)
+    np.testing.assert_array_equal(data.rgb_array(rgb, 5), from_file)
+    np.testing.assert_array_equal(data.rgb_array(rgb.astype(np.float32), 5), from_file)  # float 0..255
+    rgba = np.concatenate([rgb, np.full((9, 9, 1), 128, np.uint8)], axis=-1)
+    np.testing.assert_array_equal(data.rgb_array(rgba, 5), from_file)  # alpha dropped, as PIL's convert("RGB")
+    gray = rgb[..., 0]
+    np.testing.assert_array_equal(data.rgb_array(gray, 9), np.repeat(gray[..., None], 3, -1).astype(np.float32))
+    np.testing.assert_array_equal(data.rgb_array(np.zeros((4, 4, 3), np.float32), 4), 0)  # black is fine
+    assert data.as_inputs(str(tmp_path / "x.png")) == [str(tmp_path / "x.png")]  # not its characters
+    assert len(data.as_inputs(rgb)) == 1 and len(data.as_inputs(np.stack([rgb, rgb]))) == 2
