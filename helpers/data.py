@@ -288,12 +288,19 @@ def read_rgb(path, size=None):
 
     Raises:
         DatasetError: a 16- or 32-bit image (PIL modes I;16, I, F), which a conversion to
-            8-bit RGB would clip to white; the message says how to convert it.
-        OSError: the file cannot be decoded (PIL's ``UnidentifiedImageError`` is one).
+            8-bit RGB would clip to white (the message says how to convert it), or a file that
+            cannot be read or decoded, truncated included (the message names it): every reader,
+            feature caches and ``--skip-image-check`` runs included, names the file.
     """
-    rgb = open_rgb(path)
-    if size is not None:
-        rgb = rgb.resize((size, size), Image.BILINEAR)
+    try:
+        rgb = open_rgb(path)
+        if size is not None:
+            rgb = rgb.resize((size, size), Image.BILINEAR)
+    except DatasetError:
+        raise
+    except (OSError, SyntaxError, ValueError, EOFError) as error:  # what PIL raises for a bad file
+        raise DatasetError(f"{ascii(str(path))} cannot be decoded as an image ({type(error).__name__}: "
+                           f"{error}).") from error
     return np.asarray(rgb, np.float32)
 
 

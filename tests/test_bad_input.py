@@ -413,3 +413,14 @@ def test_image_arrays_inside_the_contract_are_read_as_files_are(tmp_path):
     np.testing.assert_array_equal(data.rgb_array(np.zeros((4, 4, 3), np.float32), 4), 0)  # black is fine
     assert data.as_inputs(str(tmp_path / "x.png")) == [str(tmp_path / "x.png")]  # not its characters
     assert len(data.as_inputs(rgb)) == 1 and len(data.as_inputs(np.stack([rgb, rgb]))) == 2
+
+
+@pytest.mark.backend_independent
+def test_a_truncated_image_is_named_by_every_reader(tmp_path):
+    """With --skip-image-check nothing decodes the files first: the feature caches' reader names the file."""
+    path = write_jpeg(tmp_path / "cut.jpg", seed=0, size=64)
+    path.write_bytes(path.read_bytes()[:300])
+    for read in (lambda: features.ImageBatches([path], 32, 1)[0], lambda: data.read_rgb(path, 32),
+                 lambda: sequences.load_frames([path], 32)):
+        with pytest.raises(DatasetError, match=r"cut.jpg' cannot be decoded as an image \(OSError"):
+            read()
