@@ -1,7 +1,7 @@
-"""Command-line pieces both training scripts share.
+"""Command-line pieces the three training scripts share.
 
 Each script builds its own parser with these groups, so that the flags, their
-defaults and their help text are the same in both. Nothing here imports TensorFlow
+defaults and their help text are the same in all three. Nothing here imports TensorFlow
 at import time: the scripts parse their arguments before they import it.
 """
 
@@ -29,8 +29,36 @@ def parse_before_backend(parse_args):
     ``--help`` and flag errors answer at once, and sets ``TF_CPP_MIN_LOG_LEVEL=2`` (unless it is
     set) to silence TensorFlow's C++ INFO and WARNING lines. Returns the parsed arguments."""
     args = parse_args()
+    problem = missing_backend()
+    if problem:
+        sys.exit(f"error: {problem}")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     return args
+
+
+def missing_backend():
+    """The one line to print when the backend Keras would import is not installed, else ``None``.
+
+    Keras takes ``KERAS_BACKEND``, else the ``backend`` of ``$KERAS_HOME/keras.json`` (default
+    ``~/.keras``), else TensorFlow; without this check a JAX-only environment gets a 30-line
+    ``ModuleNotFoundError: tensorflow`` from ``import keras``.
+    """
+    import importlib.util
+
+    backend, source = os.environ.get("KERAS_BACKEND"), "KERAS_BACKEND"
+    if not backend:
+        config = Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "keras.json"
+        try:
+            backend, source = json.loads(config.read_text(encoding="utf-8")).get("backend"), str(config)
+        except (OSError, ValueError, AttributeError):
+            backend = None
+    if not backend:
+        backend, source = "tensorflow", "Keras's default; KERAS_BACKEND is not set"
+    if importlib.util.find_spec(backend) is not None:
+        return None
+    installed = [name for name in ("jax", "tensorflow", "torch") if name != backend and importlib.util.find_spec(name)]
+    hint = f"set KERAS_BACKEND={installed[0]}" if installed else "install one (requirements.txt or requirements-jax.txt)"
+    return f"the Keras backend {backend} ({source}) is not installed; {hint}."
 
 def with_default_command(argv, default="train"):
     """Prepends ``default`` when ``argv`` starts with no command, so

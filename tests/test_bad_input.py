@@ -5,8 +5,13 @@ Real files throughout: tiny models of the three kinds saved as .keras, AVI video
 OpenCV, 16-bit, EXIF-rotated, TIFF and PPM images written with Pillow, captioned photos.
 """
 
+import importlib.util
 import json
 import logging
+import os
+import re
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -424,3 +429,18 @@ def test_a_truncated_image_is_named_by_every_reader(tmp_path):
                  lambda: sequences.load_frames([path], 32)):
         with pytest.raises(DatasetError, match=r"cut.jpg' cannot be decoded as an image \(OSError"):
             read()
+
+
+@pytest.mark.backend_independent
+@pytest.mark.skipif(importlib.util.find_spec("torch") is not None, reason="needs a backend that is not installed")
+def test_a_backend_that_is_not_installed_is_one_line_saying_what_to_set(tmp_path):
+    (tmp_path / "keras.json").write_text('{"backend": "torch"}')
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
+    for extra, source in (({"KERAS_BACKEND": "torch"}, "KERAS_BACKEND"), ({"KERAS_HOME": str(tmp_path)}, "keras.json")):
+        result = subprocess.run([sys.executable, "lrcn.py", "--data-dir", str(tmp_path), "--frames", "2"], cwd=root,
+                                capture_output=True, text=True, timeout=60, env={**env, **extra})
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 1 and len(lines) == 1, result.stderr
+        assert lines[0].startswith("error: the Keras backend torch (") and source in lines[0]
+        assert re.search(r"is not installed; (set KERAS_BACKEND=(jax|tensorflow)|install one)", lines[0])
