@@ -53,6 +53,7 @@ from helpers.backbones import XCEPTION
 
 INJECT = ("pre", "merge")
 DECODERS = ("show-and-tell", "attention")
+MAX_SELF_CRITICAL_SAMPLES = 64  # captions sampled per image in phase 3: each costs a decoder pass and its memory
 
 
 def parse_args(argv=None):
@@ -76,9 +77,10 @@ def parse_args(argv=None):
     model.add_argument("--image-size", type=int, default=299, help=f"input size in pixels, >= {XCEPTION.min_size} (default: 299)")
     model.add_argument("--embedding-dim", type=int, default=256, help="word and image embedding size (default: 256)")
     model.add_argument("--lstm-units", type=int, default=512, help="LSTM units (default: 512)")
-    model.add_argument("--inject", choices=INJECT, default="pre",
+    model.add_argument("--inject", choices=INJECT, default=None,
                        help="show-and-tell's image input: pre: the image is the LSTM's first input (Show and Tell); "
-                       "merge: it joins the LSTM's output (Tanti et al. 2017) (default: pre)")
+                       "merge: it joins the LSTM's output (Tanti et al. 2017); refused with --decoder attention "
+                       "(default: pre)")
     model.add_argument("--decoder", choices=DECODERS, default="show-and-tell",
                        help="show-and-tell: the LSTM sees the pooled image (Vinyals et al. 2015); attention: it "
                        "attends over Xception's 10 x 10 feature grid at every word (Xu et al. 2015) "
@@ -102,7 +104,7 @@ def parse_args(argv=None):
     critical.add_argument("--self-critical-batch-size", type=int, default=32,
                           help="images per batch, each with --self-critical-samples captions (default: 32)")
     critical.add_argument("--self-critical-samples", type=int, default=5,
-                          help="captions sampled per image, >= 2; each one's baseline is the others' mean reward "
+                          help="captions sampled per image, 2..64; each one's baseline is the others' mean reward "
                           "(default: 5)")
     critical.add_argument("--self-critical-learning-rate", type=float, default=5e-5,
                           help="Adam's learning rate, without cosine decay or warm-up (--lr-schedule plateau "
@@ -690,15 +692,22 @@ def train(args):
     cli.check_training_arguments(args)
     with cli.in_flag_words(TEXT_ARGUMENTS):
         captions.check_text_arguments(args.min_word_count, args.max_length)
-    if not 0 <= args.fine_tune_layers <= XCEPTION.layers or args.beam_size < 1:
-        raise UsageError(f"--fine-tune-layers must be in [0, {XCEPTION.layers}] and --beam-size >= 1. "
-                         f"Received: {args.fine_tune_layers}, {args.beam_size}")
-    if (args.self_critical_epochs < 0 or args.self_critical_batch_size < 1 or args.self_critical_samples < 2
-            or not args.self_critical_learning_rate > 0):
-        raise UsageError(f"--self-critical-epochs must be >= 0, --self-critical-batch-size >= 1, "
-                         f"--self-critical-samples >= 2 and --self-critical-learning-rate > 0. Received: "
-                         f"{args.self_critical_epochs}, {args.self_critical_batch_size}, {args.self_critical_samples}, "
-                         f"{args.self_critical_learning_rate}")
+    for flag, value, ok, wanted in (
+            ("--fine-tune-layers", args.fine_tune_layers, 0 <= args.fine_tune_layers <= XCEPTION.layers,
+             f"in [0, {XCEPTION.layers}]"),
+            ("--beam-size", args.beam_size, args.beam_size >= 1, ">= 1"),
+            ("--self-critical-epochs", args.self_critical_epochs, args.self_critical_epochs >= 0, ">= 0"),
+            ("--self-critical-batch-size", args.self_critical_batch_size, args.self_critical_batch_size >= 1, ">= 1"),
+            ("--self-critical-samples", args.self_critical_samples,
+             2 <= args.self_critical_samples <= MAX_SELF_CRITICAL_SAMPLES, f"in [2, {MAX_SELF_CRITICAL_SAMPLES}]"),
+            ("--self-critical-learning-rate", args.self_critical_learning_rate,
+             0 < args.self_critical_learning_rate < float("inf"), "a positive number")):
+        if not ok:
+            raise UsageError(f"{flag} must be {wanted}. Received: {flag} {value}")
+    if args.decoder == "attention" and args.inject is not None:
+        raise UsageError("--inject is show-and-tell's choice; the attention decoder reads the image at every word. "
+                         f"Received: --decoder attention --inject {args.inject}")
+    args.inject = args.inject or "pre"
     splits, vocabulary = load_data(args)
     with cli.in_flag_words(MODEL_ARGUMENTS):
         check_model_arguments(vocabulary_size=len(vocabulary), **cli.model_arguments(

@@ -316,6 +316,11 @@ CAPTION_FLAGS = ["--weights", "none", "--image-size", "71", "--embedding-dim", "
                                      "1000000000"),
     (["--min-word-count", "1000"], "--min-word-count 1000 keeps no word"),
     (["--embedding-dim", "0"], "Received: --embedding-dim 0"),
+    (["--self-critical-batch-size", "0"], "--self-critical-batch-size must be >= 1. Received: --self-critical-batch-size 0"),
+    (["--self-critical-samples", "5000"], "--self-critical-samples must be in [2, 64]. Received: --self-critical-samples 5000"),
+    (["--self-critical-learning-rate", "nan"], "--self-critical-learning-rate must be a positive number."),
+    (["--decoder", "attention", "--inject", "merge"], "--inject is show-and-tell's choice; the attention decoder reads "
+                                                      "the image at every word. Received: --decoder attention --inject merge"),
 ])
 def test_caption_flags_are_refused_before_any_file_in_their_words(flickr, tmp_path, caplog, flags, message):
     out = tmp_path / "run"
