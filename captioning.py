@@ -716,8 +716,8 @@ def train(args):
         run = trainer.run
         cli.check_resumable(args, MODEL_ARGUMENTS + TEXT_ARGUMENTS, vocabulary.tokens,
                             labels=(rundir.VOCABULARY, "tokens"))
-        if not args.skip_image_check:
-            data.check_images([p for split in splits.values() for p in split.paths])
+        data.check_splits([(name, split.paths) for name, split in splits.items()], args.skip_image_check,
+                          args.allow_duplicates)
         cli.save_args(args, args.output_dir)
         vocabulary.save(run.vocabulary)
         tables = {name: CaptionTable(splits[name], vocabulary) for name in ("train", "val")}  # what trains

@@ -535,9 +535,9 @@ def train(args):
     # The run directory's lock is held from here on: a second run on it stops at once.
     with training.Trainer(args.output_dir, strategy, **cli.trainer_arguments(args)) as trainer:
         cli.check_resumable(args, (*MODEL_ARGUMENTS, "fine_tune_layers"), class_names)  # phase 2's trainable weights
-        if not args.skip_image_check:
-            logger.info("checking that all %d images decode", sum(map(len, splits.values())))
-            data.check_images([p for split in splits.values() for p in split.paths])
+        logger.info("checking that all %d images decode and none is in two splits", sum(map(len, splits.values())))
+        data.check_splits([(name, split.paths) for name, split in splits.items()], args.skip_image_check,
+                          args.allow_duplicates)
         words = data.read_words(args.data_dir / "words.txt")
         if trainer.chief:
             cli.save_args(args, args.output_dir)

@@ -439,9 +439,7 @@ def train(args):
     # The run directory's lock is held from here on: a second run on it stops at once.
     with training.Trainer(args.output_dir, strategy, **cli.trainer_arguments(args)) as trainer:
         cli.check_resumable(args, MODEL_ARGUMENTS, names)
-        if not args.skip_image_check:
-            for split in splits.values():
-                sequences.check_sequences(split)
+        sequences.check_splits(splits, args.skip_image_check, args.allow_duplicates)
         if trainer.chief:
             cli.save_args(args, args.output_dir)
             reports.write_json(trainer.run.classes, {"class_names": names, "layout": splits["train"].layout})

@@ -60,6 +60,7 @@ def missing_backend():
     hint = f"set KERAS_BACKEND={installed[0]}" if installed else "install one (requirements.txt or requirements-jax.txt)"
     return f"the Keras backend {backend} ({source}) is not installed; {hint}."
 
+
 def with_default_command(argv, default="train"):
     """Prepends ``default`` when ``argv`` starts with no command, so
     ``script.py --data-dir D`` means ``script.py train --data-dir D``."""
@@ -76,7 +77,11 @@ def add_data_arguments(parser, require_data=True):
                        "(see helpers/restructure_dataset.py); required")
     group.add_argument("--skip-image-check", action="store_true",
                        help="do not decode every image once before training to find unreadable "
-                       "files (default: check)")
+                       "files; the same-image check then compares the files' bytes (default: check)")
+    group.add_argument("--allow-duplicates", action="store_true",
+                       help="an image (or clip) found in two splits, by its pixels whatever its name, is "
+                       "warned about instead of refused, for data known to repeat (default: refused; "
+                       "repeats inside one split are warned about)")
     return group
 
 

@@ -23,6 +23,7 @@ reported in the log.
 
 import concurrent.futures
 import dataclasses
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -149,14 +150,72 @@ WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 
 
 def _decode_problem(path):
+    """``(problem or None, digest or None)``: the full decode ``check_images`` runs on one file, and the
+    BLAKE2b of its decoded pixels (size and RGB bytes), the same for the same photo whatever its name
+    or format."""
     try:
-        open_rgb(path)  # full decode, as training reads it: catches truncated files, unlike verify()
+        rgb = open_rgb(path)  # full decode, as training reads it: catches truncated files, unlike verify()
     except DatasetError as error:
-        return str(error)
+        return str(error), None
     except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, ...
-        return f"{ascii(str(path))}: {type(error).__name__}: {error}"
-    return None
+        return f"{ascii(str(path))}: {type(error).__name__}: {error}", None
+    digest = hashlib.blake2b(f"{rgb.size}".encode(), digest_size=16)
+    digest.update(rgb.tobytes())
+    return None, digest.hexdigest()
 
+
+def _file_digest(path):
+    with open(path, "rb") as handle:
+        return hashlib.blake2b(handle.read(), digest_size=16).hexdigest()
+
+
+def file_digests(paths, workers=None):
+    """``{path: BLAKE2b of its bytes}``: ``check_duplicates``' digests when the images are not decoded
+    (``--skip-image-check``): byte-identical copies only."""
+    with concurrent.futures.ThreadPoolExecutor(workers or os.cpu_count()) as pool:
+        return dict(zip(paths, pool.map(_file_digest, paths, chunksize=256)))
+
+
+def check_duplicates(groups, digests, allow=False, what="image"):
+    """Finds the same image (or clip) twice, by ``digests``, whatever its file name, folder or format.
+
+    Args:
+        groups: ``[(split name, items), ...]``, items being keys of ``digests`` (paths).
+        digests: ``{item: digest}``: ``check_images``' pixel digests, or ``file_digests``.
+        allow: warn about repeats across splits instead of refusing them (``--allow-duplicates``).
+        what: the item's name in the messages (``"image"``, ``"clip"``).
+
+    Returns:
+        ``(across, within)``: pairs ``(first item, its split, repeat, its split)``.
+
+    Raises:
+        DatasetError: one line naming both files of the first pair found in two splits (a test
+            figure on it would measure memory), with the count of such pairs; unless ``allow``.
+    """
+    first, across, within = {}, [], []
+    order = {"train": 0, "val": 1, "test": 2}  # the copy in the later split is the one named second
+    for split, items in sorted(groups, key=lambda group: order.get(group[0], len(order))):
+        for item in items:
+            digest = digests.get(item)
+            if digest is None:
+                continue
+            if digest in first:
+                seen_item, seen_split = first[digest]
+                (within if seen_split == split else across).append((seen_item, seen_split, item, split))
+            else:
+                first[digest] = (item, split)
+    if across and not allow:
+        a, a_split, b, b_split = across[0]
+        more = f" ({len(across)} such pairs)" if len(across) > 1 else ""
+        raise DatasetError(f"the same {what} is in two splits: {a} ({a_split}) and {b} ({b_split}){more}; a score "
+                           f"on it would measure memory. Remove one, or pass --allow-duplicates for data known to "
+                           "repeat.")
+    for pairs, where in ((within, "inside one split"), (across, "in two splits (--allow-duplicates)")):
+        if pairs:
+            shown = "; ".join(f"{a} and {b} ({b_split})" for a, _, b, b_split in pairs[:3])
+            logger.warning("%d %s%s repeated %s: %s%s", len(pairs), what, "s" if len(pairs) > 1 else "", where,
+                           shown, "; ..." if len(pairs) > 3 else "")
+    return across, within
 
 
 def evaluation_split(splits, data_dir):
@@ -183,18 +242,41 @@ def check_images(paths, workers=None):
         paths: image file paths.
         workers: threads (default: the number of CPU cores).
 
+    Returns:
+        ``{path: digest}``: the BLAKE2b of each image's decoded pixels (``check_duplicates``).
+
     Raises:
         DatasetError: naming every file that cannot be decoded, and every 16- or 32-bit
             image (PIL's modes I;16, I, F), which Keras' generator would clip to white.
     """
     with concurrent.futures.ThreadPoolExecutor(workers or os.cpu_count()) as pool:
-        problems = [p for p in pool.map(_decode_problem, paths, chunksize=256) if p]
+        results = list(pool.map(_decode_problem, paths, chunksize=256))
+    problems = [problem for problem, _ in results if problem]
     if problems:
         _raise(
             problems,
             f"{len(problems)} of {len(paths)} images cannot be decoded; remove or replace them "
             "and run again:",
         )
+    return {path: digest for path, (_, digest) in zip(paths, results)}
+
+
+def check_splits(groups, skip_check=False, allow_duplicates=False):
+    """The check every training run makes before it trains: each image decoded once (``check_images``;
+    with ``skip_check`` only the files' bytes are read), then the same image in two splits refused and
+    repeats inside a split warned about (``check_duplicates``).
+
+    Args:
+        groups: ``[(split name, image paths), ...]``.
+        skip_check: ``--skip-image-check``.
+        allow_duplicates: ``--allow-duplicates``.
+
+    Raises:
+        DatasetError: as ``check_images`` and ``check_duplicates``.
+    """
+    paths = [path for _, items in groups for path in items]
+    digests = file_digests(paths) if skip_check else check_images(paths)
+    check_duplicates(groups, digests, allow=allow_duplicates)
 
 
 def load_splits(data_dir, splits=("train", "val"), optional=("test",)):

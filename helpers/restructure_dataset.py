@@ -77,6 +77,10 @@ class Summary:
         stray_files: files skipped because they are not images (``.DS_Store``,
             ``*_boxes.txt``, ...), or images no annotation row names.
         excluded_images: images of classes left out by ``classes=N``.
+        copies_left_out: ``[held-out image, its twin in train]`` relative paths: held-out images
+            (val, or ``--holdout``'s test) whose bytes equal an image that trains, kept out of
+            their split (a val copy is not written; a test copy stays in train) so that no
+            image is scored that was trained on.
         transfer: ``"link"``, ``"copy"``, ``"move"``, or ``"none"`` (already complete).
         already_complete: the output was a finished tree and was left alone.
     """
@@ -85,6 +89,7 @@ class Summary:
     images: dict = dataclasses.field(default_factory=dict)
     stray_files: int = 0
     excluded_images: int = 0
+    copies_left_out: list = dataclasses.field(default_factory=list)
     transfer: str = "none"
     already_complete: bool = False
 
@@ -94,6 +99,7 @@ class Summary:
         return (
             f"{self.classes} classes; images: {splits}; stray files skipped: "
             f"{self.stray_files}; images of excluded classes: {self.excluded_images}; "
+            f"held-out copies of training images left out: {len(self.copies_left_out)}; "
             f"transfer: {self.transfer}{state}"
         )
 
@@ -158,7 +164,7 @@ def _plan(src, wnids, holdout, seed, selected, in_place=False):
     Raises:
         LayoutError: listing every problem found, before anything is changed.
     """
-    problems, moves = [], []
+    problems, moves, train_sources = [], [], []
     summary = Summary(classes=len(selected))
     images = {"train": 0, "val": 0}
     if holdout:
@@ -190,6 +196,8 @@ def _plan(src, wnids, holdout, seed, selected, in_place=False):
             held = set(random.Random(f"{seed}:{wnid}").sample(names, holdout)) if holdout else set()
             for name in names:
                 split = "test" if name in held else "train"
+                if split == "train":
+                    train_sources.append(f"train/{wnid}/images/{name}")
                 if split == "test" or not in_place:
                     moves.append((f"train/{wnid}/images/{name}", f"{split}/{wnid}/{name}"))
                 images[split] += 1
@@ -235,6 +243,9 @@ def _plan(src, wnids, holdout, seed, selected, in_place=False):
         if (val / "images").is_dir():
             summary.stray_files += sum(1 for e in os.scandir(val / "images") if not _is_image(e.name))
 
+    if not problems:
+        moves = _leave_out_copies(src, moves, train_sources, images, summary, in_place)
+
     test_images = src / "test" / "images"
     if test_images.is_dir():
         names, stray = _list_folder(test_images)
@@ -256,6 +267,39 @@ def _plan(src, wnids, holdout, seed, selected, in_place=False):
         )
     summary.images = images
     return moves, summary
+
+
+def _digest(path):
+    """BLAKE2b of a file's bytes: identical files, whatever their names (no decoding)."""
+    with open(path, "rb") as handle:
+        return hashlib.blake2b(handle.read(), digest_size=16).hexdigest()
+
+
+def _leave_out_copies(src, moves, train_sources, images, summary, in_place):
+    """Keeps held-out images whose bytes equal a training image out of their split: a val copy is
+    not transferred, a ``--holdout`` test copy stays in train. Records each pair in
+    ``summary.copies_left_out`` and updates ``images``; returns the moves left."""
+    held = [(i, source, destination) for i, (source, destination) in enumerate(moves)
+            if destination.split("/", 1)[0] in ("val", "test")]
+    if not held:
+        return moves
+    with concurrent.futures.ThreadPoolExecutor(LINK_THREADS) as pool:
+        trained = dict(zip(pool.map(_digest, [src / s for s in train_sources], chunksize=256), train_sources))
+        digests = list(pool.map(_digest, [src / source for _, source, _ in held], chunksize=256))
+    dropped = {}
+    for (index, source, destination), digest in zip(held, digests):
+        twin = trained.get(digest)
+        if twin is None:
+            continue
+        split, wnid, name = destination.split("/", 2)
+        summary.copies_left_out.append([source, twin])
+        images[split] -= 1
+        if split == "test":  # held out from train: it stays there
+            images["train"] += 1
+            dropped[index] = None if in_place else (source, f"train/{wnid}/{name}")
+        else:
+            dropped[index] = None
+    return [dropped.get(i, move) for i, move in enumerate(moves) if dropped.get(i, move) is not None]
 
 
 class _Linker:
@@ -494,6 +538,10 @@ def main(argv=None):
         logger.error("error: %s", error)
         return 2
     print(("dry run, nothing changed: " if args.dry_run else "") + summary.describe())
+    for held, twin in summary.copies_left_out[:10]:
+        print(f"  left out of its split: {held} (the same bytes as {twin}, which trains)")
+    if len(summary.copies_left_out) > 10:
+        print(f"  ... and {len(summary.copies_left_out) - 10} more")
     return 0
 
 

@@ -17,12 +17,13 @@ features)`` float32 for feature clips, and one-hot labels.
 """
 
 import dataclasses
+import hashlib
 import re
 from pathlib import Path
 
 import keras
 import numpy as np
-from helpers.data import DatasetError, check_images, is_utf8_name, read_rgb
+from helpers.data import DatasetError, check_duplicates, check_images, file_digests, is_utf8_name, read_rgb
 from helpers.errors import UsageError
 from helpers.formats import IMAGE_EXTENSIONS
 from helpers.layers import PAD_VALUE
@@ -351,19 +352,68 @@ def augment_clip(clip, rng, min_scale=0.8):
     return np.ascontiguousarray(out, dtype=np.float32)
 
 
-def check_sequences(split):
+def check_sequences(split, skip_check=False):
     """Decodes every frame once, or reads every feature clip whole; raises ``DatasetError``
-    naming each unreadable frame, or each clip that cannot be read or holds NaN or infinite values."""
+    naming each unreadable frame, or each clip that cannot be read or holds NaN or infinite values.
+
+    Returns:
+        ``{sample key: digest}`` per clip (``sample_key``): for frames, the BLAKE2b of its frames'
+        pixel digests in order (``helpers.data.check_images``); for feature clips, of the array's
+        dtype, shape and bytes. With ``skip_check`` nothing is decoded or checked: the digests
+        are of the files' bytes.
+    """
+    digests = {}
     if not split.features:
-        check_images([p for sample in split.samples for p in sample])
-        return
+        paths = [p for sample in split.samples for p in sample]
+        frames = data_digests(paths, skip_check)
+        for sample in split.samples:
+            digest = hashlib.blake2b(digest_size=16)
+            for path in sample:
+                digest.update(frames[path].encode())
+            digests[sample_key(sample)] = digest.hexdigest()
+        return digests
     problems = []
     for path in split.samples:
         try:
-            if not np.isfinite(np.load(path, allow_pickle=False)).all():
+            clip = np.load(path, allow_pickle=False)
+            if not skip_check and not np.isfinite(clip).all():
                 problems.append(f"{path}: NaN or infinite values")
+            digest = hashlib.blake2b(f"{clip.dtype}{clip.shape}".encode(), digest_size=16)
+            digest.update(np.ascontiguousarray(clip).tobytes())
+            digests[path] = digest.hexdigest()
         except (OSError, ValueError, EOFError) as error:
             problems.append(f"{path}: cannot be read ({error})")
     if problems:
         raise DatasetError(f"{len(problems)} feature clips cannot be used:\n  " + "\n  ".join(problems[:20]))
+    return digests
+
+
+def data_digests(paths, skip_check):
+    """``check_images`` (decoded pixels), or with ``skip_check`` ``file_digests`` (bytes)."""
+    return file_digests(paths) if skip_check else check_images(paths)
+
+
+def sample_key(sample):
+    """What names a clip: its frame folder, or its ``.npy`` file."""
+    return sample if isinstance(sample, Path) else Path(sample[0]).parent
+
+
+def check_splits(splits, skip_check=False, allow_duplicates=False):
+    """The check before training: every clip read once (``check_sequences``), then the same clip in
+    two splits refused and repeats inside a split warned about (``helpers.data.check_duplicates``),
+    whatever the clips' names. Clips are compared whole (a black frame that opens many videos is
+    not a repeat).
+
+    Args:
+        splits: ``{split name: SequenceSplit}``.
+
+    Raises:
+        DatasetError: as ``check_sequences`` and ``check_duplicates``.
+    """
+    digests, groups = {}, []
+    for name, split in splits.items():
+        found = check_sequences(split, skip_check)
+        digests.update(found)
+        groups.append((name, list(found)))
+    check_duplicates(groups, digests, allow=allow_duplicates, what="clip")
 

@@ -305,11 +305,12 @@ def make_flickr8k(root, counts=(9, 3, 3), images="Flicker8k_Dataset"):
 
 def make_coco(root, with_test=False):
     root = Path(root)
-    for split, count in (("train2017", 6), ("val2017", 3)) + ((("test2017", 3),) if with_test else ()):
+    splits = (("train2017", 6), ("val2017", 3)) + ((("test2017", 3),) if with_test else ())
+    for number, (split, count) in enumerate(splits):
         images, annotations = [], []
         for i in range(count):
             colour = list(COLOURS)[i % 3]
-            write_photo(root / split / f"{i:012d}.jpg", colour, i)
+            write_photo(root / split / f"{i:012d}.jpg", colour, 100 * number + i)  # no photo in two splits
             images.append({"id": i, "file_name": f"{i:012d}.jpg"})
             annotations += [{"id": 10 * i + k, "image_id": i, "caption": text}
                             for k, text in enumerate(colour_captions(colour)[:3])]

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
 import warnings
@@ -449,3 +450,56 @@ def test_a_backend_that_is_not_installed_is_one_line_saying_what_to_set(tmp_path
         assert result.returncode == 1 and len(lines) == 1, result.stderr
         assert lines[0].startswith("error: the Keras backend torch (") and source in lines[0]
         assert re.search(r"is not installed; (set KERAS_BACKEND=(jax|tensorflow)|install one)", lines[0])
+
+
+# ---------------------------------------------------------------- the same image twice
+
+def test_the_same_photo_in_two_splits_is_refused_whatever_its_name_or_format(tmp_path, caplog):
+    root = make_class_folders(tmp_path / "data")
+    photo = root / "train" / "cat" / "cat_0.jpg"
+    Image.open(photo).convert("RGB").save(root / "train" / "dog" / "again.png")  # same pixels, other format
+    shutil.copyfile(photo, root / "test" / "fox" / "copy_of_train.jpg")
+    groups = [(name, data.list_split(root / name).paths) for name in ("train", "val", "test")]
+    with pytest.raises(DatasetError, match=r"the same image is in two splits: .*cat_0.jpg \(train\) and "
+                                           r".*copy_of_train.jpg \(test\); .*--allow-duplicates") as error:
+        data.check_splits(groups)
+    assert "\n" not in str(error.value)
+    with pytest.raises(DatasetError, match="copy_of_train.jpg"):  # without decoding: the files' bytes
+        data.check_splits(groups, skip_check=True)
+    with caplog.at_level(logging.WARNING):
+        data.check_splits(groups, allow_duplicates=True)
+    assert "1 image repeated inside one split: " in caplog.text and "again.png (train)" in caplog.text
+    assert "1 image repeated in two splits (--allow-duplicates)" in caplog.text
+    out = tmp_path / "run"
+    line = error_line(crc.main, ["--data-dir", str(root), "--output-dir", str(out), "--weights", "none",
+                                 "--image-size", "71", "--rnn-timesteps", "71", "--rnn-units", "8"], caplog)
+    assert "copy_of_train.jpg (test)" in line
+    assert not (out / "phase1_log.csv").exists()
+
+
+def test_the_same_photo_in_caption_splits_is_refused(tmp_path, caplog):
+    from tests.conftest import make_coco
+
+    root = make_coco(tmp_path / "coco", with_test=True)
+    shutil.copyfile(root / "train2017" / "000000000001.jpg", root / "test2017" / "000000000002.jpg")
+    splits = captions.load_caption_splits(root)
+    with pytest.raises(DatasetError, match=r"000000000001.jpg \(train\) and .*test2017.000000000002.jpg \(test\)"):
+        data.check_splits([(name, split.paths) for name, split in splits.items()])
+
+
+def test_the_same_clip_in_two_splits_is_refused_and_frames_alone_are_not(tmp_path):
+    from tests.conftest import make_clips
+
+    root = tmp_path / "clips"
+    make_clips(root / "train", lengths=(3, 4))
+    make_clips(root / "test", lengths=(5,))
+    black = np.zeros((12, 12, 3), np.uint8)  # the same opening frame in a train and a test clip: not a repeat
+    for clip in (root / "train" / "a" / "s0", root / "test" / "b" / "s0"):
+        Image.fromarray(black).save(clip / "frame_0.jpg")
+    splits = {name: sequences.list_sequences(root / name) for name in ("train", "test")}
+    sequences.check_splits(splits)
+    shutil.copytree(root / "train" / "a" / "s1", root / "test" / "a" / "renamed")
+    splits["test"] = sequences.list_sequences(root / "test")
+    with pytest.raises(DatasetError, match=r"the same clip is in two splits: .*train.a.s1 \(train\) and "
+                                           r".*test.a.renamed \(test\)"):
+        sequences.check_splits(splits)

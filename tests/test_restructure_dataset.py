@@ -249,3 +249,23 @@ def test_runs_as_a_file_from_any_folder(tiny_imagenet, tmp_path):
                            "--holdout", "1"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert sorted(p.name for p in (tmp_path / "out" / "test").iterdir()) == ["n001", "n002", "n003"]
+
+
+def test_held_out_copies_of_training_images_are_left_out(tiny_imagenet, tmp_path, capsys):
+    train = tiny_imagenet / "train"
+    original = train / "n001" / "images" / "n001_0.JPEG"
+    for path in (train / "n002" / "images").glob("*.JPEG"):  # a class of copies: whatever is held out, it trains
+        path.write_bytes(original.read_bytes())
+    (tiny_imagenet / "val" / "images" / "val_1.JPEG").write_bytes(original.read_bytes())  # val_1 is n002's
+    out = tmp_path / "out"
+    assert rd.main([str(tiny_imagenet), "--output", str(out), "--holdout", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "left out of its split: val/images/val_1.JPEG (the same bytes as train/" in printed
+    assert not (out / "val" / "n002" / "val_1.JPEG").exists()
+    trained = {p.read_bytes() for p in (out / "train").rglob("*.JPEG")}
+    held = [p for split in ("val", "test") for p in (out / split).rglob("*.JPEG")]
+    assert held and not any(p.read_bytes() in trained for p in held)
+    summary = rd.restructure(tiny_imagenet, output=out, holdout=1)  # a second run: the same, left alone
+    assert summary.already_complete and len(summary.copies_left_out) >= 2
+    counts = {split: len(list((out / split).rglob("*.JPEG"))) for split in ("train", "val", "test")}
+    assert counts == {split: summary.images[split] for split in counts}
