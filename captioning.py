@@ -768,7 +768,8 @@ def train(args):
                 callbacks=[SelfCriticalValidation(batches, cached["val"], references["val"])],
                 title="phase 3: self-critical training of the decoder (CIDEr-D reward)") or best
 
-        split = splits[data.evaluation_split(splits, args.data_dir)]
+        split = splits[data.evaluation_split(splits, args.data_dir, "Flickr8k's Flickr_8k.testImages.txt, or a "
+                                             "captions_test*.json in COCO format, adds one")]
         model = keras.saving.load_model(best)
         metrics, generated = evaluate_captioner(model, vocabulary, split, args.beam_size, args.batch_size, args.workers)
         save_caption_evaluation(run, metrics, generated, split, best)

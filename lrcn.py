@@ -476,7 +476,8 @@ def train(args):
         if not trainer.chief:  # the chief evaluates and reports
             multiworker.cleanup(args.output_dir)
             return 0
-        split = splits[data.evaluation_split(splits, args.data_dir)]
+        split = splits[data.evaluation_split(splits, args.data_dir, "python -m helpers.extract_frames VIDEOS "
+                                             "--test-fraction F splits one off by group")]
         model = keras.saving.load_model(best)
         metrics = evaluate_lrcn(model, split, args.batch_size, args.workers)
         shuffled = evaluate_lrcn(model, split, args.batch_size, args.workers, shuffle_frames=True)

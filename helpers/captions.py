@@ -217,6 +217,10 @@ def read_coco_captions(path, data_dir):
             raise DatasetError(f"{path}: annotations[{number}] has no caption")
         captions[annotation["image_id"]].append(check_caption(annotation["caption"], f"{path}: annotations[{number}]"))
     paths, texts, places = [], [], []
+    uncaptioned = [file_name for image_id, file_name in files.items() if image_id not in captions]
+    if uncaptioned:
+        logger.warning("%s: %d images without a caption left out (%s%s)", path, len(uncaptioned),
+                       ", ".join(uncaptioned[:3]), ", ..." if len(uncaptioned) > 3 else "")
     for image_id, file_name in files.items():
         if image_id not in captions:
             continue

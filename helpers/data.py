@@ -218,20 +218,22 @@ def check_duplicates(groups, digests, allow=False, what="image"):
     return across, within
 
 
-def evaluation_split(splits, data_dir):
+def evaluation_split(splits, data_dir, how_to_add="python -m helpers.restructure_dataset --holdout N carves a "
+                                                "test/ split of class folders from train"):
     """The split a finished training run is scored on: ``"test"`` when ``splits`` has one, else
     ``"val"``, with a warning that val also chose the checkpoint, so its figure is optimistic.
 
     Args:
         splits: a mapping from split names (``"train"``, ``"val"``, maybe ``"test"``) to splits.
         data_dir: the data folder, named in the warning.
+        how_to_add: the warning's advice on adding a test split to this kind of data.
     """
     if "test" in splits:
         return "test"
     logger.warning("no labelled test split in %s: evaluating on val, which also chose the checkpoint, so the "
-                   "figure is optimistic (python -m helpers.restructure_dataset --holdout N carves a test/ split "
-                   "of class folders from train)", data_dir)
+                   "figure is optimistic (%s)", data_dir, how_to_add)
     return "val"
+
 
 def check_images(paths, workers=None):
     """Decodes every image once with PIL (what the Keras generator uses).
@@ -332,7 +334,9 @@ def read_words(path):
 
 
 def image_files(inputs):
-    """Expands image files and folders (searched recursively) into image paths.
+    """Expands image files and folders (searched recursively) into image paths; the files of a
+    folder that are not of ``IMAGE_EXTENSIONS`` (``.gif``, ``.webp``, ...) are skipped with a warning
+    that counts them.
 
     Raises:
         DatasetError: a path does not exist, or a folder holds no image.
@@ -340,9 +344,12 @@ def image_files(inputs):
     paths = []
     for item in map(Path, inputs):
         if item.is_dir():
-            found, _ = _images_in(item)
+            found, skipped = _images_in(item)
             if not found:
                 raise DatasetError(f"{item} holds no images ({', '.join(IMAGE_EXTENSIONS)}).")
+            if skipped:
+                logger.warning("%s: %d files skipped, not of the image formats read (%s)", item, skipped,
+                               ", ".join(IMAGE_EXTENSIONS))
             paths += found
         elif item.is_file():
             paths.append(item)
@@ -391,9 +398,11 @@ def open_rgb(path):
     same errors; ``check_images`` runs it on every file."""
     with Image.open(path) as image:
         if image.mode in WIDE_MODES:
+            how = ("e.g. PIL: image.point(lambda v: v / 257).convert('L')" if "16" in image.mode else
+                   "scale its values to 0..255 first: its range is the camera's or the program's, not 16-bit's")
             raise DatasetError(
                 f"{ascii(str(path))}: a {image.mode} ({'16' if '16' in image.mode else '32'}-bit) image; convert it "
-                "to 8 bits per channel (e.g. PIL: image.point(lambda v: v / 257).convert('L'))")
+                f"to 8 bits per channel ({how})")
         return ImageOps.exif_transpose(image).convert("RGB")
 
 

@@ -503,3 +503,39 @@ def test_the_same_clip_in_two_splits_is_refused_and_frames_alone_are_not(tmp_pat
     with pytest.raises(DatasetError, match=r"the same clip is in two splits: .*train.a.s1 \(train\) and "
                                            r".*test.a.renamed \(test\)"):
         sequences.check_splits(splits)
+
+
+@pytest.mark.backend_independent
+def test_a_folder_of_inputs_counts_the_files_it_skips(tmp_path, caplog):
+    write_jpeg(tmp_path / "in" / "a.jpg", seed=0)
+    (tmp_path / "in" / "b.gif").write_bytes(b"GIF89a")
+    (tmp_path / "in" / "c.webp").write_bytes(b"RIFF")
+    with caplog.at_level(logging.WARNING):
+        assert data.image_files([tmp_path / "in"]) == [tmp_path / "in" / "a.jpg"]
+    assert "2 files skipped, not of the image formats read" in caplog.text
+
+
+@pytest.mark.backend_independent
+def test_wide_images_get_the_conversion_their_mode_needs(tmp_path):
+    Image.fromarray(np.full((8, 8), 3.5, np.float32)).save(tmp_path / "f.tif")
+    with pytest.raises(DatasetError, match=r"a F \(32-bit\) image; .*scale its values to 0..255") as error:
+        data.read_rgb(tmp_path / "f.tif")
+    assert "257" not in str(error.value)
+    Image.fromarray(np.full((8, 8), 30000, np.uint16)).save(tmp_path / "w.png")
+    with pytest.raises(DatasetError, match=r"v / 257"):
+        data.read_rgb(tmp_path / "w.png")
+
+
+@pytest.mark.backend_independent
+def test_a_coco_image_without_captions_is_left_out_with_a_line(tmp_path, caplog):
+    from tests.conftest import make_coco
+
+    root = make_coco(tmp_path / "coco")
+    listing = root / "annotations" / "captions_train2017.json"
+    content = json.loads(listing.read_text())
+    content["annotations"] = [a for a in content["annotations"] if a["image_id"] != 2]
+    listing.write_text(json.dumps(content))
+    with caplog.at_level(logging.WARNING):
+        splits = captions.load_caption_splits(root)
+    assert len(splits["train"].paths) == 5
+    assert "captions_train2017.json: 1 images without a caption left out (000000000002.jpg)" in caplog.text
