@@ -151,9 +151,18 @@ def graph_read_image(encoded, image_size):
     made RGB, a bilinear resize with antialiasing (PIL's filter when shrinking) to the
     square in PIL's two passes (width, then height), each rounded to 8 bits as PIL rounds. Not applied: the EXIF
     orientation tag, which ``read_rgb`` follows (a sideways phone photo is captioned sideways).
+    A 16-bit PNG is refused (``tf.errors.InvalidArgumentError``), as ``read_rgb`` refuses it.
     """
     import tensorflow as tf
 
+    # A 16-bit PNG (bit depth, byte 24 of the file, is 16) is refused, as read_rgb refuses it:
+    # decode_image would scale it to 8 bits where the Python API asks the user to convert it.
+    header = tf.strings.join([encoded, tf.constant(b"\0" * 25)])  # short input: no out-of-range read
+    wide = tf.logical_and(tf.equal(tf.strings.substr(header, 0, 4), b"\x89PNG"),
+                          tf.equal(tf.strings.substr(header, 24, 1), b"\x10"))
+    with tf.control_dependencies([tf.debugging.Assert(tf.logical_not(wide), [
+            "a 16-bit PNG; convert it to 8 bits per channel (the Python API refuses it too)"])]):
+        encoded = tf.identity(encoded)
     image = tf.cond(tf.io.is_jpeg(encoded),
                     lambda: tf.io.decode_jpeg(encoded, channels=3, dct_method="INTEGER_ACCURATE"),
                     lambda: tf.io.decode_image(encoded, channels=3, expand_animations=False))

@@ -179,5 +179,21 @@ def test_classify_refuses_bad_input(tmp_path):
         crc.classify(model, [np.zeros((71, 71, 3))], top_k=0)
     with pytest.raises(UsageError, match="class names"):
         crc.classify(model, [np.zeros((71, 71, 3))], class_names=["a", "b"])
-    with pytest.raises(UsageError, match=r"\(4, 4, 4\)"):
-        crc.classify(model, [np.zeros((4, 4, 4))])
+    with pytest.raises(UsageError, match=r"\(4, 4, 5\)"):
+        crc.classify(model, [np.zeros((4, 4, 5))])
+
+
+@pytest.mark.tensorflow
+def test_the_served_image_reader_refuses_16_bit_pngs_as_caption_does(tmp_path):
+    import tensorflow as tf
+
+    from helpers import data, export
+
+    Image.fromarray(np.full((8, 8), 30000, np.uint16)).save(tmp_path / "wide.png")
+    with pytest.raises(data.DatasetError, match="16-bit"):
+        data.read_rgb(tmp_path / "wide.png")
+    with pytest.raises(tf.errors.InvalidArgumentError, match="a 16-bit PNG"):
+        export.graph_read_image(tf.constant((tmp_path / "wide.png").read_bytes()), 8)
+    Image.fromarray(np.full((8, 8, 3), 200, np.uint8)).save(tmp_path / "ok.png")
+    served = export.graph_read_image(tf.constant((tmp_path / "ok.png").read_bytes()), 8).numpy()
+    np.testing.assert_array_equal(served, data.read_rgb(tmp_path / "ok.png", 8))
