@@ -1116,7 +1116,8 @@ def grid_shape(model):
 
 def write_attention_maps(model, decoder, vocabulary, paths, image_features, ids, folder):
     """Writes ``folder/<image name>.png`` for each image: its caption's words and, per word, where
-    the attention decoder looked (``helpers.reports.plot_attention``); returns the files.
+    the attention decoder looked (``helpers.reports.plot_attention``); returns the files. Images of
+    one name in different folders get ``<name>_2.png``, ``<name>_3.png``, ..., each logged with its image.
 
     Args:
         decoder: the captioner's ``StepDecoder``.
@@ -1128,15 +1129,19 @@ def write_attention_maps(model, decoder, vocabulary, paths, image_features, ids,
     """
     shape, folder = grid_shape(model), Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    written, names = [], set()
+    written, names = [], {}
     for first in range(0, len(paths), 32):
         chunk = ids[first:first + 32]
         weights = decoder.attention_weights(image_features[first:first + 32], chunk)
         for path, words, weight in zip(paths[first:first + 32], chunk, weights):
-            name = Path(path).stem
-            while name in names:  # two images of the same name in different folders
-                name += "_"
-            names.add(name)
+            name, number = Path(path).stem, 1
+            while name in names:  # two images of the same name in different folders: numbered, and said
+                number += 1
+                name = f"{Path(path).stem}_{number}"
+            if number > 1:
+                logger.info("attention map of %s: %s.png (%s.png is %s's)", path, name, Path(path).stem,
+                            names[Path(path).stem])
+            names[name] = path
             written.append(reports.plot_attention(path, vocabulary.decode(words).split(), weight, shape,
                                                   folder / f"{name}.png"))
     return written

@@ -563,10 +563,16 @@ def test_attention_run_caches_grids_in_float16_and_draws_where_it_looks(flickr, 
     images = flickr / "Flicker8k_Dataset"
     maps = tmp_path / "maps"
     photos = sorted(images.glob("*.jpg"))[:3]
-    assert cap.main(["caption", "--model", str(run.best("phase3")), "--attention-maps", str(maps),
-                     *map(str, photos)]) == 0
+    namesake = tmp_path / "elsewhere" / photos[0].name  # another photo of the same name: numbered, and said
+    namesake.parent.mkdir()
+    shutil.copyfile(photos[1], namesake)
+    with caplog.at_level(logging.INFO):
+        assert cap.main(["caption", "--model", str(run.best("phase3")), "--attention-maps", str(maps),
+                         *map(str, photos), str(namesake)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 3 and sorted(p.stem for p in maps.glob("*.png")) == [p.stem for p in photos]
+    assert len(lines) == 4
+    assert sorted(p.stem for p in maps.glob("*.png")) == sorted([p.stem for p in photos] + [f"{photos[0].stem}_2"])
+    assert f"attention map of {namesake}: {photos[0].stem}_2.png ({photos[0].stem}.png is {photos[0]}'s)" in caplog.text
     decoder = cap.StepDecoder(model)
     grids = cap.encode_images(model, photos, verbose=0)
     ids = decoder.captions(grids, 1, vocabulary.max_length)
