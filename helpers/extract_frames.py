@@ -32,6 +32,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from helpers import rundir
 from helpers.errors import UsageError
 from helpers.video import VideoError, read_video  # noqa: F401 (re-exported: the tool's API)
 
@@ -258,6 +259,7 @@ def main(argv=None):
         parser.error(f"--val-fraction and --test-fraction must be in [0, 1) with a sum below 1. "
                      f"Received: {args.val_fraction}, {args.test_fraction}")
     try:
+        rundir.check_writable(args.output, "--output", folder=True, empty=False)  # before any video is read
         if len(args.videos) == 1 and args.videos[0].is_dir():
             written, skipped = extract_dataset(args.videos[0], args.output, args.fps, args.max_frames, args.size,
                                                args.val_fraction, args.test_fraction, args.seed)

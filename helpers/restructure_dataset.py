@@ -51,6 +51,7 @@ from pathlib import Path
 
 if __package__ in (None, ""):  # run as a file (python helpers/restructure_dataset.py): the repository on the path
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from helpers import rundir  # noqa: E402 (standard library only, as this tool)
 from helpers.formats import IMAGE_EXTENSIONS, read_text  # other files in an image folder are stray files
 
 logger = logging.getLogger(__name__)
@@ -442,6 +443,8 @@ def restructure(src, output=None, in_place=False, holdout=0, classes=None, seed=
     root = src if in_place else Path(output).resolve()
     if not in_place and root == src:
         raise ValueError(f"output is the source folder {src}; use in_place=True for that.")
+    if not dry_run:  # a file is created where the output goes, and removed, before anything is read
+        rundir.check_writable(root, "in place: the source" if in_place else "--output", folder=True, empty=False)
 
     wnids, problems = _read_wnids(src)
     if problems:

@@ -44,6 +44,8 @@ from pathlib import Path
 
 import numpy as np
 
+from helpers import rundir
+
 logger = logging.getLogger(__name__)
 
 LABELS = Path("annos") / "videos_labels_subsets.txt"
@@ -172,8 +174,7 @@ def convert(src, output, val_fraction=0.2):
         raise ValueError(f"--val-fraction must be in [0, 1). Received: {val_fraction}")
     src, output = Path(src), Path(output)
     videos, actions = read_annotations(src)
-    if output.exists() and not output.is_dir():
-        raise SourceError(f"--output {output} exists and is not a folder.")
+    rundir.check_writable(output, "--output", folder=True, empty=False)  # before 2,000 files are read
     by_class = {}
     skipped = {}
     for video, number, subset in videos:

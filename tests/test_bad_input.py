@@ -539,3 +539,21 @@ def test_a_coco_image_without_captions_is_left_out_with_a_line(tmp_path, caplog)
         splits = captions.load_caption_splits(root)
     assert len(splits["train"].paths) == 5
     assert "captions_train2017.json: 1 images without a caption left out (000000000002.jpg)" in caplog.text
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc, where os.access says yes to root")
+@pytest.mark.backend_independent
+def test_the_tools_probe_their_output_before_reading_anything(tmp_path, capsys, caplog):
+    from helpers import restructure_dataset, ucf101_features
+
+    assert restructure_dataset.main([str(tmp_path), "--output", "/proc/out"]) == 2
+    assert ucf101_features.main([str(tmp_path), "--output", "/proc/out"]) == 2  # the source is judged first
+    (tmp_path / "annos").mkdir()
+    for name in ("videos_labels_subsets.txt", "actions.txt"):
+        (tmp_path / "annos" / name).write_text("")
+    assert ucf101_features.main([str(tmp_path), "--output", "/proc/out"]) == 2
+    assert "--output /proc/out cannot be written: a file cannot be created in /proc" in capsys.readouterr().err
+    video = write_video(tmp_path / "v.avi")
+    with caplog.at_level(logging.ERROR):
+        assert extract_frames.main([str(video), "--label", "a", "--output", "/proc/out"]) == 1
+    assert "--output /proc/out cannot be written" in caplog.text
