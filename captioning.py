@@ -1273,10 +1273,11 @@ def evaluate(args):
     """The ``evaluate`` command: scores a saved captioner on a split (default: test)."""
     cli.check_evaluate_arguments(args)
     model, vocabulary = load_captioner(args.model)
-    splits = captions.load_caption_splits(args.data_dir)
-    name = args.split or ("test" if "test" in splits else "val")
+    # Only the split scored is read: a bad caption of another split does not stop it.
+    name = args.split or ("test" if captions.load_caption_splits(args.data_dir, only=("test",)) else "val")
+    splits = captions.load_caption_splits(args.data_dir, only=(name,))
     if name not in splits:
-        raise UsageError(f"{args.data_dir} has no {name} split (it has {', '.join(splits)}).")
+        raise UsageError(f"{args.data_dir} has no {name} split.")
     data.check_images(splits[name].paths)
     metrics, _ = evaluate_captioner(model, vocabulary, splits[name], args.beam_size, args.batch_size)
     metrics["model"] = str(args.model)

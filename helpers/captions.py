@@ -92,8 +92,13 @@ def _flickr8k_images_folder(data_dir):
     raise DatasetError(f"{data_dir} has {FLICKR8K_TOKENS} but no images folder ({', '.join(FLICKR8K_IMAGE_FOLDERS)}).")
 
 
-def read_flickr8k_tokens(path):
+def read_flickr8k_tokens(path, check=True):
     """Reads ``Flickr8k.token.txt``: ``{image name: [captions]}`` in file order.
+
+    Args:
+        path: the token file.
+        check: check every caption (``check_caption``); ``False``: ``{image: [(caption, place)]}``
+            unchecked, so that a split's loader checks only the captions of the images it lists.
 
     Raises:
         DatasetError: a line without a tab, without an image name or without a caption
@@ -109,7 +114,7 @@ def read_flickr8k_tokens(path):
         image = key.rsplit("#", 1)[0].strip() if "#" in key else key.strip()
         if not image:
             raise DatasetError(f"{path}:{number}: no image name before the tab: {line[:80]!r}")
-        captions[image].append(check_caption(caption, f"{path}:{number}"))
+        captions[image].append(check_caption(caption, f"{path}:{number}") if check else (caption, f"{path}:{number}"))
     return dict(captions)
 
 
@@ -148,11 +153,13 @@ def _listed_once(splits):
     return splits
 
 
-def _flickr8k_splits(data_dir):
-    tokens = read_flickr8k_tokens(data_dir / FLICKR8K_TOKENS)
+def _flickr8k_splits(data_dir, only=None):
+    tokens = read_flickr8k_tokens(data_dir / FLICKR8K_TOKENS, check=False)
     images = _flickr8k_images_folder(data_dir)
     splits = {}
     for name, file_name in FLICKR8K_SPLITS.items():
+        if only is not None and name not in only:
+            continue
         path = data_dir / file_name
         if not path.is_file():
             raise DatasetError(f"{data_dir} has {FLICKR8K_TOKENS} but not the split file {file_name}.")
@@ -166,7 +173,7 @@ def _flickr8k_splits(data_dir):
             if not (images / image).is_file():
                 raise DatasetError(f"{path}:{number}: image {image} is listed but not in {images}")
             paths.append(images / image)
-            captions.append(tokens[image])
+            captions.append([check_caption(caption, place) for caption, place in tokens[image]])
             places.append(f"{path}:{number}")
         if not paths:
             raise DatasetError(f"{path}: the {name} split is empty")
@@ -235,17 +242,22 @@ def read_coco_captions(path, data_dir):
     return CaptionSplit(name, paths, texts, path, places)
 
 
-def load_caption_splits(data_dir):
+def load_caption_splits(data_dir, only=None):
     """The ``train``, ``val`` and (when present) ``test`` splits of a Flickr8k or COCO-format folder.
 
+    Args:
+        data_dir: the dataset folder.
+        only: the split names to read (``evaluate`` reads one: a bad caption of another split does
+            not stop it); default: all, ``train`` and ``val`` required.
+
     Raises:
-        DatasetError: the folder is missing or in neither layout, or any file is bad (named).
+        DatasetError: the folder is missing or in neither layout, or any file read is bad (named).
     """
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise DatasetError(f"Data directory {data_dir} does not exist.")
     if (data_dir / FLICKR8K_TOKENS).is_file():
-        return _flickr8k_splits(data_dir)
+        return _flickr8k_splits(data_dir, only)
     files = sorted(data_dir.glob("captions_*.json")) + sorted((data_dir / "annotations").glob("captions_*.json"))
     if not files:
         raise DatasetError(f"{data_dir} is neither Flickr8k ({FLICKR8K_TOKENS}, the Flickr_8k.*Images.txt split "
@@ -257,10 +269,12 @@ def load_caption_splits(data_dir):
         if name is None:
             logger.info("%s: not a train/val/test captions file; ignored", path)
             continue
+        if only is not None and name not in only:
+            continue
         if name in splits:
             raise DatasetError(f"{data_dir}: two {name} captions files ({splits[name].source.name}, {path.name})")
         splits[name] = read_coco_captions(path, data_dir)
-    for name in ("train", "val"):
+    for name in ("train", "val") if only is None else ():
         if name not in splits:
             raise DatasetError(f"{data_dir}: no captions_{name}*.json (COCO format needs a train and a val file)")
     return _listed_once(splits)

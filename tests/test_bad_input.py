@@ -557,3 +557,15 @@ def test_the_tools_probe_their_output_before_reading_anything(tmp_path, capsys, 
     with caplog.at_level(logging.ERROR):
         assert extract_frames.main([str(video), "--label", "a", "--output", "/proc/out"]) == 1
     assert "--output /proc/out cannot be written" in caplog.text
+
+
+def test_a_bad_caption_of_another_split_does_not_stop_evaluating_this_one(flickr):
+    tokens = flickr / captions.FLICKR8K_TOKENS
+    train_image = (flickr / captions.FLICKR8K_SPLITS["train"]).read_text().split()[0]
+    lines = [line if not line.startswith(f"{train_image}#0") else f"{train_image}#0\t " for line in
+             tokens.read_text().splitlines()]
+    tokens.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DatasetError, match="has no word"):
+        captions.load_caption_splits(flickr)  # training reads every split
+    test = captions.load_caption_splits(flickr, only=("test",))
+    assert list(test) == ["test"] and len(test["test"].paths) == len((flickr / captions.FLICKR8K_SPLITS["test"]).read_text().split())
