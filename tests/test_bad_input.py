@@ -317,11 +317,14 @@ CAPTION_FLAGS = ["--weights", "none", "--image-size", "71", "--embedding-dim", "
                                      "1000000000"),
     (["--min-word-count", "1000"], "--min-word-count 1000 keeps no word"),
     (["--embedding-dim", "0"], "Received: --embedding-dim 0"),
-    (["--self-critical-batch-size", "0"], "--self-critical-batch-size must be >= 1. Received: --self-critical-batch-size 0"),
-    (["--self-critical-samples", "5000"], "--self-critical-samples must be in [2, 64]. Received: --self-critical-samples 5000"),
+    (["--self-critical-batch-size", "0"],
+     "--self-critical-batch-size must be >= 1. Received: --self-critical-batch-size 0"),
+    (["--self-critical-samples", "5000"],
+     "--self-critical-samples must be in [2, 64]. Received: --self-critical-samples 5000"),
     (["--self-critical-learning-rate", "nan"], "--self-critical-learning-rate must be a positive number."),
-    (["--decoder", "attention", "--inject", "merge"], "--inject is show-and-tell's choice; the attention decoder reads "
-                                                      "the image at every word. Received: --decoder attention --inject merge"),
+    (["--decoder", "attention", "--inject", "merge"],
+     "--inject is show-and-tell's choice; the attention decoder reads the image at every word. "
+     "Received: --decoder attention --inject merge"),
 ])
 def test_caption_flags_are_refused_before_any_file_in_their_words(flickr, tmp_path, caplog, flags, message):
     out = tmp_path / "run"
@@ -568,4 +571,5 @@ def test_a_bad_caption_of_another_split_does_not_stop_evaluating_this_one(flickr
     with pytest.raises(DatasetError, match="has no word"):
         captions.load_caption_splits(flickr)  # training reads every split
     test = captions.load_caption_splits(flickr, only=("test",))
-    assert list(test) == ["test"] and len(test["test"].paths) == len((flickr / captions.FLICKR8K_SPLITS["test"]).read_text().split())
+    listed = (flickr / captions.FLICKR8K_SPLITS["test"]).read_text().split()
+    assert list(test) == ["test"] and len(test["test"].paths) == len(listed)
