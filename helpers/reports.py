@@ -101,7 +101,8 @@ def plot_history(history, path, title):
 def plot_timeline(rows, unit, class_names, path, title, classes=6):
     """An input's predictions over time (``helpers.timeline``): each window's probability of the
     classes that lead some window (at most ``classes``, the most often leading first), drawn at
-    the window's centre, and a band along the top coloured by the leading class.
+    the window's centre, and a band along the top coloured, at each moment, by the leading class
+    of the window whose centre is nearest.
 
     Args:
         rows: per window ``(start, end, probabilities (num_classes,))``, ``start``/``end`` in ``unit``.
@@ -120,8 +121,10 @@ def plot_timeline(rows, unit, class_names, path, title, classes=6):
     for index in shown:
         axis.plot(centres, scores[:, index], marker="o" if len(rows) < 40 else None, color=colours[index],
                   label=class_names[index])
-    for (start, end, _), leader in zip(rows, leaders):
-        axis.axvspan(start, end, ymin=0.94, ymax=1.0, color=colours.get(int(leader), "0.6"), lw=0)
+    # The band: each moment coloured by the leading class of the window whose centre is nearest.
+    edges = [rows[0][0], *((centres[1:] + centres[:-1]) / 2), rows[-1][1]]
+    for left, right, leader in zip(edges[:-1], edges[1:], leaders):
+        axis.axvspan(left, right, ymin=0.94, ymax=1.0, color=colours.get(int(leader), "0.6"), lw=0)
     axis.set_ylim(0, 1.08)
     axis.set_xlabel("time (s)" if unit == "s" else "frame")
     axis.set_ylabel("probability")
