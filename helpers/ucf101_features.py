@@ -16,7 +16,10 @@ Output, one ``.npy`` clip ``(frames, features)`` float16 per video, in the class
     OUT/val/<Class>/v_NNNNNN.npy       the last groups of each class's train videos
     OUT/test/<Class>/v_NNNNNN.npy      the official test split
 
-Videos whose features hold negative values are skipped (fc6 after ReLU is never negative; the
+A clip identical to a clip of another split is left out and printed with its twin: the official
+test split stays whole, and a train copy of a test clip or a val copy of a test or train clip is
+dropped (the release holds 12 pairs of identical clips, two of them across splits). Videos whose
+features hold negative values are skipped (fc6 after ReLU is never negative; the
 release's class 1 holds such placeholders) and counted, and so is a listed video without its
 ``.mat`` file; a class left without a train video is left out whole.
 
@@ -37,6 +40,7 @@ Usage::
 """
 
 import argparse
+import hashlib
 import logging
 import os
 import sys
@@ -164,7 +168,8 @@ def convert(src, output, val_fraction=0.2):
         val_fraction: the share of each class's train videos carved into ``val/``, in [0, 1).
 
     Returns:
-        ``{"counts": {split: {class: videos}}, "skipped": {class: (negative, missing)}, "written": n}``.
+        ``{"counts": {split: {class: videos}}, "skipped": {class: (negative, missing)}, "written": n,
+        "copies_left_out": [(split, video, twin's split, twin)]}``.
 
     Raises:
         SourceError: the layout is not the release's, or a file cannot be read.
@@ -190,18 +195,47 @@ def convert(src, output, val_fraction=0.2):
             continue
         by_class.setdefault(name, {TRAIN: [], TEST: []})[subset].append((video, clip))
     counts = {"train": {}, "val": {}, "test": {}}
-    written = 0
+    planned = {}
     for name, subsets in by_class.items():
         train = subsets[TRAIN]
         if not train:
             logger.info("%s: left out, no train video", name)
             continue
         cut = val_cut([clip for _, clip in train], val_fraction)
-        for split, items in (("train", train[:cut]), ("val", train[cut:]), ("test", subsets[TEST])):
+        planned[name] = {"train": train[:cut], "val": train[cut:], "test": subsets[TEST]}
+    copies = _leave_out_copies(planned)
+    written = 0
+    for name, splits in planned.items():
+        for split, items in splits.items():
             counts[split][name] = len(items)
             for video, clip in items:
                 written += _write_clip(output / split / name / f"{video}.npy", clip)
-    return {"counts": counts, "skipped": {k: v for k, v in skipped.items() if any(v)}, "written": written}
+    return {"counts": counts, "skipped": {k: v for k, v in skipped.items() if any(v)}, "written": written,
+            "copies_left_out": copies}
+
+
+def _digest(clip):
+    return hashlib.blake2b(np.ascontiguousarray(clip).tobytes(), digest_size=16).hexdigest()
+
+
+def _leave_out_copies(planned):
+    """Leaves out of ``planned`` (``{class: {split: [(video, clip)]}}``) every clip identical to one of
+    an earlier split in the order test, train, val: the official test split stays whole, a train copy
+    of a test clip and a val copy of a test or train clip are dropped (the release holds such
+    pairs). Returns ``[(split, video, its twin's split, twin)]``."""
+    seen, copies = {}, []
+    for split in ("test", "train", "val"):
+        for name, splits in planned.items():
+            kept = []
+            for video, clip in splits[split]:
+                twin = seen.get(_digest(clip))
+                if twin is not None and twin[0] != split:
+                    copies.append((split, video, *twin))
+                    continue
+                seen.setdefault(_digest(clip), (split, video))
+                kept.append((video, clip))
+            splits[split] = kept
+    return copies
 
 
 def describe(summary):
@@ -216,6 +250,8 @@ def describe(summary):
     for name, (negative, missing) in summary["skipped"].items():
         lines.append(f"skipped {name}: {negative} with negative values (not fc6 after ReLU), {missing} without a "
                      ".mat file")
+    for split, video, twin_split, twin in summary["copies_left_out"]:
+        lines.append(f"left out of {split}: {video}, the same features as {twin} ({twin_split})")
     lines.append(f"{summary['written']} clips written, the others already there")
     return "\n".join(lines)
 

@@ -349,3 +349,22 @@ def test_ucf101_tool_names_a_bad_source(tmp_path, capsys):
     assert ucf101_features.main([str(tmp_path / "nowhere"), "--output", str(tmp_path / "o")]) == 2
     assert "videos_labels_subsets.txt does not exist" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_ucf101_tool_keeps_test_whole_and_leaves_out_copies_in_other_splits(tmp_path, capsys):
+    import scipy.io
+
+    src = write_release(tmp_path / "src", {2: ((4, 3, 5, 2), (3,)), 3: ((5, 5, 4), (2, 2))})
+    mats = src / "vgg16_relu6"
+    rows = [line.split("\t") for line in (src / "annos" / "videos_labels_subsets.txt").read_text().splitlines()]
+    train_2 = [video for video, label, subset in rows if label == "2" and subset == "1"]
+    test_2 = [video for video, label, subset in rows if label == "2" and subset == "2"]
+    # the last train video, carved into val, made a copy of a test clip
+    scipy.io.savemat(mats / f"{train_2[-1]}.mat", scipy.io.loadmat(mats / f"{test_2[0]}.mat"))
+    out = tmp_path / "data"
+    assert ucf101_features.main([str(src), "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"left out of val: {train_2[-1]}, the same features as {test_2[0]} (test)" in printed
+    assert len(list((out / "test" / "ApplyLipstick").glob("*.npy"))) == 3  # the official test split whole
+    splits = {name: sequences.list_sequences(out / name) for name in ("train", "val", "test")}
+    sequences.check_splits(splits)  # no clip in two splits
