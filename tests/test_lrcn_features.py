@@ -360,7 +360,7 @@ def test_ucf101_tool_keeps_test_whole_and_leaves_out_copies_in_other_splits(tmp_
     train_2 = [video for video, label, subset in rows if label == "2" and subset == "1"]
     test_2 = [video for video, label, subset in rows if label == "2" and subset == "2"]
     # the last train video, carved into val, made a copy of a test clip
-    scipy.io.savemat(mats / f"{train_2[-1]}.mat", scipy.io.loadmat(mats / f"{test_2[0]}.mat"))
+    scipy.io.savemat(mats / f"{train_2[-1]}.mat", {"Feature": scipy.io.loadmat(mats / f"{test_2[0]}.mat")["Feature"]})
     out = tmp_path / "data"
     assert ucf101_features.main([str(src), "--output", str(out)]) == 0
     printed = capsys.readouterr().out
