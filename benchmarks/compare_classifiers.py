@@ -46,13 +46,14 @@ def paired_difference(first, second, resamples=RESAMPLES, seed=0):
 
 def scores(path, data_dir, split_name, batch_size, shuffled_frames):
     """``[(name, probabilities, labels), ...]`` of one saved model (and its shuffled-frames twin)."""
+    import cnn_rnn_classifier as crc  # importing the scripts registers their layers: models load in safe mode
+    import lrcn
     from helpers import training
 
     kind = "lrcn" if training.saved_model_name(path) == "lrcn" else "classifier"
     model, classes = training.load_checkpoint(path, kind)
     names = classes.get("class_names")
     if kind == "lrcn":
-        import lrcn
         from helpers import sequences
 
         split = sequences.list_sequences(data_dir / split_name, names)
@@ -61,7 +62,6 @@ def scores(path, data_dir, split_name, batch_size, shuffled_frames):
             result.append((f"{path} (frames shuffled)",
                            *lrcn.lrcn_probabilities(model, split, batch_size, shuffle_frames=True)))
         return result
-    import cnn_rnn_classifier as crc
     from helpers import data
 
     split = data.list_split(data_dir / split_name, names, split_name)
