@@ -16,6 +16,7 @@ from helpers import rundir  # noqa: E402
 logger = logging.getLogger(__name__)
 
 MAX_TICK_LABELS = 30  # a confusion matrix with more classes is drawn without names
+ATTENTION_PANEL_PIXELS = 224  # an attention map's photo: square, as the encoder reads it
 
 
 def classification_metrics(probabilities, labels, class_names, top_k=5):
@@ -232,7 +233,9 @@ def _attention_overlay(axis, image, weights, grid_shape):
 
 def plot_attention(image_path, words, weights, grid_shape, path, columns=5, title=None):
     """One image's attention map: the photo with its caption, then one panel per word showing
-    where the decoder looked while it produced that word (Xu et al. 2015, figure 3).
+    where the decoder looked while it produced that word (Xu et al. 2015, figure 3). The photo is
+    shown as the encoder read it: upright, squared (``ATTENTION_PANEL_PIXELS``), so the heat map
+    lies over what the model saw.
 
     Args:
         image_path: the image file.
@@ -251,6 +254,8 @@ def plot_attention(image_path, words, weights, grid_shape, path, columns=5, titl
 
     from PIL import Image
 
+    from helpers import data
+
     weights = np.asarray(weights)
     if weights.shape != (len(words), grid_shape[0] * grid_shape[1]):
         raise ValueError(f"weights must be (words, positions) = ({len(words)}, {grid_shape[0] * grid_shape[1]}). "
@@ -259,8 +264,10 @@ def plot_attention(image_path, words, weights, grid_shape, path, columns=5, titl
     figure, axes = plt.subplots(rows, columns, figsize=(2.6 * columns, 2.9 * rows), squeeze=False)
     for axis in axes.ravel():
         axis.axis("off")
-    with Image.open(image_path) as opened:
-        image = opened.convert("RGB")
+    # The photo as the model saw it: upright (EXIF), squared and resized as the encoder's input is
+    # (helpers.data.read_rgb), so the grid lies where the model's grid lay, and a 1 x 5000 photo is
+    # not a blank line.
+    image = Image.fromarray(data.read_rgb(image_path, ATTENTION_PANEL_PIXELS).astype(np.uint8))
     axes[0, 0].imshow(image)
     axes[0, 0].set_title("\n".join(textwrap.wrap(title or " ".join(words), 28)[:3]), fontsize=8, loc="left")
     for axis, word, row in zip(axes.ravel()[1:], words, weights):

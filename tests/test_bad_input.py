@@ -573,3 +573,15 @@ def test_a_bad_caption_of_another_split_does_not_stop_evaluating_this_one(flickr
     test = captions.load_caption_splits(flickr, only=("test",))
     listed = (flickr / captions.FLICKR8K_SPLITS["test"]).read_text().split()
     assert list(test) == ["test"] and len(test["test"].paths) == len(listed)
+
+
+@pytest.mark.backend_independent
+def test_an_attention_map_of_a_1_x_5000_photo_is_not_blank(tmp_path):
+    from helpers import reports
+
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (1, 5000, 3), dtype=np.uint8)).save(tmp_path / "w.png")
+    reports.plot_attention(tmp_path / "w.png", ["a", "b", "c", "d"], np.full((4, 100), 0.01), (10, 10),
+                           tmp_path / "map.png", columns=5)
+    with Image.open(tmp_path / "map.png") as picture:
+        pixels = np.asarray(picture.convert("RGB"))
+    assert (pixels.min(axis=-1) < 240).mean() > 0.3  # the panels are painted, not white
