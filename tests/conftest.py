@@ -8,6 +8,7 @@ import importlib.abc
 import json
 import os
 import sys
+import zlib
 from pathlib import Path
 
 # XLA's optimisation passes off in the JAX runs (this process, the run beside it and the processes
@@ -321,8 +322,9 @@ def make_coco(root, with_test=False):
 
 
 def make_clips(root, layout="class_folders", lengths=(3, 5, 4, 6), classes=("a", "b")):
-    """Sample folders of real JPEG frames in either layout; frame names sort naturally, not lexically."""
-    seed = 0
+    """Sample folders of real JPEG frames in either layout; frame names sort naturally, not lexically.
+    The frames' seeds start from the folder's name, so no clip of one split is a clip of another."""
+    seed = zlib.crc32(Path(root).name.encode()) % 100_000
     for c_index, name in enumerate(classes):
         for s_index, length in enumerate(lengths):
             folder = (root / name / f"s{s_index}") if layout == "class_folders" else (root / f"{c_index + 1}_s{s_index}")
