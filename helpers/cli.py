@@ -301,10 +301,16 @@ PHASE_FLAGS = {"phase1": ("epochs", "batch_size", "learning_rate"),
 
 
 def configure_logging(verbose=False, modules=()):
-    """INFO logging to stderr; with ``verbose``, DEBUG for this project's loggers
-    (``helpers.*`` and the scripts' ``modules``), not for every library's."""
+    """INFO logging to stderr, each line once (TensorFlow's own handler removed: its records go
+    through the root's); with ``verbose``, DEBUG for this project's loggers (``helpers.*`` and the
+    scripts' ``modules``), not for every library's."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
+    # TensorFlow gives its logger a handler of its own when the root logger had none at its import:
+    # its warnings (retracing, ...) were then printed twice, by it and by the root's handler.
+    tensorflow_logger = logging.getLogger("tensorflow")
+    for handler in list(tensorflow_logger.handlers):
+        tensorflow_logger.removeHandler(handler)
     for name in ("helpers", "__main__", *modules) if verbose else ():
         logging.getLogger(name).setLevel(logging.DEBUG)
 

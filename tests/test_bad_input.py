@@ -585,3 +585,15 @@ def test_an_attention_map_of_a_1_x_5000_photo_is_not_blank(tmp_path):
     with Image.open(tmp_path / "map.png") as picture:
         pixels = np.asarray(picture.convert("RGB"))
     assert (pixels.min(axis=-1) < 240).mean() > 0.3  # the panels are painted, not white
+
+
+@pytest.mark.tensorflow
+def test_tensorflow_warnings_are_printed_once(tmp_path):
+    script = ("import logging\nimport tensorflow as tf\nfrom helpers import cli\ntf.get_logger()\n"
+              "cli.configure_logging()\ntf.get_logger().warning('5 out of the last 5 calls triggered tf.function "
+              "retracing')\n")
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(root)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stderr.count("triggered tf.function retracing") == 1, result.stderr
