@@ -218,7 +218,7 @@ def phase1_on_cache(args, run, backbone, unit, off=()):
     reasons = [reason for condition, reason in (
         (not getattr(args, "feature_cache", True), "--no-feature-cache"), *off,
         (getattr(args, "augment", False), f"--augment (each epoch's {unit}s differ)"),
-        (getattr(args, "distribute", "none") != "none", "--distribute"),
+        (getattr(args, "distribute", "none") != "none", "--distribute; on one device --distribute none keeps it"),
     ) if condition]
     if reasons:
         logger.info("phase 1: %s runs on every %s every epoch (feature cache off: %s)", backbone, unit,
