@@ -82,6 +82,14 @@ def main(argv=None):
                         help=f"bootstrap resamples of the 95%% intervals (default: {RESAMPLES})")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
+    from helpers import rundir
+    from helpers.errors import UsageError
+
+    try:  # before minutes of scoring
+        if args.json:
+            rundir.check_writable(args.json, "--json")
+    except UsageError as error:
+        parser.error(str(error))
 
     import numpy as np
 
@@ -106,7 +114,7 @@ def main(argv=None):
     for result in results:
         print(json.dumps(result))
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+        rundir.write_text(args.json, json.dumps(results, indent=2))
     return 0
 
 

@@ -26,6 +26,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from helpers import rundir
+from helpers.errors import UsageError
+
 logger = logging.getLogger(__name__)
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -67,10 +70,12 @@ def new_folder(output):
 
     Raises:
         FileExistsError: ``output`` exists and is not empty.
+        helpers.errors.UsageError: no file can be created where ``output`` goes.
     """
     output = Path(output)
     if output.exists() and any(output.iterdir()):
         raise FileExistsError(f"{output} exists and is not empty; choose a new folder or delete it.")
+    rundir.check_writable(output, "the output folder", folder=True)  # a file can be created there
     return output
 
 
@@ -130,7 +135,7 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         write_dataset(args.output, args.train_per_class, args.val_per_class, args.test_images, args.seed)
-    except (FileExistsError, RuntimeError) as error:
+    except (FileExistsError, RuntimeError, UsageError) as error:
         logger.error("error: %s", error)
         return 1
     return 0

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from helpers.errors import UsageError
 from helpers.fashion_mnist_tiny_imagenet import load_fashion_mnist, new_folder
 
 logger = logging.getLogger(__name__)
@@ -78,7 +79,7 @@ def main(argv=None):
     try:
         write_clips(args.output, (args.train_per_class, args.eval_per_class, args.eval_per_class),
                     args.frames, args.size, args.seed)
-    except (FileExistsError, RuntimeError) as error:
+    except (FileExistsError, RuntimeError, UsageError) as error:
         logger.error("error: %s", error)
         return 1
     return 0
