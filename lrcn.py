@@ -537,7 +537,7 @@ def lrcn_probabilities(model, split, batch_size, workers=2, shuffle_frames=False
 def check_clips_fit(model, split):
     """Raises ``DatasetError`` when ``split``'s clips are not what ``model`` reads (frames for a
     VGG16 model, feature clips of its width for a head-only one), naming a clip and the model's input."""
-    width = model.input_shape[-1] if len(model.input_shape) == 3 else None
+    width = sequences.feature_width(model)
     if split.features != width:
         clips = f"{split.features} features per frame" if split.features else "frames"
         wanted = f"feature clips of {width} features per frame" if width else "frame folders or videos"
@@ -595,7 +595,7 @@ def classify(model, clips, top_k=5, class_names=None, max_frames=None, window=No
         clips = [clips]
     model, names, _ = training.model_and_classes(model, "lrcn", class_names)
     frames = model.input_shape[1]
-    width = model.input_shape[-1] if len(model.input_shape) == 3 else None  # None: frames through VGG16
+    width = sequences.feature_width(model)  # None: frames through VGG16
     size = None if width else model.input_shape[2]
     for index, item in enumerate(clips):
         check_clip_kind(item, index, width)
@@ -682,7 +682,7 @@ def predict(args):
             reports.print_ranked(item, ranked, descriptions)
         return
     for item in args.inputs:
-        check_clip_kind(item, 0, model.input_shape[-1] if len(model.input_shape) == 3 else None)
+        check_clip_kind(item, 0, sequences.feature_width(model))
         rows, unit = timeline.predict_over_time(model, item, args.window, args.stride, args.max_frames)
         print(item)
         for start, end, scores in rows:

@@ -115,13 +115,14 @@ def check_arguments(args):
     if output.is_dir() and any(output.iterdir()) and not (output / MARKER).is_file():
         return (f"--output {output} is a folder this script did not write (no {MARKER} in it); "
                 "choose a new or empty folder")
-    parent = output.resolve().parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=parent, prefix=".write-probe-"):
-            pass
-    except OSError as error:
-        return f"--output {output} cannot be written: a file cannot be created in {parent} ({error.strerror or error})"
+    sys.path.insert(0, str(ROOT))
+    from helpers import rundir
+    from helpers.errors import UsageError
+
+    try:  # a file can be created where --output goes (probed: the folder is written beside it, then renamed)
+        rundir.check_writable(output, "--output", folder=True, empty=False)
+    except UsageError as error:
+        return str(error)
     return None
 
 
@@ -143,6 +144,7 @@ def main(argv=None):
     # Everything goes into a folder beside --output and is renamed into place once whole: a failure
     # or a kill leaves --output as it was, and the half-written folder is removed.
     output = args.output.resolve()
+    output.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.partial-"))
     try:
         (partial / MARKER).write_text("written by benchmarks/prepare_gpu_check.py\n")

@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from helpers.errors import UsageError
-from helpers.formats import IMAGE_EXTENSIONS, read_text
+from helpers.formats import IMAGE_EXTENSIONS, file_digest, read_text
 
 logger = logging.getLogger(__name__)
 
@@ -164,16 +164,11 @@ def _decode_problem(path):
     return None, digest.hexdigest()
 
 
-def _file_digest(path):
-    with open(path, "rb") as handle:
-        return hashlib.blake2b(handle.read(), digest_size=16).hexdigest()
-
-
 def file_digests(paths, workers=None):
     """``{path: BLAKE2b of its bytes}``: ``check_duplicates``' digests when the images are not decoded
     (``--skip-image-check``): byte-identical copies only."""
     with concurrent.futures.ThreadPoolExecutor(workers or os.cpu_count()) as pool:
-        return dict(zip(paths, pool.map(_file_digest, paths, chunksize=256)))
+        return dict(zip(paths, pool.map(file_digest, paths, chunksize=256)))
 
 
 def check_duplicates(groups, digests, allow=False, what="image"):
@@ -276,9 +271,14 @@ def check_splits(groups, skip_check=False, allow_duplicates=False):
     Raises:
         DatasetError: as ``check_images`` and ``check_duplicates``.
     """
-    paths = [path for _, items in groups for path in items]
-    digests = file_digests(paths) if skip_check else check_images(paths)
-    check_duplicates(groups, digests, allow=allow_duplicates)
+    check_duplicates(groups, image_digests([path for _, items in groups for path in items], skip_check),
+                     allow=allow_duplicates)
+
+
+def image_digests(paths, skip_check=False):
+    """``{path: digest}``: ``check_images``' (every image decoded and checked, its pixels hashed), or
+    with ``skip_check`` (``--skip-image-check``) ``file_digests``' (only the bytes read and hashed)."""
+    return file_digests(paths) if skip_check else check_images(paths)
 
 
 def load_splits(data_dir, splits=("train", "val"), optional=("test",)):
@@ -387,7 +387,7 @@ def read_rgb(path, size=None):
             rgb = rgb.resize((size, size), Image.BILINEAR)
     except DatasetError:
         raise
-    except (OSError, SyntaxError, ValueError, EOFError) as error:  # what PIL raises for a bad file
+    except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
         raise DatasetError(f"{ascii(str(path))} cannot be decoded as an image ({type(error).__name__}: "
                            f"{error}).") from error
     return np.asarray(rgb, np.float32)
@@ -474,12 +474,7 @@ def rgb_array(item, size, name=None):
             cannot be decoded, or a 16- or 32-bit image (``read_rgb``).
     """
     if isinstance(item, (str, os.PathLike)):
-        try:
-            return read_rgb(item, size)
-        except DatasetError:
-            raise
-        except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, ...
-            raise DatasetError(f"{item} cannot be decoded as an image ({error}).") from error
+        return read_rgb(item, size)  # a file it cannot decode: DatasetError naming it
     array = image_array(item, name or "the array")
     if array.shape[:2] == (size, size):
         return array.astype(np.float32)

@@ -52,7 +52,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file (python helpers/restructure_dataset.py): the repository on the path
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from helpers import rundir  # noqa: E402 (standard library only, as this tool)
-from helpers.formats import IMAGE_EXTENSIONS, read_text  # other files in an image folder are stray files
+from helpers.formats import IMAGE_EXTENSIONS, file_digest, read_text  # other files in an image folder are stray files
 
 logger = logging.getLogger(__name__)
 
@@ -270,12 +270,6 @@ def _plan(src, wnids, holdout, seed, selected, in_place=False):
     return moves, summary
 
 
-def _digest(path):
-    """BLAKE2b of a file's bytes: identical files, whatever their names (no decoding)."""
-    with open(path, "rb") as handle:
-        return hashlib.blake2b(handle.read(), digest_size=16).hexdigest()
-
-
 def _leave_out_copies(src, moves, train_sources, images, summary, in_place):
     """Keeps held-out images whose bytes equal a training image out of their split: a val copy is
     not transferred, a ``--holdout`` test copy stays in train. Records each pair in
@@ -285,8 +279,8 @@ def _leave_out_copies(src, moves, train_sources, images, summary, in_place):
     if not held:
         return moves
     with concurrent.futures.ThreadPoolExecutor(LINK_THREADS) as pool:
-        trained = dict(zip(pool.map(_digest, [src / s for s in train_sources], chunksize=256), train_sources))
-        digests = list(pool.map(_digest, [src / source for _, source, _ in held], chunksize=256))
+        trained = dict(zip(pool.map(file_digest, [src / s for s in train_sources], chunksize=256), train_sources))
+        digests = list(pool.map(file_digest, [src / source for _, source, _ in held], chunksize=256))
     dropped = {}
     for (index, source, destination), digest in zip(held, digests):
         twin = trained.get(digest)

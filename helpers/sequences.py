@@ -23,7 +23,7 @@ from pathlib import Path
 
 import keras
 import numpy as np
-from helpers.data import DatasetError, check_duplicates, check_images, file_digests, is_utf8_name, read_rgb
+from helpers.data import DatasetError, check_duplicates, image_digests, is_utf8_name, read_rgb
 from helpers.errors import UsageError
 from helpers.formats import IMAGE_EXTENSIONS
 from helpers.layers import PAD_VALUE
@@ -207,11 +207,21 @@ def check_same_kind(splits):
                                "the same.")
 
 
+def is_feature_clip(sample):
+    """Whether a sample of a ``SequenceSplit`` is a feature clip (its ``.npy`` path), not a frame folder
+    (its list of frame paths)."""
+    return isinstance(sample, Path)
+
+
+def feature_width(model):
+    """The features per frame an LRCN on feature clips reads (its input ``(batch, frames, width)``), or
+    ``None`` for one on frames (``(batch, frames, size, size, 3)``)."""
+    return model.input_shape[-1] if len(model.input_shape) == 3 else None
+
+
 def sequence_length(sample):
     """Frames in a sample: a frame folder's files, or a feature clip's rows (from its header)."""
-    if isinstance(sample, Path) and sample.suffix.lower() == CLIP_EXTENSION:
-        return np.load(sample, mmap_mode="r").shape[0]
-    return len(sample)
+    return np.load(sample, mmap_mode="r").shape[0] if is_feature_clip(sample) else len(sample)
 
 
 def load_clip(sample, frames=None, image_size=None):
@@ -221,7 +231,7 @@ def load_clip(sample, frames=None, image_size=None):
         float32 ``(frames, image_size, image_size, 3)`` RGB 0..255 for a frame folder (its list
         of paths), ``(frames, features)`` for a feature clip (its ``.npy`` path).
     """
-    if isinstance(sample, Path) and sample.suffix.lower() == CLIP_EXTENSION:
+    if is_feature_clip(sample):
         clip = np.load(sample, mmap_mode="r")
         return np.asarray(clip[sample_indices(len(clip), frames)] if frames else clip, np.float32)
     return load_frames(sampled_paths(sample, frames), image_size)
@@ -365,7 +375,7 @@ def check_sequences(split, skip_check=False):
     digests = {}
     if not split.features:
         paths = [p for sample in split.samples for p in sample]
-        frames = data_digests(paths, skip_check)
+        frames = image_digests(paths, skip_check)
         for sample in split.samples:
             digest = hashlib.blake2b(digest_size=16)
             for path in sample:
@@ -388,14 +398,9 @@ def check_sequences(split, skip_check=False):
     return digests
 
 
-def data_digests(paths, skip_check):
-    """``check_images`` (decoded pixels), or with ``skip_check`` ``file_digests`` (bytes)."""
-    return file_digests(paths) if skip_check else check_images(paths)
-
-
 def sample_key(sample):
     """What names a clip: its frame folder, or its ``.npy`` file."""
-    return sample if isinstance(sample, Path) else Path(sample[0]).parent
+    return sample if is_feature_clip(sample) else Path(sample[0]).parent
 
 
 def check_splits(splits, skip_check=False, allow_duplicates=False):

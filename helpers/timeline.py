@@ -156,19 +156,18 @@ def predict_over_time(model, item, window, stride=None, max_frames=None):
     from helpers import training
 
     head = training.find_layer(model, "lrcn_head")
-    feature_model = len(model.input_shape) == 3
-    backbone = None if feature_model else training.find_layer(model, "frame_backbone")
+    width = sequences.feature_width(model)
+    backbone = None if width else training.find_layer(model, "frame_backbone")
     frames = model.input_shape[1]
-    frames_in, fps = frame_source(item, None if feature_model else model.input_shape[2], max_frames)
+    frames_in, fps = frame_source(item, None if width else model.input_shape[2], max_frames)
     window_frames, stride_frames = windows_in_frames(window, stride, fps)
     scale = fps or 1.0
     rows = []
     for start, end, features in sliding_windows(_per_frame(frames_in, backbone), window_frames, stride_frames):
         if frames:
             features = features[sequences.sample_indices(len(features), frames)]
-        if feature_model and features.shape[-1] != model.input_shape[-1]:
-            raise UsageError(f"{item} has {features.shape[-1]} features per frame; this model reads "
-                             f"{model.input_shape[-1]}.")
+        if width and features.shape[-1] != width:
+            raise UsageError(f"{item} has {features.shape[-1]} features per frame; this model reads {width}.")
         scores = np.asarray(head.predict_on_batch([features[None], np.ones((1, len(features)), bool)]))[0]
         scores = scores.mean(axis=0) if scores.ndim == 2 else scores
         rows.append((start / scale, end / scale, scores.astype(np.float64)))

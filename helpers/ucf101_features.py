@@ -150,6 +150,8 @@ def _write_clip(path, clip):
         except (OSError, ValueError):
             pass  # cut short by a kill: written again
     path.parent.mkdir(parents=True, exist_ok=True)
+    # Not rundir.write_atomically: its temporary name (v.partial.npy) would be read as a clip after a
+    # kill; a hidden name is never listed (sequences._clip_files).
     partial = path.with_name(f".{path.name}.partial")
     with open(partial, "wb") as handle:
         np.save(handle, clip.astype(np.float16))
