@@ -1274,8 +1274,10 @@ def evaluate(args):
     cli.check_evaluate_arguments(args)
     model, vocabulary = load_captioner(args.model)
     # Only the split scored is read: a bad caption of another split does not stop it.
-    name = args.split or ("test" if captions.load_caption_splits(args.data_dir, only=("test",)) else "val")
+    name = args.split or "test"
     splits = captions.load_caption_splits(args.data_dir, only=(name,))
+    if not splits and not args.split:  # no test split: val
+        name, splits = "val", captions.load_caption_splits(args.data_dir, only=("val",))
     if name not in splits:
         raise UsageError(f"{args.data_dir} has no {name} split.")
     data.check_images(splits[name].paths)

@@ -92,17 +92,13 @@ def _flickr8k_images_folder(data_dir):
     raise DatasetError(f"{data_dir} has {FLICKR8K_TOKENS} but no images folder ({', '.join(FLICKR8K_IMAGE_FOLDERS)}).")
 
 
-def read_flickr8k_tokens(path, check=True):
-    """Reads ``Flickr8k.token.txt``: ``{image name: [captions]}`` in file order.
-
-    Args:
-        path: the token file.
-        check: check every caption (``check_caption``); ``False``: ``{image: [(caption, place)]}``
-            unchecked, so that a split's loader checks only the captions of the images it lists.
+def read_flickr8k_tokens(path):
+    """Reads ``Flickr8k.token.txt``: ``{image name: [(caption, "file:line"), ...]}`` in file order, the
+    captions not yet checked: a split's loader checks (``check_caption``) only those of the images it
+    lists, so a bad caption of another split does not stop it.
 
     Raises:
-        DatasetError: a line without a tab, without an image name or without a caption
-            (the file and line are named).
+        DatasetError: a line without a tab or without an image name (the file and line are named).
     """
     captions = collections.defaultdict(list)
     for number, line in enumerate(read_text(path).splitlines(), 1):
@@ -114,7 +110,7 @@ def read_flickr8k_tokens(path, check=True):
         image = key.rsplit("#", 1)[0].strip() if "#" in key else key.strip()
         if not image:
             raise DatasetError(f"{path}:{number}: no image name before the tab: {line[:80]!r}")
-        captions[image].append(check_caption(caption, f"{path}:{number}") if check else (caption, f"{path}:{number}"))
+        captions[image].append((caption, f"{path}:{number}"))
     return dict(captions)
 
 
@@ -154,7 +150,7 @@ def _listed_once(splits):
 
 
 def _flickr8k_splits(data_dir, only=None):
-    tokens = read_flickr8k_tokens(data_dir / FLICKR8K_TOKENS, check=False)
+    tokens = read_flickr8k_tokens(data_dir / FLICKR8K_TOKENS)
     images = _flickr8k_images_folder(data_dir)
     splits = {}
     for name, file_name in FLICKR8K_SPLITS.items():
