@@ -53,8 +53,10 @@ def serving_model(model, preprocess=None):
 
 
 def input_name(model):
-    """``"features"`` for a model on feature clips (3-D input), else ``"pixels"``."""
-    return "features" if len(model.input_shape) == 3 else "pixels"
+    """``"features"`` for a model on feature clips (``sequences.feature_width``), else ``"pixels"``."""
+    from helpers import sequences
+
+    return "features" if sequences.feature_width(model) else "pixels"
 
 
 def export_model(model, output, export_format="saved_model", preprocess=None, classes_file=None):
