@@ -35,7 +35,8 @@ import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import captioning as cap  # noqa: E402
-from helpers import captions, features, training  # noqa: E402
+from helpers import caption_batches, caption_evaluation, captions, features, training  # noqa: E402
+from helpers.decoding import StepDecoder  # noqa: E402
 
 
 class EpochTimes(keras.callbacks.Callback):
@@ -53,7 +54,7 @@ class EpochTimes(keras.callbacks.Callback):
 
 
 def phase1_comparison(args, split, vocabulary):
-    table = cap.CaptionTable(split, vocabulary)
+    table = caption_batches.CaptionTable(split, vocabulary)
     results = {}
     for way in ("cached", "recomputed"):
         keras.utils.set_random_seed(0)
@@ -68,7 +69,7 @@ def phase1_comparison(args, split, vocabulary):
             with tempfile.TemporaryDirectory() as folder:
                 cached = features.cached_features(model.get_layer("encoder"), split.paths, folder, "train")
             extraction = time.perf_counter() - start
-            data = cap.feature_caption_batches(cached, table, 64, shuffle=True)
+            data = caption_batches.feature_caption_batches(cached, table, 64, shuffle=True)
             decoder.fit(data, epochs=args.epochs, callbacks=[times], verbose=0)
             times.seconds[0] += extraction
         else:
@@ -98,8 +99,8 @@ def decoding_throughput(args, split, vocabulary):
         keras.utils.set_random_seed(0)
         model = cap.build_captioner(vocabulary_size=len(vocabulary), image_size=args.image_size, weights=args.weights,
                                     mixed_precision="auto")
-    image_features = cap.encode_images(model, split.paths[: args.decode_images], verbose=0)
-    decoder = cap.StepDecoder(model)
+    image_features = caption_evaluation.encode_images(model, split.paths[: args.decode_images], verbose=0)
+    decoder = StepDecoder(model)
     results = {}
     for name, width in (("greedy", 1), ("beam3", 3)):
         decoder.captions(image_features[:64], width, vocabulary.max_length)  # warm-up: tracing

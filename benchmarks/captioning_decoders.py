@@ -46,6 +46,7 @@ import numpy as np  # noqa: E402
 
 import captioning as cap  # noqa: E402
 from helpers import captions, cli, features, rundir  # noqa: E402
+from helpers.decoding import StepDecoder  # noqa: E402
 
 
 def seed_pooled_cache(attention_run, args):
@@ -148,7 +149,7 @@ def val_scores(run, data_dir, beam_size):
     if len(cached) != 1 or run.best("phase2").is_file():
         raise SystemExit(f"{run.path}: val scores need a run without phase 2 and its one val cache")
     image_features = np.asarray(np.load(cached[0]), np.float32)
-    decoder = cap.StepDecoder(model)
+    decoder = StepDecoder(model)
     references = captions.reference_texts(split.captions)
     scores = {}
     for name, width in (("greedy", 1), ("beam", beam_size)):

@@ -23,9 +23,9 @@ import tempfile
 from pathlib import Path
 
 import keras
-import numpy as np
 
-from helpers import backend, rundir, training
+from helpers import backend, decoding, rundir, training
+from helpers.captions import END_ID, PAD_ID, START_ID
 from helpers.errors import UsageError
 
 logger = logging.getLogger(__name__)
@@ -176,102 +176,18 @@ def graph_read_image(encoded, image_size):
     return tf.clip_by_value(tf.round(image), 0.0, 255.0)
 
 
-def graph_beam_search(start, step, image_features, beam_size, max_length, length_penalty=1.0, forbidden=(),
-                      start_id=2, end_id=3):
-    """``captioning.beam_search`` as a TensorFlow graph (``tf.while_loop``): the same algorithm,
-    scores in float64, and the same order among equal scores (the lower index first), so it picks
-    the same captions; ``beam_size`` 1 is greedy decoding, as ``captioning.greedy_search``.
-
-    Args:
-        start: ``start(image_features) -> (state, constants)``: tuples of tensors, ``state`` with
-            one row per image, ``constants`` per image and kept (``StepDecoder.graph_start``).
-        step: ``step(tokens, state, constants) -> (log_probs (rows, vocabulary), state)``, rows
-            image-major, ``beam_size`` per image (``StepDecoder.graph_step``).
-        image_features: the encoder's output, one row per image.
-        beam_size, max_length, length_penalty: as for ``captioning.beam_search``.
-        forbidden: word ids never emitted (padding, ``<start>``, ``<unk>``).
-        start_id, end_id: the ``<start>`` and ``<end>`` ids.
-
-    Returns:
-        ``(images, max_length)`` int32 word ids of each image's best caption, ``<end>`` included
-        when it came, 0 after it.
-    """
-    import tensorflow as tf
-
-    k = beam_size
-    negative = tf.constant(-np.inf, tf.float64)
-    state, constants = start(image_features)
-    batch = tf.shape(image_features)[0]
-    state = tuple(tf.gather(s, tf.repeat(tf.range(batch), k)) for s in state)
-    tokens = tf.fill([batch * k], tf.constant(start_id, tf.int32))
-    scores = tf.concat([tf.zeros([batch, 1], tf.float64), tf.fill([batch, k - 1], negative)], axis=1)
-    sequences = tf.zeros([batch, k, max_length], tf.int32)
-    ended_scores, ended_sequences = tf.fill([batch, k], negative), tf.zeros([batch, k, max_length], tf.int32)
-    done = tf.zeros([batch], tf.bool)
-    slots, ranks = tf.range(k), tf.range(2 * k)
-
-    def normalised(total, words):
-        return total / tf.pow(tf.cast(words, tf.float64), length_penalty)
-
-    def body(length, tokens, state, scores, sequences, ended_scores, ended_sequences, done):
-        log_probs, state = step(tokens, state, constants)
-        log_probs = tf.cast(log_probs, tf.float64)
-        vocabulary = tf.shape(log_probs)[1]
-        if forbidden:
-            banned = tf.reduce_any(tf.equal(tf.range(vocabulary)[:, None], tf.constant(forbidden)[None, :]), axis=1)
-            log_probs = tf.where(banned[None, :], negative, log_probs)
-        totals = tf.reshape(scores[:, :, None] + tf.reshape(log_probs, [batch, k, vocabulary]), [batch, -1])
-        totals = tf.where(done[:, None], negative, totals)  # a done caption takes no candidate
-        values, indices = tf.math.top_k(totals, 2 * k)  # sorted; equal values: the lower index first
-        parents, words = indices // vocabulary, indices % vocabulary
-        finite, is_end = tf.math.is_finite(values), tf.equal(words, end_id)
-        candidates = tf.gather(sequences, parents, batch_dims=1) + \
-            tf.one_hot(length - 1, max_length, dtype=tf.int32)[None, None, :] * words[:, :, None]
-        # An ending counts among the k best candidates only; the ended keep their k best.
-        ending = finite & is_end & (ranks[None, :] < k)
-        merged = tf.concat([ended_scores, tf.where(ending, normalised(values, length), negative)], axis=1)
-        ended_scores, chosen = tf.math.top_k(merged, k)
-        ended_sequences = tf.gather(tf.concat([ended_sequences, candidates], axis=1), chosen, batch_dims=1)
-        # The first k candidates that do not end are the live hypotheses, in rank order.
-        live = finite & ~is_end
-        order = tf.cumsum(tf.cast(live, tf.int32), axis=1) - 1
-        match = (live & (order < k))[:, :, None] & tf.equal(order[:, :, None], slots[None, None, :])
-        has = tf.reduce_any(match, axis=1)
-        pick = tf.argmax(tf.cast(match, tf.int32), axis=1, output_type=tf.int32)
-        scores = tf.where(has, tf.gather(values, pick, batch_dims=1), negative)
-        parents = tf.where(has, tf.gather(parents, pick, batch_dims=1), slots[None, :])
-        tokens = tf.reshape(tf.where(has, tf.gather(words, pick, batch_dims=1), start_id), [-1])
-        sequences = tf.where(has[:, :, None], tf.gather(candidates, pick, batch_dims=1), 0)
-        # Done once k have ended and no live hypothesis beats the k-th best ending.
-        kth = ended_scores[:, k - 1]
-        finished = ~done & tf.math.is_finite(kth) & (normalised(tf.reduce_max(scores, axis=1), length) <= kth)
-        scores = tf.where(finished[:, None], negative, scores)
-        done = done | finished
-        rows = tf.reshape(tf.range(batch)[:, None] * k + parents, [-1])
-        state = tuple(tf.gather(s, rows) for s in state)
-        return length + 1, tokens, state, scores, sequences, ended_scores, ended_sequences, done
-
-    length, _, _, scores, sequences, ended_scores, ended_sequences, _ = tf.while_loop(
-        lambda length, *rest: (length <= max_length) & ~tf.reduce_all(rest[-1]), body,
-        (tf.constant(1), tokens, state, scores, sequences, ended_scores, ended_sequences, done))
-    # The best ending, or a live hypothesis cut at max_length if better (the first best on ties).
-    everything = tf.concat([ended_scores, normalised(scores, length - 1)], axis=1)
-    _, best = tf.math.top_k(everything, 1)
-    return tf.gather(tf.concat([ended_sequences, sequences], axis=1), best[:, 0], batch_dims=1)
-
-
-def graph_decode(ids, tokens, pad_id=0, start_id=2, end_id=3):
+def graph_decode(ids, tokens):
     """``helpers.captions.Vocabulary.decode`` in TensorFlow ops: ``(images, steps)`` int32 word ids
     -> ``(images,)`` ``tf.string`` captions, the words up to ``<end>`` joined by spaces."""
     import tensorflow as tf
 
-    before_end = tf.equal(tf.cumsum(tf.cast(tf.equal(ids, end_id), tf.int32), axis=1), 0)
-    keep = before_end & tf.not_equal(ids, pad_id) & tf.not_equal(ids, start_id)
+    before_end = tf.equal(tf.cumsum(tf.cast(tf.equal(ids, END_ID), tf.int32), axis=1), 0)
+    keep = before_end & tf.not_equal(ids, PAD_ID) & tf.not_equal(ids, START_ID)
     words = tf.ragged.boolean_mask(tf.gather(tf.constant(tokens), ids), keep)
     return tf.strings.reduce_join(words, axis=1, separator=" ")
 
 
-def export_captioner(model, decoder, vocabulary, output, beam_size=3, length_penalty=1.0, forbidden=()):
+def export_captioner(model, decoder, vocabulary, output, beam_size=3):
     """Writes a captioner as a TensorFlow SavedModel that captions encoded images, into the new
     folder ``output`` (written under a temporary name and renamed into place).
 
@@ -279,17 +195,18 @@ def export_captioner(model, decoder, vocabulary, output, beam_size=3, length_pen
     bytes) and return ``(batch,)`` ``tf.string`` captions (lowercase words, no punctuation):
     ``caption`` (also ``serving_default``) by beam search of width ``beam_size``, and
     ``caption_greedy``. Reading the image (``graph_read_image``), the encoder, the search
-    (``graph_beam_search``) and the words (``graph_decode``) are all in the graph::
+    (``helpers.decoding.beam_search``, the one ``caption()`` runs) and the words (``graph_decode``)
+    are all in the graph::
 
         served = tf.saved_model.load("export_dir")
         captions = served.caption(tf.constant([open("photo.jpg", "rb").read()]))
 
     Args:
         model: a captioner (``captioning.build_captioner``).
-        decoder: its ``captioning.StepDecoder``.
+        decoder: its ``helpers.decoding.StepDecoder``.
         vocabulary: its ``helpers.captions.Vocabulary`` (copied in as ``vocabulary.json``).
         output: the folder to create; it must not exist or be empty.
-        beam_size, length_penalty, forbidden: as for ``graph_beam_search``.
+        beam_size: the ``caption`` signature's beam width (``caption_greedy``'s is 1).
 
     Returns:
         The folder written.
@@ -308,8 +225,8 @@ def export_captioner(model, decoder, vocabulary, output, beam_size=3, length_pen
     def captions(images, width):
         pixels = tf.map_fn(lambda encoded: graph_read_image(encoded, size), images,
                            fn_output_signature=tf.TensorSpec((size, size, 3), tf.float32))
-        ids = graph_beam_search(decoder.graph_start, decoder.graph_step, encoder(pixels, training=False), width,
-                                vocabulary.max_length, length_penalty, forbidden)
+        ids, _ = decoding.beam_search(decoder.graph_start, decoder.graph_step, encoder(pixels, training=False),
+                                      width, vocabulary.max_length)
         return graph_decode(ids, vocabulary.tokens)
 
     signature = [tf.TensorSpec((None,), tf.string, name="images")]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import lrcn
-from helpers import rundir, sequences, timeline, training, ucf101_features
+from helpers import rundir, sequences, timeline, ucf101_features
 from helpers.data import DatasetError
 from helpers.errors import UsageError
 from helpers.layers import PAD_VALUE, MiddleFrame
