@@ -62,9 +62,9 @@ def parse_args(argv=None):
         predict=("caption", "print a caption for each image file or folder"),
         export="write a TensorFlow SavedModel for serving: encoded images (JPEG/PNG bytes) in, caption strings out "
         "(beam search and greedy inside the graph; needs the TensorFlow backend)")
-    data = cli.add_data_arguments(train_parser, require_data=False)
-    data.description = ("--data-dir: Flickr8k (Flickr8k.token.txt, the Flickr_8k.*Images.txt split files, the "
-                        "images folder) or COCO captions (captions_<split>.json and the images)")
+    data = cli.add_data_arguments(train_parser, require_data=False, data_help=(
+        "Flickr8k (Flickr8k.token.txt, the Flickr_8k.*Images.txt split files, the images folder) or COCO "
+        "captions (captions_<split>.json and the images); required unless --download"))
     data.add_argument("--download", action="store_true",
                       help="download Flickr8k once into ~/.keras/datasets and use it (needs internet) (default: off)")
     text = train_parser.add_argument_group("text")
@@ -73,8 +73,7 @@ def parse_args(argv=None):
     text.add_argument("--max-length", type=int, default=30,
                       help="words per caption; longer ones are cut, decoding stops there (default: 30)")
     model = train_parser.add_argument_group("model")
-    cli.add_weights_argument(model, "Xception")
-    model.add_argument("--image-size", type=int, default=299, help=f"input size in pixels, >= {XCEPTION.min_size} (default: 299)")
+    cli.add_backbone_arguments(model, XCEPTION, image_size=299, fine_tune_layers=16, layer_examples="16: blocks 13-14")
     model.add_argument("--embedding-dim", type=int, default=256, help="word and image embedding size (default: 256)")
     model.add_argument("--lstm-units", type=int, default=512, help="LSTM units (default: 512)")
     model.add_argument("--inject", choices=INJECT, default=None,
@@ -92,8 +91,6 @@ def parse_args(argv=None):
                        help="weight of the doubly stochastic attention penalty, 0 = off (--decoder attention) "
                        "(default: 1.0)")
     model.add_argument("--dropout", type=float, default=0.5, help="dropout on embeddings and LSTM output (default: 0.5)")
-    model.add_argument("--fine-tune-layers", type=int, default=16,
-                       help=f"Xception's top layers trained in phase 2, 0..{XCEPTION.layers} (default: 16, blocks 13 and 14)")
     cli.add_training_arguments(train_parser, epochs=10, fine_tune_epochs=1, batch_size=64, fine_tune_batch_size=32,
                                learning_rate=1e-3, fine_tune_learning_rate=1e-4, lr_schedule="cosine",
                                class_weight=False)
@@ -167,9 +164,7 @@ def check_model_arguments(vocabulary_size, image_size, embedding_dim, lstm_units
     if vocabulary_size < 5:
         raise UsageError(f"vocabulary_size must be at least 5 (padding, <unk>, <start>, <end> and a word). "
                          f"Received: vocabulary_size={vocabulary_size}")
-    if image_size < XCEPTION.min_size:
-        raise UsageError(f"image_size must be at least {XCEPTION.min_size} (Xception's minimum). "
-                         f"Received: image_size={image_size}")
+    XCEPTION.check_arguments(image_size=image_size)
     if embedding_dim < 1 or lstm_units < 1 or attention_dim < 1:
         raise UsageError(f"embedding_dim, lstm_units and attention_dim must be at least 1. Received: "
                          f"embedding_dim={embedding_dim}, lstm_units={lstm_units}, attention_dim={attention_dim}")
@@ -313,13 +308,40 @@ def compile_self_critical(model, optimizer, jit_compile=False):
                   jit_compile=backend.jit_compile(jit_compile))
 
 
-def adam(learning_rate):
-    """Adam with gradient-norm clipping at 5, usual for LSTM language models.
+def phase1_optimizer(learning_rate):
+    """Phase 1's optimizer: Adam with gradient-norm clipping at 5, usual for LSTM language
+    models, its update fused (``helpers.optimizers.FusedAdam``).
 
     Args:
         learning_rate: a float or a schedule (``helpers.training.Trainer.learning_rate``).
     """
     return FusedAdam(learning_rate=learning_rate, clipnorm=5.0)
+
+
+def fine_tune_optimizer(learning_rate):
+    """Phase 2's (and phase 3's) optimizer: phase 1's, at their learning rate."""
+    return phase1_optimizer(learning_rate)
+
+
+def phase1_inputs(model, splits, args, trainer, tables):
+    """``(fitted_model, train, val)`` for phase 1: the decoder, on each image's Xception features
+    computed once (cached in the run, ``cached_train_val_features``) with every caption of the
+    ``tables`` (``CaptionTable`` per split); ``(decoder, None, None)`` when phase 1 does not train."""
+    decoder = model.get_layer("decoder")
+    if not features.phase1_on_cache(trainer.run, "Xception", "image", args.epochs):
+        return decoder, None, None
+    cached = cached_train_val_features(model.get_layer("encoder"), splits, trainer.run)
+    return (decoder, feature_caption_batches(cached["train"], tables["train"], args.batch_size, shuffle=True,
+                                             seed=args.seed),
+            feature_caption_batches(cached["val"], tables["val"], args.batch_size))
+
+
+def training_data(splits, args, batch_size, tables):
+    """``(train, val)`` from the images (phase 2): each image with one of its captions
+    (``image_caption_batches``)."""
+    return tuple(image_caption_batches(splits[name], tables[name], args.image_size, batch_size,
+                                       shuffle=name == "train", seed=args.seed, workers=args.workers)
+                 for name in ("train", "val"))
 
 
 def cached_train_val_features(encoder, splits, run):
@@ -364,11 +386,10 @@ def train(args):
         helpers.errors.ProjectError: bad input or flags, unavailable weights, a NaN loss.
     """
     cli.check_training_arguments(args)
+    cli.check_backbone_arguments(XCEPTION, args.image_size, args.fine_tune_layers)
     with cli.in_flag_words(TEXT_ARGUMENTS):
         captions.check_text_arguments(args.min_word_count, args.max_length)
     for flag, value, ok, wanted in (
-            ("--fine-tune-layers", args.fine_tune_layers, 0 <= args.fine_tune_layers <= XCEPTION.layers,
-             f"in [0, {XCEPTION.layers}]"),
             ("--beam-size", args.beam_size, args.beam_size >= 1, ">= 1"),
             ("--self-critical-epochs", args.self_critical_epochs, args.self_critical_epochs >= 0, ">= 0"),
             ("--self-critical-batch-size", args.self_critical_batch_size, args.self_critical_batch_size >= 1, ">= 1"),
@@ -398,31 +419,24 @@ def train(args):
         keras.utils.set_random_seed(args.seed)
         model = build_captioner(vocabulary_size=len(vocabulary), weights=args.weights,
                                 **cli.model_arguments(args, MODEL_ARGUMENTS))
-        encoder, decoder = model.get_layer("encoder"), model.get_layer("decoder")
 
         # Phase 1: Xception frozen; the decoder learns from its features, computed once per image.
         training.set_backbone_trainable(model, BACKBONE, False)
         model.summary(print_fn=logger.info, line_length=110, expand_nested=False)
-        phase1 = (None, None)
-        if features.phase1_on_cache(args, run, "Xception", "image"):
-            cached = cached_train_val_features(encoder, splits, run)
-            phase1 = (feature_caption_batches(cached["train"], tables["train"], args.batch_size, shuffle=True, seed=args.seed),
-                      feature_caption_batches(cached["val"], tables["val"], args.batch_size))
-        compile_captioner(decoder, adam(trainer.learning_rate(args.learning_rate, args.epochs, phase1[0])),
+        fitted, train_data, val_data = phase1_inputs(model, splits, args, trainer, tables)
+        compile_captioner(fitted, phase1_optimizer(trainer.learning_rate(args.learning_rate, args.epochs, train_data)),
                           args.jit_compile)
-        best = trainer.fit(decoder, "phase1", *phase1, epochs=args.epochs, monitor="val_loss", save=model,
+        best = trainer.fit(fitted, "phase1", train_data, val_data, epochs=args.epochs, monitor="val_loss", save=model,
                            title="phase 1: Xception frozen, decoder on cached features")
 
         # Phase 2: from phase 1's best, Xception's top layers and the decoder trained together, from images.
         model = training.best_model(best, model)
         training.set_backbone_trainable(model, BACKBONE, True, train_batchnorm=args.train_batchnorm,
                                         top_layers=args.fine_tune_layers)
-        phase2 = [image_caption_batches(splits[name], tables[name], args.image_size, args.fine_tune_batch_size,
-                                shuffle=name == "train", seed=args.seed, workers=args.workers)
-                  for name in ("train", "val")]
-        compile_captioner(model, adam(trainer.learning_rate(args.fine_tune_learning_rate, args.fine_tune_epochs,
-                                                            phase2[0])), args.jit_compile)
-        best = trainer.fit(model, "phase2", *phase2, epochs=args.fine_tune_epochs, monitor="val_loss",
+        train_data, val_data = training_data(splits, args, args.fine_tune_batch_size, tables)
+        compile_captioner(model, fine_tune_optimizer(trainer.learning_rate(
+            args.fine_tune_learning_rate, args.fine_tune_epochs, train_data)), args.jit_compile)
+        best = trainer.fit(model, "phase2", train_data, val_data, epochs=args.fine_tune_epochs, monitor="val_loss",
                            title=f"phase 2: Xception's top {args.fine_tune_layers} layers and the decoder") or best
 
         # Phase 3: from the best so far, the decoder trained on the CIDEr-D of its own sampled captions.
@@ -434,7 +448,7 @@ def train(args):
             batches = SelfCriticalBatches(StepDecoder(model), cached["train"], captions.CiderD(references["train"]),
                                           vocabulary, args.self_critical_batch_size, args.self_critical_samples,
                                           seed=args.seed)
-            compile_self_critical(decoder, adam(args.self_critical_learning_rate), args.jit_compile)
+            compile_self_critical(decoder, fine_tune_optimizer(args.self_critical_learning_rate), args.jit_compile)
             best = trainer.fit(
                 decoder, "phase3", batches.fit_input(),
                 feature_caption_batches(cached["val"], tables["val"], args.batch_size),
@@ -503,7 +517,7 @@ def caption(model, images, beam_size=3, vocabulary=None, batch_size=32):
 
 def evaluate(args):
     """The ``evaluate`` command: scores a saved captioner on a split (default: test)."""
-    cli.check_evaluate_arguments(args)
+    cli.check_evaluate_arguments(args.batch_size, args.json, args.beam_size)
     model, vocabulary = load_captioner(args.model)
     # Only the split scored is read: a bad caption of another split does not stop it.
     name = args.split or "test"

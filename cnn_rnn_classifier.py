@@ -47,8 +47,8 @@ def parse_args(argv=None):
     )
     cli.add_data_arguments(train_parser)
     model = train_parser.add_argument_group("model")
-    cli.add_weights_argument(model, "Xception")
-    model.add_argument("--image-size", type=int, default=299, help=f"input size in pixels, >= {XCEPTION.min_size} (default: 299)")
+    cli.add_backbone_arguments(model, XCEPTION, image_size=299, fine_tune_layers=None,
+                               layer_examples="6: block 14, 16: blocks 13-14, 46: blocks 10-14; all, as the seed")
     model.add_argument("--rnn-timesteps", type=int, default=23,
                        help="timesteps the grayscale image is cut into; must divide image-size**2 (default: 23)")
     model.add_argument("--rnn-units", type=int, default=2048,
@@ -64,9 +64,6 @@ def parse_args(argv=None):
                               "(ImageDataGenerator's horizontal_flip, width/height_shift_range, zoom_range; the same "
                               "ranges in the tf.data path); turns the feature cache off (default: off, as the seed)")
     training_group = cli.add_training_arguments(train_parser)
-    training_group.add_argument("--fine-tune-layers", type=int, default=None, metavar="N",
-                                help=f"phase 2 fine-tunes only Xception's top N of its {XCEPTION.layers} layers "
-                                "(6: block 14, 16: blocks 13-14, 46: blocks 10-14), a CPU budget lever (default: all, as the seed)")
     cli.add_feature_cache_argument(training_group, "Xception", "image",
                                    "Xception is frozen, --augment is off and --distribute is none")
     cli.add_performance_arguments(train_parser)
@@ -152,11 +149,7 @@ def check_model_arguments(num_classes, image_size, rnn_timesteps, rnn_units):
     """Raises ``UsageError`` (a ``ValueError``) echoing the first argument the model cannot be built with."""
     if num_classes < 2:
         raise UsageError(f"num_classes must be at least 2. Received: num_classes={num_classes}")
-    if image_size < XCEPTION.min_size:
-        raise UsageError(
-            f"image_size must be at least {XCEPTION.min_size} (Xception's minimum). "
-            f"Received: image_size={image_size}"
-        )
+    XCEPTION.check_arguments(image_size=image_size)
     if rnn_timesteps < 1 or (image_size * image_size) % rnn_timesteps:
         raise UsageError(
             f"rnn_timesteps must divide image_size**2 = {image_size * image_size}. "
@@ -458,7 +451,8 @@ def phase1_inputs(model, splits, args, trainer, strategy=None):
     ``--no-feature-cache``) the whole model trains from the images (``training_data``); the
     log says which and why.
     """
-    if not features.phase1_on_cache(args, trainer.run, "Xception", "image"):
+    if not features.phase1_on_cache(trainer.run, "Xception", "image", args.epochs, args.feature_cache,
+                                     args.augment, args.distribute):
         return (model, *training_data(splits, args, args.batch_size, strategy))
     backbone = model.get_layer(BACKBONE)
     head = classifier_head(model)
@@ -493,6 +487,15 @@ def compile_classifier(model, optimizer, jit_compile=False):
     )
 
 
+def phase1_optimizer(learning_rate):
+    """Phase 1's optimizer: the seed's RMSprop.
+
+    Args:
+        learning_rate: a float (the seed's 1e-3) or a schedule (``training.Trainer.learning_rate``).
+    """
+    return keras.optimizers.RMSprop(learning_rate=learning_rate)
+
+
 def fine_tune_optimizer(learning_rate):
     """Phase 2's optimizer: the seed's Adam, with its update fused (``helpers.optimizers.FusedAdam``).
 
@@ -518,6 +521,7 @@ def train(args):
             loss; reported by ``main`` as one line.
     """
     cli.check_training_arguments(args)
+    cli.check_backbone_arguments(XCEPTION, args.image_size, args.fine_tune_layers)
     if args.input == "tf.data":
         backend.require_tensorflow("--input tf.data", backend=False)
     if args.distribute == "multi-worker" and args.input != "tf.data":
@@ -528,8 +532,6 @@ def train(args):
     class_names = splits["train"].class_names
     with cli.in_flag_words(MODEL_ARGUMENTS):
         check_model_arguments(len(class_names), args.image_size, args.rnn_timesteps, args.rnn_units)
-    if args.fine_tune_layers is not None and not 0 <= args.fine_tune_layers <= XCEPTION.layers:
-        raise UsageError(f"--fine-tune-layers must be in [0, {XCEPTION.layers}]. Received: {args.fine_tune_layers}")
     class_weight = (training.balanced_class_weights(splits["train"].labels, len(class_names))
                     if args.class_weight == "balanced" else None)
     # The run directory's lock is held from here on: a second run on it stops at once.
@@ -554,8 +556,8 @@ def train(args):
             training.set_backbone_trainable(model, BACKBONE, False)
             model.summary(print_fn=logger.info, line_length=110)
             fitted, train_data, val_data = phase1_inputs(model, splits, args, trainer, strategy)
-            compile_classifier(fitted, keras.optimizers.RMSprop(
-                learning_rate=trainer.learning_rate(args.learning_rate, args.epochs, train_data)), args.jit_compile)
+            compile_classifier(fitted, phase1_optimizer(trainer.learning_rate(args.learning_rate, args.epochs,
+                                                                              train_data)), args.jit_compile)
             best = trainer.fit(fitted, "phase1", train_data, val_data, epochs=args.epochs, monitor="val_loss",
                                class_weight=class_weight, save=model, title="phase 1: Xception frozen")
 
@@ -599,7 +601,7 @@ def evaluate_classifier(model, split, batch_size, input_path="generator", worker
 
 def evaluate(args):
     """The ``evaluate`` command."""
-    cli.check_evaluate_arguments(args)
+    cli.check_evaluate_arguments(args.batch_size, args.json)
     model, classes = training.load_checkpoint(args.model, "classifier")
     name = cli.evaluation_split_name(args)
     split = data.list_split(args.data_dir / name, classes.get("class_names"), name)

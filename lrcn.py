@@ -77,12 +77,10 @@ def parse_args(argv=None):
         "frames, so that JAX, which compiles the train step for every new input shape, compiles it for a few lengths; "
         "1: each batch at its longest clip's length (default: 8)")
     model = train_parser.add_argument_group("model")
-    cli.add_weights_argument(model, "VGG16")
-    model.add_argument("--image-size", type=int, default=224, help=f"frame size in pixels, >= {VGG16.min_size} (default: 224)")
+    cli.add_backbone_arguments(model, VGG16, image_size=224, fine_tune_layers=5, unit="frame",
+                               layer_examples="5: block4_pool and block 5, as the seed")
     model.add_argument("--dense-units", type=int, default=2048, help="per-frame Dense units (default: 2048)")
     model.add_argument("--gru-units", type=int, default=1024, help="GRU units (default: 1024)")
-    model.add_argument("--fine-tune-layers", type=int, default=5,
-                       help="VGG16's top layers fine-tuned in phase 2, 0..19 (default: 5)")
     model.add_argument("--recipe", choices=tuple(RECIPES), default="small-data",
                        help="small-data: layer-normalised frame features, ReLU Dense, dropout 0.2, GRU bias 0, "
                        "Adam 1e-3 then 1e-4; seed: the seed's linear Dense, three dropouts of 0.5, GRU bias ones, "
@@ -163,11 +161,7 @@ def check_model_arguments(num_classes, frames, image_size, dense_units, gru_unit
         raise UsageError(f"feature_width must be None (frames) or at least 1. Received: feature_width={feature_width}")
     if num_classes < 2:
         raise UsageError(f"num_classes must be at least 2. Received: num_classes={num_classes}")
-    if image_size < VGG16.min_size:
-        raise UsageError(f"image_size must be at least {VGG16.min_size} (VGG16's minimum). Received: image_size={image_size}")
-    if not 0 <= fine_tune_layers <= VGG16.layers:
-        raise UsageError(f"fine_tune_layers must be in [0, {VGG16.layers}] (VGG16 without top has "
-                         f"{VGG16.layers} layers). Received: fine_tune_layers={fine_tune_layers}")
+    VGG16.check_arguments(image_size=image_size, fine_tune_layers=fine_tune_layers)
     if frames is not None and frames < 1:
         raise UsageError(f"frames must be None (variable) or at least 1. Received: frames={frames}")
     if dense_units < 1 or gru_units < 1:
@@ -271,11 +265,22 @@ def build_lrcn(num_classes, frames=None, image_size=224, dense_units=2048, gru_u
     return keras.Model(inputs, head([per_frame_features, frame_mask]), name="lrcn")
 
 
-def optimizer(recipe, learning_rate):
-    """The recipe's optimizer: the seed's ``sgd``, or Adam with the same gradient clipping."""
+def phase1_optimizer(learning_rate, recipe="small-data"):
+    """Phase 1's optimizer, the ``recipe``'s: the seed's ``sgd``, or Adam (its update fused,
+    ``helpers.optimizers.FusedAdam``) with the same gradient clipping.
+
+    Args:
+        learning_rate: a float or a schedule (``training.Trainer.learning_rate``).
+        recipe: a key of ``RECIPES``.
+    """
     if RECIPES[recipe]["optimizer"] == "sgd":
         return sgd(learning_rate)
     return FusedAdam(learning_rate=learning_rate, clipnorm=1.0)
+
+
+def fine_tune_optimizer(learning_rate, recipe="small-data"):
+    """Phase 2's optimizer: phase 1's (the ``recipe``'s), at phase 2's learning rate."""
+    return phase1_optimizer(learning_rate, recipe)
 
 
 def sgd(learning_rate):
@@ -375,7 +380,8 @@ def phase1_inputs(model, splits, args, trainer, strategy=None):
     """
     if args.feature_width:  # feature clips: the model is the head, which trains on them as they are
         return (model, *training_data(splits, args, args.batch_size, strategy))
-    if not features.phase1_on_cache(args, trainer.run, "VGG16", "frame", off=((not args.frames, "--variable-length"),)):
+    if not features.phase1_on_cache(trainer.run, "VGG16", "frame", args.epochs, args.feature_cache, args.augment,
+                                     args.distribute, off=((not args.frames, "--variable-length"),)):
         return (model, *training_data(splits, args, args.batch_size, strategy))
     backbone = training.find_layer(model, "frame_backbone")
     size = args.image_size
@@ -414,6 +420,9 @@ def train(args):
             loss; reported by ``main`` as one line.
     """
     cli.check_training_arguments(args)
+    cli.check_backbone_arguments(VGG16, args.image_size, args.fine_tune_layers)
+    if args.length_multiple < 1:
+        raise UsageError(f"--length-multiple must be >= 1. Received: {args.length_multiple}")
     if args.class_weight != "none" and args.per_frame:
         raise UsageError("--class-weight needs one label per sequence: Keras weighs classes of 2-D targets only, "
                          "not --per-frame labels.")
@@ -454,8 +463,8 @@ def train(args):
                 training.set_backbone_trainable(model, BACKBONE, False)
             model.summary(print_fn=logger.info, line_length=110)
             fitted, train_data, val_data = phase1_inputs(model, splits, args, trainer, strategy)
-            compile_lrcn(fitted, optimizer(args.recipe, trainer.learning_rate(args.learning_rate, args.epochs,
-                                                                              train_data)), args.jit_compile)
+            compile_lrcn(fitted, phase1_optimizer(trainer.learning_rate(args.learning_rate, args.epochs, train_data),
+                                                  args.recipe), args.jit_compile)
             best = trainer.fit(fitted, "phase1", train_data, val_data, epochs=args.epochs,
                                monitor=RECIPES[args.recipe]["phase1_monitor"], class_weight=class_weight, save=model,
                                title="the head on feature clips" if args.feature_width else "phase 1: VGG16 frozen")
@@ -467,8 +476,8 @@ def train(args):
                 model = training.best_model(best, model)
                 training.set_backbone_trainable(model, BACKBONE, True, top_layers=args.fine_tune_layers)
                 train_data, val_data = training_data(splits, args, args.fine_tune_batch_size, strategy)
-                compile_lrcn(model, optimizer(args.recipe, trainer.learning_rate(
-                    args.fine_tune_learning_rate, args.fine_tune_epochs, train_data)), args.jit_compile)
+                compile_lrcn(model, fine_tune_optimizer(trainer.learning_rate(
+                    args.fine_tune_learning_rate, args.fine_tune_epochs, train_data), args.recipe), args.jit_compile)
                 best = trainer.fit(model, "phase2", train_data, val_data, epochs=args.fine_tune_epochs,
                                    monitor="val_accuracy", class_weight=class_weight,
                                    title=f"phase 2: VGG16's top {args.fine_tune_layers} layers fine-tuned") or best
@@ -546,7 +555,7 @@ def check_clips_fit(model, split):
 
 def evaluate(args):
     """The ``evaluate`` command."""
-    cli.check_evaluate_arguments(args)
+    cli.check_evaluate_arguments(args.batch_size, args.json)
     model, classes = training.load_checkpoint(args.model, "lrcn")
     split = sequences.list_sequences(args.data_dir / cli.evaluation_split_name(args), classes.get("class_names"))
     sequences.check_sequences(split)

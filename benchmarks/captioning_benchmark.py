@@ -65,7 +65,7 @@ def phase1_comparison(args, split, vocabulary):
         start = time.perf_counter()
         if way == "cached":
             decoder = model.get_layer("decoder")
-            cap.compile_captioner(decoder, cap.adam(1e-3))
+            cap.compile_captioner(decoder, cap.phase1_optimizer(1e-3))
             with tempfile.TemporaryDirectory() as folder:
                 cached = features.cached_features(model.get_layer("encoder"), split.paths, folder, "train")
             extraction = time.perf_counter() - start
@@ -73,7 +73,7 @@ def phase1_comparison(args, split, vocabulary):
             decoder.fit(data, epochs=args.epochs, callbacks=[times], verbose=0)
             times.seconds[0] += extraction
         else:
-            cap.compile_captioner(model, cap.adam(1e-3))
+            cap.compile_captioner(model, cap.phase1_optimizer(1e-3))
             paths = tf.constant([str(p) for p in split.paths])
             pairs = tf.data.Dataset.from_tensor_slices((table.image, table.ids, table.lengths)).shuffle(
                 len(table.image), seed=0)

@@ -62,7 +62,7 @@ def build(model, mixed_precision, smoke):
 
         config = dict(frames=2, image_size=32, dense_units=16, gru_units=8) if smoke else dict(frames=16, image_size=224)
         net = lrcn.build_lrcn(101, weights=None, mixed_precision=mixed_precision, **config)
-        lrcn.compile_lrcn(net, lrcn.optimizer("small-data", 1e-4))
+        lrcn.compile_lrcn(net, lrcn.fine_tune_optimizer(1e-4))
         frames, size = config["frames"], config["image_size"]
         return net, lambda n: (rng.uniform(0, 255, (n, frames, size, size, 3)).astype("float32"),
                                keras.utils.to_categorical(rng.integers(0, 101, n), 101))
@@ -71,7 +71,7 @@ def build(model, mixed_precision, smoke):
     size = SMOKE["captioner"]["image_size"] if smoke else 299
     net = captioning.build_captioner(vocabulary_size=3000, image_size=size, weights=None,
                                      mixed_precision=mixed_precision)
-    captioning.compile_captioner(net, captioning.adam(1e-4))
+    captioning.compile_captioner(net, captioning.fine_tune_optimizer(1e-4))
     steps = 16  # a typical Flickr8k caption with <start>
     return net, lambda n: ((rng.uniform(0, 255, (n, size, size, 3)).astype("float32"),
                             rng.integers(4, 3000, (n, steps)).astype("int32")),

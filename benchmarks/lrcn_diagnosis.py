@@ -77,7 +77,7 @@ def main(argv=None):
             model = lrcn.build_lrcn(classes, frames=args.frames, image_size=args.image_size, weights=None,
                                     dense_units=args.dense_units, gru_units=args.gru_units, recipe=recipe)
             head = model.get_layer("lrcn_head")
-            lrcn.compile_lrcn(head, lrcn.optimizer(recipe, lrcn.RECIPES[recipe]["learning_rate"]))
+            lrcn.compile_lrcn(head, lrcn.phase1_optimizer(lrcn.RECIPES[recipe]["learning_rate"], recipe))
             history = head.fit(*data["train"], batch_size=args.batch_size, epochs=epochs,
                                validation_data=tuple(data["val"]), verbose=0).history
             results.append((history["accuracy"][-1], history["loss"][-1], history["val_accuracy"][-1]))

@@ -184,7 +184,7 @@ def child_lrcn(config):
     model = lrcn.build_lrcn(num_classes=len(split.class_names), weights=None,
                             **cli.model_arguments(args, lrcn.MODEL_ARGUMENTS))
     training.set_backbone_trainable(model, lrcn.BACKBONE, False)
-    lrcn.compile_lrcn(model, lrcn.optimizer(args.recipe, args.learning_rate))
+    lrcn.compile_lrcn(model, lrcn.phase1_optimizer(args.learning_rate, args.recipe))
     return {"clips_per_s": _fit_throughput(model, data, config["steps"], config["batch"])}
 
 

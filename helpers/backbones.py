@@ -51,6 +51,24 @@ class Backbone:
 
         return getattr(keras.applications, self.application.lower()).preprocess_input(images)
 
+    def check_arguments(self, image_size=None, fine_tune_layers=None):
+        """The one check of the backbone's two size arguments, which every script takes
+        (``--image-size``, ``--fine-tune-layers``; ``None``: not checked, or for
+        ``fine_tune_layers`` all layers).
+
+        Raises:
+            helpers.errors.UsageError: ``image_size`` below ``min_size``, or ``fine_tune_layers``
+                outside ``[0, layers]``; the message echoes it (``Received: image_size=64``).
+        """
+        from helpers.errors import UsageError
+
+        if image_size is not None and image_size < self.min_size:
+            raise UsageError(f"image_size must be at least {self.min_size} ({self.application}'s minimum). "
+                             f"Received: image_size={image_size}")
+        if fine_tune_layers is not None and not 0 <= fine_tune_layers <= self.layers:
+            raise UsageError(f"fine_tune_layers must be in [0, {self.layers}] ({self.application} without top has "
+                             f"{self.layers} layers). Received: fine_tune_layers={fine_tune_layers}")
+
 
 XCEPTION = Backbone("xception", "Xception", layers=132, min_size=71, features=2048)  # preprocessing: [-1, 1]
 VGG16 = Backbone("vgg16", "VGG16", layers=19, min_size=32, features=512)  # preprocessing: BGR, ImageNet means off

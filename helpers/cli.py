@@ -70,11 +70,10 @@ def with_default_command(argv, default="train"):
     return argv
 
 
-def add_data_arguments(parser, require_data=True):
+def add_data_arguments(parser, data_help="dataset root with train/ and val/ class folders, optionally test/ "
+                       "(see helpers/restructure_dataset.py); required", require_data=True):
     group = parser.add_argument_group("data")
-    group.add_argument("--data-dir", required=require_data, type=Path,
-                       help="dataset root with train/ and val/ class folders, optionally test/ "
-                       "(see helpers/restructure_dataset.py); required")
+    group.add_argument("--data-dir", required=require_data, type=Path, help=data_help)
     group.add_argument("--skip-image-check", action="store_true",
                        help="do not decode every image once before training to find unreadable "
                        "files; the same-image check then compares the files' bytes (default: check)")
@@ -85,10 +84,28 @@ def add_data_arguments(parser, require_data=True):
     return group
 
 
-def add_weights_argument(group, backbone):
+def add_backbone_arguments(group, backbone, image_size, fine_tune_layers, unit="input", layer_examples=""):
+    """``--weights``, ``--image-size`` and ``--fine-tune-layers``: the flags of the pretrained
+    backbone the three scripts share, defined here once with each script's defaults, and checked
+    once (``helpers.backbones.Backbone.check_arguments``, in the flags' words).
+
+    Args:
+        backbone: the ``helpers.backbones.Backbone``.
+        image_size: the default input size in pixels.
+        fine_tune_layers: the default top layers phase 2 fine-tunes; ``None``: all of them.
+        unit: what the size is of, for the help (``"input"``, ``"frame"``).
+        layer_examples: what some counts unfreeze, for the help (``"6: block 14, ..."``).
+    """
+    name = backbone.application
     group.add_argument("--weights", default="imagenet",
-                       help=f"{backbone} weights: 'imagenet' (downloaded once by Keras), 'none' "
+                       help=f"{name} weights: 'imagenet' (downloaded once by Keras), 'none' "
                        "(random), or the path of a no-top weights file (default: imagenet)")
+    group.add_argument("--image-size", type=int, default=image_size,
+                       help=f"{unit} size in pixels, >= {backbone.min_size} (default: {image_size})")
+    examples = f" ({layer_examples})" if layer_examples else ""
+    group.add_argument("--fine-tune-layers", type=int, default=fine_tune_layers, metavar="N",
+                       help=f"phase 2 fine-tunes {name}'s top N of its {backbone.layers} layers, 0..{backbone.layers}"
+                       f"{examples} (default: {'all' if fine_tune_layers is None else fine_tune_layers})")
 
 
 def add_training_arguments(parser, epochs=30, fine_tune_epochs=30, batch_size=32, fine_tune_batch_size=16,
@@ -126,6 +143,8 @@ def add_training_arguments(parser, epochs=30, fine_tune_epochs=30, batch_size=32
         group.add_argument("--class-weight", choices=options.CLASS_WEIGHTS, default="none",
                            help="balanced: weight each class's loss by samples / (classes x its training samples) "
                            "(default: none)")
+    else:
+        parser.set_defaults(class_weight="none")
     return group
 
 
@@ -146,12 +165,14 @@ def add_performance_arguments(parser, distribute=True):
     """The performance group; ``distribute=False`` leaves out ``--distribute`` and ``--devices``."""
     group = parser.add_argument_group("performance")
     group.add_argument("--mixed-precision", choices=options.MIXED_PRECISION, default="auto",
-                       help="compute dtype of the CNN backbone (recurrent layers and the classifier stay "
-                       "float32); auto: bfloat16 on a CPU with AVX512_BF16/AMX or a GPU of compute "
+                       help="compute dtype of the CNN backbone; recurrent states and gates and the classifier "
+                       "stay float32 (under bfloat16 the classifier's LSTMs take their matmuls in bfloat16); "
+                       "auto: bfloat16 on a CPU with AVX512_BF16/AMX or a GPU of compute "
                        "capability >= 8, float16 on 7.x, else off (default: auto)")
     group.add_argument("--workers", type=int, default=2,
                        help="threads decoding input (tf.data: parallel calls) (default: 2)")
     if not distribute:
+        parser.set_defaults(distribute="none", devices=None)
         _add_jit_argument(group)
         return group
     group.add_argument("--distribute", choices=options.DISTRIBUTE, default="none",
@@ -182,18 +203,22 @@ def add_output_arguments(parser):
 
 
 def check_training_arguments(args):
-    """Raises ``UsageError`` naming a flag whose value cannot work."""
+    """The one check of the training and performance groups' flags (``add_training_arguments``,
+    ``add_performance_arguments``: every script's ``train`` has them, or their defaults).
+
+    Raises:
+        UsageError: naming a flag whose value cannot work, in the words the user typed.
+    """
+    values = vars(args)
     for flag in ("epochs", "fine_tune_epochs"):
-        if getattr(args, flag) < 0:
-            raise UsageError(f"--{flag.replace('_', '-')} must be >= 0. Received: {getattr(args, flag)}")
-    for flag in ("batch_size", "fine_tune_batch_size", "steps_per_epoch", "workers", "length_multiple"):
-        value = getattr(args, flag, None)  # --length-multiple: the LRCN's only
-        if value is not None and value < 1:
-            raise UsageError(f"--{flag.replace('_', '-')} must be >= 1. Received: {value}")
+        if values[flag] < 0:
+            raise UsageError(f"--{flag.replace('_', '-')} must be >= 0. Received: {values[flag]}")
+    for flag in ("batch_size", "fine_tune_batch_size", "steps_per_epoch", "workers"):
+        if values[flag] is not None and values[flag] < 1:
+            raise UsageError(f"--{flag.replace('_', '-')} must be >= 1. Received: {values[flag]}")
     for flag in ("learning_rate", "fine_tune_learning_rate"):
-        value = getattr(args, flag)
-        if not value > 0 or value == float("inf"):
-            raise UsageError(f"--{flag.replace('_', '-')} must be a positive number. Received: {value}")
+        if not values[flag] > 0 or values[flag] == float("inf"):
+            raise UsageError(f"--{flag.replace('_', '-')} must be a positive number. Received: {values[flag]}")
     if args.epochs == 0 and args.fine_tune_epochs == 0:
         raise UsageError("--epochs and --fine-tune-epochs are both 0: there is nothing to train.")
     if args.warmup_epochs < 0 or (args.warmup_epochs and args.lr_schedule == "plateau"):
@@ -205,13 +230,25 @@ def check_training_arguments(args):
                              f"--{flag.replace('_', '-')} {epochs}; use fewer warm-up epochs.")
     if args.early_stopping is not None and args.early_stopping < 1:
         raise UsageError(f"--early-stopping must be >= 1 epoch. Received: {args.early_stopping}")
-    if getattr(args, "distribute", "none") == "multi-worker":
+    if args.distribute == "multi-worker":
         from helpers import backend  # imports Keras: not at the top of this module, which --help loads
 
         backend.require_tensorflow("--distribute multi-worker")
-    if getattr(args, "class_weight", "none") != "none" and getattr(args, "distribute", "none") == "multi-worker":
+    if args.class_weight != "none" and args.distribute == "multi-worker":
         raise UsageError("--class-weight is not available with --distribute multi-worker (its training loop is "
                          "the project's own); use --distribute mirrored or none.")
+
+
+def check_backbone_arguments(backbone, image_size, fine_tune_layers):
+    """``--image-size`` and ``--fine-tune-layers`` (``add_backbone_arguments``) checked by
+    ``backbone.check_arguments``, the message in the flags' words.
+
+    Raises:
+        UsageError: ``--image-size 64`` below the backbone's minimum, or ``--fine-tune-layers``
+            outside ``[0, backbone.layers]``.
+    """
+    with in_flag_words(("image_size", "fine_tune_layers")):
+        backbone.check_arguments(image_size=image_size, fine_tune_layers=fine_tune_layers)
 
 
 @contextlib.contextmanager
@@ -250,7 +287,7 @@ def trainer_arguments(args):
 def model_arguments(args, names):
     """``{name: args.<name>}`` for a builder's keyword arguments ``names``: the one place a
     script's model flags reach its builder, and what ``check_resumable`` compares."""
-    return {name: getattr(args, name) for name in names}
+    return {name: vars(args)[name] for name in names}
 
 
 def check_resumable(args, model_arguments, class_names, labels=(rundir.CLASSES, "class_names")):
@@ -270,9 +307,9 @@ def check_resumable(args, model_arguments, class_names, labels=(rundir.CLASSES, 
     run = rundir.RunDir(args.output_dir)
     if not run.args.is_file() or not run.has_training_logs():
         return
-    before = json.loads(run.args.read_text(encoding="utf-8"))
-    changed = [f"--{k.replace('_', '-')} {before.get(k)} -> {getattr(args, k)}"
-               for k in model_arguments if k in before and before[k] != getattr(args, k)]
+    before, now = json.loads(run.args.read_text(encoding="utf-8")), vars(args)
+    changed = [f"--{k.replace('_', '-')} {before.get(k)} -> {now[k]}"
+               for k in model_arguments if k in before and before[k] != now[k]]
     if "data_dir" in before and Path(before["data_dir"]).resolve() != Path(args.data_dir).resolve():
         changed.append(f"--data-dir {before['data_dir']} -> {args.data_dir}")
     saved = run.path / labels[0]
@@ -285,8 +322,8 @@ def check_resumable(args, model_arguments, class_names, labels=(rundir.CLASSES, 
         raise UsageError(f"{args.output_dir} holds a run with another model or other data ({'; '.join(changed)}); "
                          "use a new --output-dir, or the same flags and data to resume.")
     for phase, flags in PHASE_FLAGS.items():
-        changed = [f"--{k.replace('_', '-')} {before[k]} -> {getattr(args, k)}" for k in flags
-                   if k in before and before[k] != getattr(args, k)]
+        changed = [f"--{k.replace('_', '-')} {before[k]} -> {now[k]}" for k in flags
+                   if k in before and k in now and before[k] != now[k]]
         if changed and run.phase_complete(phase):
             raise UsageError(f"{args.output_dir}: {phase} is complete and was trained with other flags "
                              f"({'; '.join(changed)}); a finished phase is not trained again or further. Rerun "
@@ -339,7 +376,7 @@ def run(args, commands):
         logger.error("%s", error)
         return 1
     except Exception as error:
-        if getattr(args, "distribute", None) != "multi-worker" or not _lost_peer(error):
+        if args.distribute != "multi-worker" or not _lost_peer(error):
             raise
         logger.debug("traceback", exc_info=True)
         logger.error("another worker of the cluster failed or cannot be reached (%s: %s). Start every worker "
@@ -379,19 +416,18 @@ def add_predict_arguments(parser, inputs_help):
     parser.add_argument("inputs", nargs="+", help=inputs_help)
 
 
-def check_evaluate_arguments(args):
+def check_evaluate_arguments(batch_size, json_path=None, beam_size=1):
     """The ``evaluate`` command's flags, judged before the model loads: ``--batch-size`` (and a
     captioner's ``--beam-size``) >= 1, and a ``--json`` path that can be written.
 
     Raises:
         UsageError: naming the flag.
     """
-    for flag in ("batch_size", "beam_size"):
-        value = getattr(args, flag, 1)
+    for flag, value in (("--batch-size", batch_size), ("--beam-size", beam_size)):
         if value < 1:
-            raise UsageError(f"--{flag.replace('_', '-')} must be >= 1. Received: {value}")
-    if args.json is not None:
-        rundir.check_writable(args.json, "--json")
+            raise UsageError(f"{flag} must be >= 1. Received: {value}")
+    if json_path is not None:
+        rundir.check_writable(json_path, "--json")
 
 
 def evaluation_split_name(args):
@@ -419,6 +455,7 @@ def parser_with_commands(description, predict=("predict", "top-k classes of imag
             sub-parser as a fifth element for the script's own flags; ``False``: none.
     """
     parser = argparse.ArgumentParser(description=description)
+    parser.set_defaults(distribute="none")  # the commands without --distribute run on one device
     names = ["train", "evaluate", predict[0]] + (["export"] if export else [])
     commands = parser.add_subparsers(dest="command", metavar="{" + ",".join(names) + "}")
     train = commands.add_parser("train", help="train both phases, then evaluate (default command)")

@@ -323,7 +323,8 @@ class StepDecoder:
             if backend.is_tensorflow():
                 import tensorflow as tf
 
-                signature = [tf.TensorSpec((None, *self._feature_shape), tf.float32)]
+                free = (None,) * (len(self._feature_shape) - 1)  # an attention grid's positions too
+                signature = [tf.TensorSpec((None, *free, self._feature_shape[-1]), tf.float32)]
                 search = tf.function(search, input_signature=signature, autograph=False)
             elif backend.name() == "jax":
                 search = _jit_with_weights(search, self._variables, lambda: self._held)

@@ -196,29 +196,30 @@ class ArrayBatches(keras.utils.PyDataset):
             self.order = self.rng.permutation(len(self.labels))
 
 
-def phase1_on_cache(args, run, backbone, unit, off=()):
+def phase1_on_cache(run, backbone, unit, epochs, feature_cache=True, augment=False, distribute="none", off=()):
     """Whether phase 1 trains on cached backbone features (the backbone is frozen, so each
     image's or frame's features are the same in every epoch), logging why not when a flag
     rules the cache out.
 
     Args:
-        args: the parsed command line: ``epochs``, and where the script has them
-            ``feature_cache`` (``--no-feature-cache``), ``augment`` and ``distribute``.
         run: the run's ``helpers.rundir.RunDir``.
         backbone: the backbone's name for the log (``"Xception"``, ``"VGG16"``).
         unit: what the backbone reads (``"image"``, ``"frame"``).
+        epochs: phase 1's epochs (``--epochs``).
+        feature_cache, augment, distribute: ``--no-feature-cache`` (False), ``--augment``,
+            ``--distribute``, where the script has them.
         off: more ``(condition, reason)`` pairs that rule the cache out.
 
     Returns:
         False when phase 1 does not train (0 epochs, or already complete) or a flag rules the
         cache out; True otherwise.
     """
-    if not args.epochs or run.phase_complete("phase1"):
+    if not epochs or run.phase_complete("phase1"):
         return False
     reasons = [reason for condition, reason in (
-        (not getattr(args, "feature_cache", True), "--no-feature-cache"), *off,
-        (getattr(args, "augment", False), f"--augment (each epoch's {unit}s differ)"),
-        (getattr(args, "distribute", "none") != "none", "--distribute; on one device --distribute none keeps it"),
+        (not feature_cache, "--no-feature-cache"), *off,
+        (augment, f"--augment (each epoch's {unit}s differ)"),
+        (distribute != "none", "--distribute; on one device --distribute none keeps it"),
     ) if condition]
     if reasons:
         logger.info("phase 1: %s runs on every %s every epoch (feature cache off: %s)", backbone, unit,

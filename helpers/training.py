@@ -228,11 +228,12 @@ class Trainer:
 
         Args:
             model: a compiled ``keras.Model``.
-            phase: the files' prefix, ``"phase1"`` or ``"phase2"``.
+            phase: the files' prefix: ``"phase1"``, ``"phase2"`` or the captioner's ``"phase3"``.
             train_data, val_data: anything ``model.fit`` takes (a ``keras.utils.PyDataset``
                 or ``tf.data.Dataset``); ``multiworker.ShardedInput``s under multi-worker.
             epochs: epochs of the phase; 0 skips it.
-            monitor: ``"val_loss"`` (lower is better) or a ``val_`` accuracy (higher).
+            monitor: ``"val_loss"`` (lower is better), or a higher-is-better ``val_`` metric:
+                ``"val_accuracy"``, or ``"val_cider_d"`` (a callback adds it to the logs).
             title: the curves' title (default: ``phase``).
             save: the model the best checkpoint holds (default: ``model``): a larger model
                 sharing ``model``'s layers, e.g. the whole captioner while its decoder is

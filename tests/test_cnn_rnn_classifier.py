@@ -459,14 +459,12 @@ def test_phase1_cache_is_on_by_default_and_flags_turn_it_off(trained_classifier,
     """The shared run trained with the defaults: phase 1 on cached features, which are the
     backbone's output for each image; ``--no-feature-cache`` and ``--augment`` each turn the
     cache off (the decision for each flag alone, and one run with both, naming both)."""
-    import argparse
     import logging
 
     from helpers import data, features
 
     def phase1_on_cache(**flags):
-        args = argparse.Namespace(**{"epochs": 1, "feature_cache": True, "augment": False, **flags})
-        return features.phase1_on_cache(args, rundir.RunDir(tmp_path / "new"), "Xception", "image")
+        return features.phase1_on_cache(rundir.RunDir(tmp_path / "new"), "Xception", "image", **{"epochs": 1, **flags})
 
     assert phase1_on_cache()
     assert not phase1_on_cache(feature_cache=False) and not phase1_on_cache(augment=True)

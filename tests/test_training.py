@@ -146,10 +146,12 @@ def test_balanced_class_weights_reach_fit(tmp_path, monkeypatch):
     monkeypatch.setattr(keras.Model, "fit", spy)
     out = tmp_path / "run"
     root = tmp_path / "data"
+    seed = 0  # a different image each (a hash of the names could repeat one across splits)
     for split, counts in (("train", (6, 2)), ("val", (2, 2))):
         for name, count in zip(("cat", "dog"), counts):
             for i in range(count):
-                write_jpeg(root / split / name / f"{i}.jpg", seed=hash((split, name, i)) % 1000)
+                seed += 1
+                write_jpeg(root / split / name / f"{i}.jpg", seed=seed)
     args = ["--data-dir", str(root), "--output-dir", str(out), "--weights", "none", "--image-size", "71",
             "--rnn-timesteps", "71", "--rnn-units", "8", "--batch-size", "4", "--epochs", "1",
             "--fine-tune-epochs", "0", "--skip-image-check", "--class-weight", "balanced"]
