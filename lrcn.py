@@ -413,7 +413,7 @@ def train(args):
     checkpoint is the highest validation accuracy (``--recipe seed``: the lowest validation
     loss, which on a few dozen clips picks a nearly untrained epoch). Phase 2 starts from it and
     fine-tunes VGG16's top ``--fine-tune-layers`` layers too; best by validation
-    accuracy. Both use the recipe's optimizer (``optimizer``).
+    accuracy. Both use the recipe's optimizer (``phase1_optimizer``, ``fine_tune_optimizer``).
 
     Raises:
         helpers.errors.ProjectError: bad input or flags, unavailable weights, a NaN

@@ -464,7 +464,7 @@ def parser_with_commands(description, predict=("predict", "top-k classes of imag
     if export:
         exporter = commands.add_parser("export", help=export if isinstance(export, str) else (
             "write a saved model for serving: raw RGB pixels 0..255 in, class probabilities out (TensorFlow "
-            "SavedModel or TFLite; needs the TensorFlow backend)"))
+            "SavedModel, TFLite or ONNX; needs the TensorFlow backend)"))
         _add_saved_model_arguments(exporter)
         exporter.add_argument("--output", required=True, type=Path,
                               help="the folder to create (must not exist or be empty); required")
@@ -472,5 +472,6 @@ def parser_with_commands(description, predict=("predict", "top-k classes of imag
             return parser, train, evaluate, third, exporter
         exporter.add_argument("--format", choices=options.EXPORT_FORMATS, default="saved_model",
                               help="saved_model: TensorFlow SavedModel with signatures serve (float32) and "
-                              "serve_uint8; tflite: OUTPUT/model.tflite (default: saved_model)")
+                              "serve_uint8; tflite: OUTPUT/model.tflite; onnx: OUTPUT/model.onnx for ONNX Runtime "
+                              "(needs requirements-onnx.txt) (default: saved_model)")
     return parser, train, evaluate, third

@@ -12,7 +12,11 @@ server needs neither this repository nor Keras::
     probabilities = served.serve_uint8(pixels)  # uint8, same shape
 
 or, for ``--format tflite``, ``tf.lite.Interpreter(model_path="export_dir/model.tflite")``
-(one image per call).
+(one image per call), or, for ``--format onnx``, ONNX Runtime, with neither TensorFlow nor Keras::
+
+    import onnxruntime
+    session = onnxruntime.InferenceSession("export_dir/model.onnx")
+    probabilities = session.run(None, {"pixels": pixels})[0]   # float32 (batch, 299, 299, 3), 0..255
 
 The run's ``classes.json`` is copied beside it for the class names.
 """
@@ -24,13 +28,34 @@ from pathlib import Path
 
 import keras
 
-from helpers import backend, decoding, rundir, training
+from helpers import backend, decoding, options, rundir, training
 from helpers.captions import END_ID, PAD_ID, START_ID
 from helpers.errors import UsageError
 
 logger = logging.getLogger(__name__)
 
 TFLITE_FILE = "model.tflite"
+ONNX_FILE = "model.onnx"
+ONNX_REQUIREMENTS = "requirements-onnx.txt"  # tf2onnx and onnx (the export), onnxruntime (serving)
+
+
+def check_onnx_export():
+    """Refuses in one line an ONNX export this environment cannot write: Keras converts the
+    model's TensorFlow graph with tf2onnx, so it needs the TensorFlow backend, tf2onnx and onnx.
+
+    Raises:
+        UsageError: naming what is missing and the requirements file that adds it.
+    """
+    import importlib.util
+
+    if not backend.is_tensorflow():
+        raise UsageError(f"export --format onnx converts the model's TensorFlow graph (tf2onnx): run it with "
+                         f"KERAS_BACKEND=tensorflow after pip install -r requirements.txt -r {ONNX_REQUIREMENTS} "
+                         f"(a checkpoint trained on {backend.name()} loads there); this run is on {backend.name()}.")
+    missing = [name for name in ("tf2onnx", "onnx") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise UsageError(f"export --format onnx needs {' and '.join(missing)}, which this Python environment does "
+                         f"not have: pip install -r {ONNX_REQUIREMENTS}")
 
 
 def serving_model(model, preprocess=None):
@@ -67,6 +92,10 @@ def export_model(model, output, export_format="saved_model", preprocess=None, cl
     ``(batch, *input_shape)`` RGB 0..255 -> ``(batch, num_classes)`` float32 probabilities.
     A model on feature clips gets ``serve`` alone: float32 ``(batch, frames, features)``
     named ``features`` (padded frames all -1, masked, as in training).
+    ``onnx``: ``output/model.onnx`` (tf2onnx through ``Model.export(format="onnx")``), one
+    float32 input ``pixels`` (or ``features``) ``(batch, *input_shape)`` with a free batch size
+    (and a free frame count where the model has one), the probabilities out; served by ONNX
+    Runtime without TensorFlow or Keras.
     ``tflite``: ``output/model.tflite``, one float32 input ``(1, *input_shape)``: one image
     (or clip) per call. With a fixed batch of 1 the converter lowers the LSTM/GRU time
     loops to TFLite builtins; with a free batch size it keeps them as TensorFlow Select
@@ -77,21 +106,24 @@ def export_model(model, output, export_format="saved_model", preprocess=None, cl
     Args:
         model: a trained ``keras.Model``.
         output: the folder to create; it must not exist or be empty.
-        export_format: ``"saved_model"`` or ``"tflite"``.
+        export_format: ``"saved_model"``, ``"tflite"`` or ``"onnx"``.
         preprocess: as for ``serving_model``.
         classes_file: the run's ``classes.json``, copied into ``output`` when it exists.
 
     Returns:
-        The path written: the SavedModel folder, or the ``.tflite`` file.
+        The path written: the SavedModel folder, or the ``.tflite`` or ``.onnx`` file.
 
     Raises:
-        UsageError: ``output`` exists and is not empty, or ``export_format`` is unknown.
+        UsageError: ``output`` exists and is not empty, ``export_format`` is unknown, or ONNX
+            export's packages are missing (``check_onnx_export``).
     """
     import tensorflow as tf
 
     output = Path(output)
-    if export_format not in ("saved_model", "tflite"):
-        raise UsageError(f"--format must be saved_model or tflite. Received: {export_format!r}")
+    if export_format not in options.EXPORT_FORMATS:
+        raise UsageError(f"--format must be one of {', '.join(options.EXPORT_FORMATS)}. Received: {export_format!r}")
+    if export_format == "onnx":
+        check_onnx_export()
     rundir.check_writable(output, "--output", folder=True)
     output.parent.mkdir(parents=True, exist_ok=True)
     serving = serving_model(model, preprocess)
@@ -109,6 +141,10 @@ def export_model(model, output, export_format="saved_model", preprocess=None, cl
                                                                            training=False),
                                      input_signature=[tf.TensorSpec(shape, tf.uint8, name="pixels")])
             archive.write_out(str(folder), verbose=False)
+        elif export_format == "onnx":
+            folder.mkdir()
+            serving.export(str(folder / ONNX_FILE), format="onnx", verbose=False,
+                           input_signature=[keras.InputSpec(shape=shape, dtype="float32", name=input_name(model))])
         else:
             folder.mkdir()
             serving.export(str(folder / TFLITE_FILE), format="litert", verbose=False,
@@ -118,7 +154,7 @@ def export_model(model, output, export_format="saved_model", preprocess=None, cl
         if output.is_dir():
             output.rmdir()
         folder.rename(output)
-    written = output if export_format == "saved_model" else output / TFLITE_FILE
+    written = {"saved_model": output, "tflite": output / TFLITE_FILE, "onnx": output / ONNX_FILE}[export_format]
     logger.info("exported %s (%s, input %s float32 %s) to %s", model.name, export_format, shape,
                 "features" if input_name(model) == "features" else "RGB 0..255", written)
     return written
@@ -132,6 +168,8 @@ def export_command(args, kind, preprocess=None):
         UsageError: TensorFlow is not the backend (a SavedModel and TFLite are TensorFlow's),
             a model of another kind, an ``--output`` that cannot be written.
     """
+    if args.format == "onnx":
+        check_onnx_export()
     backend.require_tensorflow(f"export --format {args.format}")
     rundir.check_writable(args.output, "--output", folder=True)
     model, _ = training.load_checkpoint(args.model, kind)

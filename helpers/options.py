@@ -5,4 +5,4 @@ MIXED_PRECISION = ("auto", "off", "bfloat16", "float16")  # helpers.precision.re
 DISTRIBUTE = ("none", "mirrored", "multi-worker")  # helpers.distribute.make_strategy
 LR_SCHEDULES = ("constant", "cosine", "plateau")  # helpers.training.Trainer.learning_rate
 CLASS_WEIGHTS = ("none", "balanced")  # helpers.training.balanced_class_weights
-EXPORT_FORMATS = ("saved_model", "tflite")  # helpers.export.export_model
+EXPORT_FORMATS = ("saved_model", "tflite", "onnx")  # helpers.export.export_model

@@ -197,3 +197,88 @@ def test_the_served_image_reader_refuses_16_bit_pngs_as_caption_does(tmp_path):
     Image.fromarray(np.full((8, 8, 3), 200, np.uint8)).save(tmp_path / "ok.png")
     served = export.graph_read_image(tf.constant((tmp_path / "ok.png").read_bytes()), 8).numpy()
     np.testing.assert_array_equal(served, data.read_rgb(tmp_path / "ok.png", 8))
+
+
+# ---------------------------------------------------------------- ONNX
+
+def onnx_probabilities(model_file, inputs):
+    """``inputs`` through ONNX Runtime alone: the exported model's probabilities."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(model_file), providers=["CPUExecutionProvider"])
+    (name,) = [i.name for i in session.get_inputs()]
+    return session.run(None, {name: np.asarray(inputs, np.float32)})[0]
+
+
+@pytest.mark.tensorflow  # tf2onnx converts the TensorFlow graph
+@pytest.mark.usefixtures("stand_in_backbones")  # the export graphs and heads, not Xception or VGG16
+def test_onnx_exports_serve_raw_inputs_like_classify_in_onnx_runtime(tmp_path):
+    """``export --format onnx``: the classifier's ``model.onnx`` on real JPEGs (raw RGB 0..255, as
+    ``classify`` reads them), the LRCN's on a clip's frames and on padded feature clips, give
+    ``classify``'s probabilities within 1e-4 in ONNX Runtime, at any batch size (and frame count)."""
+    pytest.importorskip("tf2onnx")
+    pytest.importorskip("onnxruntime")
+    from helpers import data
+
+    # the classifier: three images in one batch and one alone
+    keras.utils.set_random_seed(0)
+    model = crc.build_cnn_rnn_classifier(num_classes=3, **TINY)
+    run = tmp_path / "classifier"
+    run.mkdir()
+    model.save(run / "phase2_best.keras")
+    names = ["cat", "dog", "fox"]
+    (run / rundir.CLASSES).write_text(json.dumps({"class_names": names}))
+    images = [write_jpeg(tmp_path / f"{i}.jpg", seed=i, size=90) for i in range(3)]
+    expected = np.array([[dict(r)[n] for n in names] for r in crc.classify(run / "phase2_best.keras", images, 3)])
+    assert crc.main(["export", "--model", str(run / "phase2_best.keras"), "--output", str(tmp_path / "onnx"),
+                     "--format", "onnx"]) == 0
+    assert json.loads((tmp_path / "onnx" / rundir.CLASSES).read_text())["class_names"] == names
+    pixels = np.stack([data.rgb_array(path, 71, str(path)) for path in images])
+    np.testing.assert_allclose(onnx_probabilities(tmp_path / "onnx" / "model.onnx", pixels), expected, atol=1e-4)
+    np.testing.assert_allclose(onnx_probabilities(tmp_path / "onnx" / "model.onnx", pixels[1:2]), expected[1:2],
+                               atol=1e-4)
+
+    # the LRCN on frames (variable length) and on feature clips with padding
+    for kind, build, clips in (
+            ("frames", dict(image_size=32, weights=None),
+             [np.stack([data.rgb_array(write_jpeg(tmp_path / "clip" / f"{t}.jpg", seed=10 + t, size=32), 32, "f")
+                        for t in range(4)])]),
+            ("features", dict(feature_width=6),
+             [np.random.default_rng(2).normal(0, 1, (frames, 6)).astype(np.float32) for frames in (5, 3)])):
+        keras.utils.set_random_seed(1)
+        model = lrcn.build_lrcn(num_classes=2, frames=None, dense_units=8, gru_units=4, **build)
+        run = tmp_path / f"lrcn_{kind}"
+        run.mkdir()
+        model.save(run / "model.keras")
+        expected = np.array([[p for _, p in sorted(ranked, key=lambda item: item[0])]
+                             for ranked in lrcn.classify(run / "model.keras", clips, top_k=2, class_names=["a", "b"])])
+        assert lrcn.main(["export", "--model", str(run / "model.keras"), "--output", str(run / "onnx"),
+                          "--format", "onnx"]) == 0
+        longest = max(len(clip) for clip in clips)
+        padded = np.full((len(clips), longest, *clips[0].shape[1:]), -1.0, np.float32)  # as the SavedModel takes them
+        for row, clip in enumerate(clips):
+            padded[row, :len(clip)] = clip
+        np.testing.assert_allclose(onnx_probabilities(run / "onnx" / "model.onnx", padded), expected, atol=1e-4)
+
+
+@pytest.mark.tensorflow
+def test_onnx_export_names_what_it_needs_when_it_is_missing(tmp_path, monkeypatch, caplog):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tf2onnx" else real(name, *a))
+    model = tmp_path / "model.keras"
+    assert crc.main(["export", "--model", str(model), "--output", str(tmp_path / "out"), "--format", "onnx"]) == 1
+    assert "export --format onnx needs tf2onnx, which this Python environment does not have: pip install -r " \
+           "requirements-onnx.txt" in caplog.text
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(keras.backend.backend() == "tensorflow", reason="what ONNX export says on the other backends")
+def test_onnx_export_on_another_backend_says_in_one_line_what_it_needs(tmp_path, caplog):
+    assert lrcn.main(["export", "--model", str(tmp_path / "model.keras"), "--output", str(tmp_path / "out"),
+                      "--format", "onnx"]) == 1
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "\n" not in errors[0]
+    assert "export --format onnx converts the model's TensorFlow graph (tf2onnx): run it with " \
+           "KERAS_BACKEND=tensorflow after pip install -r requirements.txt -r requirements-onnx.txt" in errors[0]
