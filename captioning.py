@@ -122,6 +122,10 @@ def parse_args(argv=None):
     caption_parser.add_argument("--verbose", action="store_true", help="debug logging (default: off)")
     caption_parser.add_argument("inputs", nargs="+", help="image files or folders (searched recursively)")
     _add_decoding_arguments(export_parser)
+    export_parser.add_argument("--format", choices=("saved_model", "onnx"), default="saved_model",
+                               help="saved_model: image bytes in, captions out, the beam search inside; onnx: "
+                               "OUTPUT/encoder.onnx and OUTPUT/decoder_step.onnx for ONNX Runtime, the word loop "
+                               "the caller's (needs requirements-onnx.txt) (default: saved_model)")
     return parser.parse_args(cli.with_default_command(argv))
 
 
@@ -560,7 +564,9 @@ def caption_command(args):
 
 def export_command(args):
     """The ``export`` command: a TensorFlow SavedModel of ``--model`` that captions encoded images
-    (``helpers.export.export_captioner``), with ``--beam-size`` for its ``caption`` signature.
+    (``helpers.export.export_captioner``), with ``--beam-size`` for its ``caption`` signature; or,
+    with ``--format onnx``, its encoder and one decoder step for ONNX Runtime
+    (``helpers.export.export_captioner_onnx``).
 
     Raises:
         helpers.errors.UsageError: TensorFlow is not the backend, ``--output`` cannot be written,
@@ -570,10 +576,15 @@ def export_command(args):
 
     if args.beam_size < 1:
         raise UsageError(f"--beam-size must be >= 1. Received: {args.beam_size}")
-    backend.require_tensorflow("export (a TensorFlow SavedModel)")
+    if args.format == "onnx":
+        export.check_onnx_export()
+    backend.require_tensorflow(f"export --format {args.format}")
     rundir.check_writable(args.output, "--output", folder=True)
     model, vocabulary = load_captioner(args.model)
-    written = export.export_captioner(model, StepDecoder(model), vocabulary, args.output, args.beam_size)
+    if args.format == "onnx":
+        written = export.export_captioner_onnx(model, StepDecoder(model), vocabulary, args.output)
+    else:
+        written = export.export_captioner(model, StepDecoder(model), vocabulary, args.output, args.beam_size)
     print(f"exported {args.model} to {written}")
 
 

@@ -27,6 +27,7 @@ import tempfile
 from pathlib import Path
 
 import keras
+import numpy as np
 
 from helpers import backend, decoding, options, rundir, training
 from helpers.captions import END_ID, PAD_ID, START_ID
@@ -280,4 +281,97 @@ def export_captioner(model, decoder, vocabulary, output, beam_size=3):
             output.rmdir()
         folder.rename(output)
     logger.info("exported the captioner (encoded images in, captions out; beam %d and greedy) to %s", beam_size, output)
+    return output
+
+
+ENCODER_ONNX, DECODER_STEP_ONNX = "encoder.onnx", "decoder_step.onnx"
+
+
+class _DecoderStep(keras.Model):
+    """One decoding step of a captioner as a model (``StepDecoder.graph_step``), for ONNX:
+    inputs ``[tokens, h, c, *image]`` (``image``: show-and-tell's image embedding, or the
+    attention decoder's annotations and keys), outputs ``(log_probs, h, c)``."""
+
+    def __init__(self, decoder):
+        super().__init__(name="decoder_step")
+        self.decoder = decoder
+        self.parts = [layer for layer in (decoder.lstm, decoder.embedding, decoder.head, getattr(decoder, "merge", None),
+                                          getattr(decoder, "deep_hidden", None), getattr(decoder, "deep_context", None))
+                      if layer is not None]  # tracked: their weights are the step's
+
+    def call(self, inputs):
+        tokens, h, c, *image = inputs
+        if self.decoder.attention:
+            log_probs, (h, c) = self.decoder.graph_step(tokens, (h, c), tuple(image))
+        else:
+            log_probs, (h, c, _) = self.decoder.graph_step(tokens, (h, c, image[0]), ())
+        return log_probs, h, c
+
+
+class _DecoderStart(keras.Model):
+    """The encoder and the decoder's first state (``StepDecoder.graph_start``) as one model:
+    pixels in, ``(h, c, *image)`` out."""
+
+    def __init__(self, encoder, decoder):
+        super().__init__(name="encoder")
+        self.encoder, self.decoder = encoder, decoder
+
+    def call(self, pixels):
+        state, constants = self.decoder.graph_start(self.encoder(pixels, training=False))
+        return (*state[:2], *(constants if self.decoder.attention else state[2:]))
+
+
+def export_captioner_onnx(model, decoder, vocabulary, output):
+    """Writes a captioner for ONNX Runtime into the new folder ``output``: the encoder and one
+    decoder step, with ``vocabulary.json``; the search over words is the caller's loop (the
+    SavedModel, ``export_captioner``, holds the beam search; its image decoding and string ops
+    have no ONNX form).
+
+    - ``encoder.onnx``: ``pixels`` ``(batch, size, size, 3)`` float32 RGB 0..255 (upright,
+      squashed to the model's size) -> the decoder's first state ``h``, ``c`` ``(batch, units)``
+      and the image's tensors the steps read: show-and-tell's ``image`` ``(batch,
+      embedding_dim)``, or the attention decoder's ``annotations`` and ``keys`` ``(batch,
+      positions, attention_dim)``.
+    - ``decoder_step.onnx``: ``tokens`` ``(rows,)`` int32 (``<start>``, 2, first), ``h``, ``c``
+      and the image's tensors, one row per caption -> ``log_probs`` ``(rows, vocabulary)``,
+      ``h``, ``c``, in that order. Greedy decoding: feed the argmax back, never taking padding,
+      ``<start>`` or ``<unk>`` (ids 0, 2, 1), until ``<end>`` (3) or ``vocabulary.max_length``
+      words (tested to give ``caption(beam_size=1)``'s captions).
+
+    Args:
+        model: a captioner (``captioning.build_captioner``); decoder: its
+            ``helpers.decoding.StepDecoder``; vocabulary: its ``helpers.captions.Vocabulary``.
+        output: the folder to create; it must not exist or be empty.
+
+    Returns:
+        The folder written.
+
+    Raises:
+        UsageError: ``output`` exists and is not empty, or ONNX export's packages are missing.
+    """
+    check_onnx_export()
+    output = Path(output)
+    rundir.check_writable(output, "--output", folder=True)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    encoder = model.get_layer("encoder")
+    size = encoder.input_shape[1]
+    start, step = _DecoderStart(encoder, decoder), _DecoderStep(decoder)
+    pixels = np.zeros((1, size, size, 3), np.float32)
+    first = [keras.ops.convert_to_numpy(t) for t in start(pixels)]  # builds both, and gives the shapes
+    step([np.full(1, START_ID, np.int32), *first])
+    names = ["h", "c", *(["annotations", "keys"] if decoder.attention else ["image"])]
+    with tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{output.name}.") as temporary:
+        folder = Path(temporary) / "export"
+        folder.mkdir()
+        start.export(str(folder / ENCODER_ONNX), format="onnx", verbose=False,
+                     input_signature=[keras.InputSpec(shape=(None, size, size, 3), dtype="float32", name="pixels")])
+        specs = [keras.InputSpec(shape=(None,), dtype="int32", name="tokens")] + [
+            keras.InputSpec(shape=(None, *tensor.shape[1:]), dtype="float32", name=name)
+            for name, tensor in zip(names, first)]
+        step.export(str(folder / DECODER_STEP_ONNX), format="onnx", verbose=False, input_signature=[specs])
+        vocabulary.save(folder / rundir.VOCABULARY)
+        if output.is_dir():
+            output.rmdir()
+        folder.rename(output)
+    logger.info("exported the captioner for ONNX Runtime (%s, %s) to %s", ENCODER_ONNX, DECODER_STEP_ONNX, output)
     return output

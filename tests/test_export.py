@@ -282,3 +282,46 @@ def test_onnx_export_on_another_backend_says_in_one_line_what_it_needs(tmp_path,
     assert len(errors) == 1 and "\n" not in errors[0]
     assert "export --format onnx converts the model's TensorFlow graph (tf2onnx): run it with " \
            "KERAS_BACKEND=tensorflow after pip install -r requirements.txt -r requirements-onnx.txt" in errors[0]
+
+
+@pytest.mark.tensorflow  # tf2onnx converts the TensorFlow graph
+@pytest.mark.usefixtures("stand_in_backbones")  # the decoders, not Xception
+def test_onnx_captioner_encoder_and_step_decode_greedily_as_caption_does(tmp_path):
+    """``captioning.py export --format onnx``: with ``encoder.onnx`` and ``decoder_step.onnx`` in
+    ONNX Runtime, a greedy loop in numpy (the one the docstring describes) gives ``caption``'s
+    greedy captions, for both decoders."""
+    pytest.importorskip("tf2onnx")
+    onnxruntime = pytest.importorskip("onnxruntime")
+    from helpers import data, export
+
+    rng = np.random.default_rng(7)
+    files = []
+    for i in range(3):
+        files.append(tmp_path / f"{i}.png")
+        Image.fromarray(rng.integers(0, 256, (80, 80, 3), dtype=np.uint8)).save(files[-1])
+    vocabulary = captions.Vocabulary(list(captions.SPECIAL_TOKENS) + [f"w{i}" for i in range(36)], 7)
+    for decoder in cap.DECODERS:
+        keras.utils.set_random_seed(1)
+        model = cap.build_captioner(vocabulary_size=len(vocabulary), image_size=71, embedding_dim=8, lstm_units=8,
+                                    decoder=decoder, attention_dim=8, dropout=0.0, weights=None)
+        run = tmp_path / decoder
+        run.mkdir()
+        model.save(run / "model.keras")
+        vocabulary.save(run / "vocabulary.json")
+        assert cap.main(["export", "--model", str(run / "model.keras"), "--output", str(run / "onnx"),
+                         "--format", "onnx"]) == 0
+        assert captions.Vocabulary.load(run / "onnx" / rundir.VOCABULARY).tokens == vocabulary.tokens
+        encoder = onnxruntime.InferenceSession(str(run / "onnx" / export.ENCODER_ONNX))
+        step = onnxruntime.InferenceSession(str(run / "onnx" / export.DECODER_STEP_ONNX))
+        pixels = np.stack([data.rgb_array(path, 71, str(path)) for path in files])
+        h, c, *image = encoder.run(None, {"pixels": pixels})
+        names = [i.name for i in step.get_inputs()]
+        tokens, words, done = np.full(len(files), captions.START_ID, np.int32), [[] for _ in files], np.zeros(3, bool)
+        for _ in range(vocabulary.max_length):
+            log_probs, h, c = step.run(None, dict(zip(names, [tokens, h, c, *image])))
+            log_probs[:, [captions.PAD_ID, captions.START_ID, captions.UNK_ID]] = -np.inf
+            tokens = log_probs.argmax(axis=1).astype(np.int32)
+            for row in np.flatnonzero(~done):
+                words[row].append(int(tokens[row]))
+            done |= tokens == captions.END_ID
+        assert [vocabulary.decode(w) for w in words] == cap.caption(run / "model.keras", files, beam_size=1), decoder
