@@ -133,6 +133,15 @@ class ImageReadingIterator(DirectoryIterator):
     orientation as every other reader of the project does, and a 16-bit image refused by name.
     RGB, square targets and one-hot (``"categorical"``) labels only, as ``flow_from_split`` asks."""
 
+    @property
+    def row_count(self):
+        """Images listed (``helpers.distribute.ProcessSlices``)."""
+        return self.n
+
+    def load_rows(self, rows):
+        """The batch of the images ``rows`` (indices into ``filepaths``)."""
+        return self._get_batches_of_transformed_samples(rows)
+
     def _get_batches_of_transformed_samples(self, index_array):
         generator, size = self.image_data_generator, self.target_size[0]
         images = np.zeros((len(index_array), *self.image_shape), self.dtype)
@@ -424,8 +433,9 @@ def training_data(splits, args, batch_size, strategy=None):
     if multiworker.is_multi_worker(strategy):
         return _sharded_input(splits, args, batch_size)
     drop_remainder = bool(strategy) and strategy.num_replicas_in_sync > 1
-    return (read_split(splits["train"], args, batch_size, True, drop_remainder=drop_remainder),
-            read_split(splits["val"], args, batch_size, False, drop_remainder=drop_remainder))
+    return distribute.process_slices(strategy, {  # several JAX processes: each its slice of every batch
+        "train": read_split(splits["train"], args, batch_size, True, drop_remainder=drop_remainder),
+        "val": read_split(splits["val"], args, batch_size, False, drop_remainder=drop_remainder)}, batch_size)
 
 
 def read_split(split, args, batch_size, shuffle, features=None, drop_remainder=False):
@@ -524,9 +534,12 @@ def train(args):
     cli.check_backbone_arguments(XCEPTION, args.image_size, args.fine_tune_layers)
     if args.input == "tf.data":
         backend.require_tensorflow("--input tf.data", backend=False)
-    if args.distribute == "multi-worker" and args.input != "tf.data":
-        raise UsageError("--distribute multi-worker needs --input tf.data: the generator cannot be sharded "
-                         "across workers.")
+    if args.distribute == "multi-worker" and backend.is_tensorflow() and args.input != "tf.data":
+        raise UsageError("--distribute multi-worker on TensorFlow needs --input tf.data: the generator cannot be "
+                         "sharded across TensorFlow's workers (on JAX it is).")
+    if args.distribute == "multi-worker" and not backend.is_tensorflow() and args.input != "generator":
+        raise UsageError(f"--distribute multi-worker on {backend.name()} reads with --input generator (each process "
+                         "its slice of every batch); --input tf.data is TensorFlow's.")
     strategy = distribute.training_strategy(args)
     splits = data.load_splits(args.data_dir)
     class_names = splits["train"].class_names
@@ -574,7 +587,7 @@ def train(args):
                                title="phase 2: fine-tuning") or best
 
         if not trainer.chief:  # the chief evaluates and reports
-            multiworker.cleanup(args.output_dir)
+            distribute.cleanup(strategy, args.output_dir)
             return 0
         split = data.evaluation_split(splits, args.data_dir)  # the seed's 96.14% was measured on val
         metrics = evaluate_classifier(keras.saving.load_model(best), splits[split], args.batch_size, args.input,

@@ -351,10 +351,11 @@ def training_data(splits, args, batch_size, strategy=None):
     batches and refuse a longer one."""
     if multiworker.is_multi_worker(strategy):
         return _sharded_input(splits, args, batch_size)
-    data = tuple(sequences.FrameSequences(splits[name], args.image_size, batch_size, args.frames, shuffle=fitting,
-                                          seed=args.seed, per_frame=args.per_frame, workers=args.workers,
-                                          augment=fitting and args.augment, length_multiple=args.length_multiple)
-                 for name, fitting in (("train", True), ("val", False)))
+    data = distribute.process_slices(strategy, {  # several JAX processes: each its slice of every batch
+        name: sequences.FrameSequences(splits[name], args.image_size, batch_size, args.frames, shuffle=fitting,
+                                       seed=args.seed, per_frame=args.per_frame, workers=args.workers,
+                                       augment=fitting and args.augment, length_multiple=args.length_multiple)
+        for name, fitting in (("train", True), ("val", False))}, batch_size)
     if args.frames or not backend.is_tensorflow():
         return data
     import tensorflow as tf  # variable length on TensorFlow: the frames axis declared free
@@ -483,7 +484,7 @@ def train(args):
                                    title=f"phase 2: VGG16's top {args.fine_tune_layers} layers fine-tuned") or best
 
         if not trainer.chief:  # the chief evaluates and reports
-            multiworker.cleanup(args.output_dir)
+            distribute.cleanup(strategy, args.output_dir)
             return 0
         split = splits[data.evaluation_split(splits, args.data_dir, "python -m helpers.extract_frames VIDEOS "
                                              "--test-fraction F splits one off by group")]

@@ -230,11 +230,11 @@ def check_training_arguments(args):
                              f"--{flag.replace('_', '-')} {epochs}; use fewer warm-up epochs.")
     if args.early_stopping is not None and args.early_stopping < 1:
         raise UsageError(f"--early-stopping must be >= 1 epoch. Received: {args.early_stopping}")
-    if args.distribute == "multi-worker":
-        from helpers import backend  # imports Keras: not at the top of this module, which --help loads
+    from helpers import backend  # imports Keras: not at the top of this module, which --help loads
 
-        backend.require_tensorflow("--distribute multi-worker")
-    if args.class_weight != "none" and args.distribute == "multi-worker":
+    if args.distribute == "multi-worker" and backend.name() not in ("tensorflow", "jax"):
+        raise UsageError(f"--distribute multi-worker trains on TensorFlow or JAX; this run is on {backend.name()}.")
+    if args.class_weight != "none" and args.distribute == "multi-worker" and backend.is_tensorflow():
         raise UsageError("--class-weight is not available with --distribute multi-worker (its training loop is "
                          "the project's own); use --distribute mirrored or none.")
 
@@ -382,14 +382,35 @@ def run(args, commands):
         logger.error("another worker of the cluster failed or cannot be reached (%s: %s). Start every worker "
                      "again with the same command: training resumes from the last completed epoch.",
                      type(error).__name__, str(error).splitlines()[0][:300])
+        _leave_jax_cluster()
         return 1
 
 
+# What JAX's collectives and coordination service say when a peer process is gone.
+_JAX_LOST_PEER = ("Gloo", "UNAVAILABLE", "DEADLINE_EXCEEDED", "Connection reset", "coordination service")
+
+
 def _lost_peer(error):
-    """True for the TensorFlow errors a dead peer of ``--distribute multi-worker`` raises."""
+    """True for the errors a dead peer of ``--distribute multi-worker`` raises: TensorFlow's, or
+    on JAX a collective's or the coordination service's."""
     tf = sys.modules.get("tensorflow")
-    return tf is not None and isinstance(error, (tf.errors.UnavailableError, tf.errors.DeadlineExceededError,
-                                                 tf.errors.AbortedError, tf.errors.CancelledError))
+    if tf is not None and isinstance(error, (tf.errors.UnavailableError, tf.errors.DeadlineExceededError,
+                                             tf.errors.AbortedError, tf.errors.CancelledError)):
+        return True
+    return "jax" in sys.modules and any(marker in str(error) for marker in _JAX_LOST_PEER)
+
+
+def _leave_jax_cluster():
+    """Ends this process at once when it is one of several JAX processes: leaving normally would
+    wait at ``jax.distributed``'s shutdown barrier for the peer that is gone, then abort with a
+    C++ stack trace; the one line above is what the user should read."""
+    jax = sys.modules.get("jax")
+    if jax is None or not jax.distributed.is_initialized() or jax.process_count() == 1:
+        return
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
 
 
 def _add_verbose_argument(parser):

@@ -15,9 +15,15 @@ single-device result (tested).
 """
 
 import contextlib
+import hashlib
 import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import keras
+import numpy as np
 
 from helpers import backend, multiworker, options
 from helpers.errors import UsageError
@@ -49,7 +55,7 @@ def make_strategy(choice, devices=None):
         return None
     if not backend.is_tensorflow():
         if choice == "multi-worker":
-            backend.require_tensorflow("--distribute multi-worker")
+            return ProcessDataParallel()
         return KerasDataParallel(devices)
     if choice == "multi-worker":
         return multiworker.make_strategy()
@@ -104,6 +110,192 @@ class KerasDataParallel:
 
     def scope(self):
         return self.distribution.scope()
+
+
+# The environment variables keras.distribution.initialize() reads, and what they hold.
+PROCESS_VARIABLES = ("KERAS_DISTRIBUTION_JOB_ADDRESSES", "KERAS_DISTRIBUTION_NUM_PROCESSES",
+                     "KERAS_DISTRIBUTION_PROCESS_ID")
+PROCESS_EXAMPLE = ("KERAS_DISTRIBUTION_JOB_ADDRESSES=10.0.0.1:1234 KERAS_DISTRIBUTION_NUM_PROCESSES=2 "
+                   "KERAS_DISTRIBUTION_PROCESS_ID=0 (1 on the second machine)")
+HEARTBEAT_SECONDS = 60  # a process silent this long ends the run in every process
+SHUTDOWN_SECONDS = 24 * 3600  # the others wait at exit while the chief evaluates
+
+
+def read_process_variables(environ=None):
+    """``(coordinator address, number of processes, this process's index)`` from the variables
+    ``keras.distribution.initialize()`` reads (``PROCESS_VARIABLES``; of a comma-separated list of
+    addresses the first, process 0's, is the coordinator, as Keras takes it).
+
+    Raises:
+        UsageError: a variable missing or malformed; the message shows a valid set.
+    """
+    environ = os.environ if environ is None else environ
+    hint = f" Example, on the first of two machines: {PROCESS_EXAMPLE}."
+    missing = [name for name in PROCESS_VARIABLES if not environ.get(name, "").strip()]
+    if missing:
+        raise UsageError(f"--distribute multi-worker on {backend.name()} needs {', '.join(missing)}." + hint)
+    addresses = [a.strip() for a in environ[PROCESS_VARIABLES[0]].split(",") if a.strip()]
+    try:
+        count, index = int(environ[PROCESS_VARIABLES[1]]), int(environ[PROCESS_VARIABLES[2]])
+    except ValueError:
+        raise UsageError(f"{PROCESS_VARIABLES[1]} and {PROCESS_VARIABLES[2]} must be integers. Received: "
+                         f"{environ[PROCESS_VARIABLES[1]]!r}, {environ[PROCESS_VARIABLES[2]]!r}." + hint) from None
+    if count < 1 or not 0 <= index < count or (len(addresses) > 1 and len(addresses) != count):
+        raise UsageError(f"process {index} of {count} with {len(addresses)} address(es) in "
+                         f"{PROCESS_VARIABLES[0]} is not a cluster." + hint)
+    return addresses[0], count, index
+
+
+class ProcessDataParallel(KerasDataParallel):
+    """``--distribute multi-worker`` on JAX: one process per machine (or per GPU), started with
+    the variables ``keras.distribution.initialize()`` reads (``PROCESS_VARIABLES``), and
+    ``keras.distribution.DataParallel`` over every process's devices. Each process feeds its
+    slice of every global batch (``ProcessSlices``: it reads those samples only);
+    ``auto_shard_dataset`` is off since the slices are made here.
+
+    ``jax.distributed`` starts as ``keras.distribution.initialize()`` starts it, with two
+    timeouts that call does not set: a process silent for ``HEARTBEAT_SECONDS`` ends the run in
+    every process (no process waits for a dead peer), and the others wait up to
+    ``SHUTDOWN_SECONDS`` at exit while the chief (process 0) evaluates. JAX's CPU collectives
+    are gloo's (the default from jax 0.5.1), so processes on one machine's loopback train too.
+
+    Raises:
+        UsageError: the variables are missing or malformed (``read_process_variables``).
+    """
+
+    def __init__(self):
+        import jax
+
+        coordinator, count, index = read_process_variables()
+        if not jax.distributed.is_initialized():
+            jax.distributed.initialize(coordinator_address=coordinator, num_processes=count, process_id=index,
+                                       heartbeat_timeout_seconds=HEARTBEAT_SECONDS,
+                                       shutdown_timeout_seconds=SHUTDOWN_SECONDS)
+        devices = keras.distribution.list_devices()
+        self.distribution = keras.distribution.DataParallel(devices=devices, auto_shard_dataset=False)
+        self.num_replicas_in_sync = len(devices)
+        self.process_index, self.num_processes = jax.process_index(), jax.process_count()
+        logger.info("multi-worker on JAX: process %d of %d (coordinator %s), keras.distribution.DataParallel over "
+                    "%d device(s)", index, count, coordinator, len(devices))
+
+
+def process_slices(strategy, datasets, global_batch):
+    """``datasets`` (``{split name: global batches}``) as this process's ``ProcessSlices`` under
+    ``--distribute multi-worker`` on JAX, else as they are: a tuple in their order."""
+    if not isinstance(strategy, ProcessDataParallel):
+        return tuple(datasets.values())
+    return tuple(ProcessSlices(data, strategy, global_batch, name) for name, data in datasets.items())
+
+
+def process_count(strategy):
+    """The processes training together: ``num_processes`` of a ``ProcessDataParallel``, else 1
+    (TensorFlow's multi-worker strategy keeps its own count, ``helpers.multiworker``)."""
+    return getattr(strategy, "num_processes", 1)
+
+
+def is_chief(strategy):
+    """True for the process that writes the run: every process but a multi-worker one whose
+    index is not 0 (``helpers.multiworker.is_chief_process`` on TensorFlow)."""
+    if isinstance(strategy, ProcessDataParallel):
+        return strategy.process_index == 0
+    return multiworker.is_chief_process(strategy)
+
+
+def output_folder(strategy, output_dir):
+    """Where this process writes: ``output_dir`` on the chief; on another multi-worker process a
+    folder of its own in the temporary directory, stable across restarts, removed by ``cleanup``."""
+    if isinstance(strategy, ProcessDataParallel):
+        if strategy.process_index == 0:
+            return Path(output_dir)
+        key = hashlib.sha1(str(Path(output_dir).resolve()).encode()).hexdigest()[:10]
+        return Path(tempfile.gettempdir()) / f"cnn_rnn_process_{strategy.process_index}_{key}"
+    return multiworker.worker_dir(output_dir) if multiworker.is_multi_worker(strategy) else Path(output_dir)
+
+
+def cleanup(strategy, output_dir):
+    """Removes a non-chief process's ``output_folder`` once its training is done."""
+    if not is_chief(strategy):
+        shutil.rmtree(output_folder(strategy, output_dir), ignore_errors=True)
+
+
+def share_chief_state(model, strategy, first_epoch):
+    """The chief's weights, optimizer state and completed epochs in every process: after the
+    chief alone has restored its backup, the others take its state (``multihost_utils.
+    broadcast_one_to_all``), so a run resumes together from the chief's last complete epoch
+    whatever each process had. A no-op outside a multi-process run.
+
+    Returns:
+        The chief's ``first_epoch``.
+    """
+    if process_count(strategy) == 1:
+        return first_epoch
+    from jax.experimental import multihost_utils
+
+    first = int(multihost_utils.broadcast_one_to_all(np.int32(first_epoch)))
+    if not first:  # a fresh phase: every process built the same weights from the same seed
+        return 0
+    if model.optimizer is not None and not model.optimizer.built:
+        model.optimizer.build(model.trainable_variables)
+    variables = list(model.variables) + list(model.optimizer.variables if model.optimizer else [])
+    values = multihost_utils.broadcast_one_to_all([np.asarray(keras.ops.convert_to_numpy(v.value)) for v in variables])
+    for variable, value in zip(variables, values):
+        variable.assign(np.asarray(value))
+    return first
+
+
+class ProcessSlices(keras.utils.PyDataset):
+    """This process's slice of every whole global batch of ``data``: of ``n`` processes, process
+    ``p`` feeds rows ``[p * b, (p + 1) * b)`` of each global batch (``b`` = global batch / ``n``)
+    and reads only those samples, so that the processes together train on exactly the global
+    batches one process would, no sample twice in an epoch. The order is drawn here, the same in
+    every process: with ``data.shuffle``, epoch ``e``'s is ``numpy.random.default_rng([seed,
+    e]).permutation``. A last global batch too small to split evenly is left out of each epoch.
+
+    Args:
+        data: global batches with ``row_count`` (its samples), ``shuffle``, ``seed`` and
+            ``load_rows(rows)`` (the batch of those samples), as
+            ``cnn_rnn_classifier.ImageReadingIterator`` and ``helpers.sequences.FrameSequences``.
+        strategy: the ``ProcessDataParallel``.
+        global_batch: the global batch size; a multiple of the processes.
+        what: the split's name, for errors.
+
+    Raises:
+        UsageError: ``data`` holds fewer samples than one global batch.
+    """
+
+    def __init__(self, data, strategy, global_batch, what):
+        super().__init__(workers=getattr(data, "workers", 1), use_multiprocessing=False)
+        self.data, self.global_batch, self.epoch = data, global_batch, 0
+        self.size = global_batch // strategy.num_processes
+        self.first = strategy.process_index * self.size
+        self.batches = data.row_count // global_batch
+        if not self.batches:
+            raise UsageError(f"the {what} data holds {data.row_count} samples, fewer than the global batch "
+                             f"{global_batch}; multi-worker training uses whole global batches only")
+        self.order = self._order()
+
+    def _order(self):
+        if not self.data.shuffle:
+            return np.arange(self.data.row_count)
+        return np.random.default_rng([self.data.seed or 0, self.epoch]).permutation(self.data.row_count)
+
+    def __len__(self):
+        return self.batches
+
+    def __getitem__(self, index):
+        start = index * self.global_batch + self.first
+        return self.data.load_rows(self.order[start:start + self.size])
+
+    def on_epoch_end(self):
+        self.epoch += 1
+        self.order = self._order()
+        self.data.on_epoch_end()  # its own epoch count (FrameSequences' augmentation)
+
+    def start_at(self, epoch):
+        """Resumes the order at ``epoch`` (a phase resumed after ``epoch`` completed epochs
+        sees the batches it would have seen without the interruption)."""
+        self.epoch = epoch
+        self.order = self._order()
 
 
 def _canonical(name):
@@ -163,8 +355,8 @@ def replica_safe(data, replicas, what):
     Raises:
         UsageError: the data is smaller than one global batch.
     """
-    if replicas <= 1 or not isinstance(data, keras.utils.PyDataset):
-        return data
+    if replicas <= 1 or not isinstance(data, keras.utils.PyDataset) or isinstance(data, ProcessSlices):
+        return data  # ProcessSlices: whole global batches already
     batches = len(data)
     last = len(keras.tree.flatten(data[batches - 1])[0])
     if last >= replicas:

@@ -318,8 +318,16 @@ class FrameSequences(keras.utils.PyDataset):
         """Sample ``index``'s (sampled) frames or features (``load_clip``)."""
         return load_clip(self.split.samples[index], self.frames, self.image_size)
 
+    @property
+    def row_count(self):
+        """Samples listed (``helpers.distribute.ProcessSlices``)."""
+        return len(self.split)
+
     def __getitem__(self, batch_index):
-        indices = self.batches[batch_index]
+        return self.load_rows(self.batches[batch_index])
+
+    def load_rows(self, indices):
+        """The batch of samples ``indices`` (padded and labelled as ``__getitem__``'s)."""
         clips = [self.load_clip(i) for i in indices]
         if self.augment:  # a generator per clip: worker threads share no random state
             clips = [augment_clip(clip, np.random.default_rng([self.seed, self.epoch, int(i)]))

@@ -145,9 +145,9 @@ class Trainer:
     def __init__(self, output_dir, strategy=None, steps_per_epoch=None, lr_schedule="constant", warmup_epochs=0,
                  early_stopping=None):
         self.strategy = strategy
-        self.multi_worker = multiworker.is_multi_worker(strategy)
-        self.chief = multiworker.is_chief_process(strategy)
-        self.run = rundir.RunDir(multiworker.worker_dir(output_dir) if self.multi_worker else output_dir)
+        self.multi_worker = multiworker.is_multi_worker(strategy)  # TensorFlow's: fit's loop of our own
+        self.chief = distribute.is_chief(strategy)
+        self.run = rundir.RunDir(distribute.output_folder(strategy, output_dir))
         self.steps_per_epoch = steps_per_epoch
         self.lr_schedule, self.warmup_epochs, self.early_stopping = lr_schedule, warmup_epochs, early_stopping
 
@@ -288,7 +288,12 @@ class Trainer:
                                         run.backup(phase), self.steps_per_epoch,
                                         verbose=progress_verbosity() if self.chief else 0, name=phase)
             else:
-                first = restore_backup(model, run.backup(phase), phase)
+                # Several JAX processes: the chief's backup, and its state in every process.
+                alone = distribute.process_count(self.strategy) == 1
+                first = restore_backup(model, run.backup(phase), phase) if self.chief or alone else 0
+                first = distribute.share_chief_state(model, self.strategy, first)
+                if isinstance(train_data, distribute.ProcessSlices):
+                    train_data.start_at(first)
                 if first:
                     logger.info("%s: resuming after %d completed epochs (best %s so far: %s)", phase, first,
                                 monitor, "none" if best_so_far is None else f"{best_so_far:.4f}")
