@@ -218,28 +218,28 @@ def cleanup(strategy, output_dir):
         shutil.rmtree(output_folder(strategy, output_dir), ignore_errors=True)
 
 
-def share_chief_state(model, strategy, first_epoch):
-    """The chief's weights, optimizer state and completed epochs in every process: after the
-    chief alone has restored its backup, the others take its state (``multihost_utils.
-    broadcast_one_to_all``), so a run resumes together from the chief's last complete epoch
-    whatever each process had. A no-op outside a multi-process run.
+def agreed_epoch(strategy, saved, phase, folder):
+    """The completed epochs every process of a multi-process run resumes from: the newest backup
+    each holds, the oldest of those (``multihost_utils.process_allgather``, every process in
+    step); ``max(saved, default=0)`` alone.
 
-    Returns:
-        The chief's ``first_epoch``.
+    Each process backs up into its own folder (the chief into the run), and a kill can fall
+    between two processes' saves: they then restore the same epoch (``EpochBackup`` keeps two),
+    so every process loads the same weights, as it must (assigning them is a collective).
+
+    Raises:
+        UsageError: this process lacks that epoch's backup; every process says so and stops.
     """
+    newest = max(saved, default=0)
     if process_count(strategy) == 1:
-        return first_epoch
+        return newest
     from jax.experimental import multihost_utils
 
-    first = int(multihost_utils.broadcast_one_to_all(np.int32(first_epoch)))
-    if not first:  # a fresh phase: every process built the same weights from the same seed
-        return 0
-    if model.optimizer is not None and not model.optimizer.built:
-        model.optimizer.build(model.trainable_variables)
-    variables = list(model.variables) + list(model.optimizer.variables if model.optimizer else [])
-    values = multihost_utils.broadcast_one_to_all([np.asarray(keras.ops.convert_to_numpy(v.value)) for v in variables])
-    for variable, value in zip(variables, values):
-        variable.assign(np.asarray(value))
+    first = int(np.min(multihost_utils.process_allgather(np.int32(newest))))
+    if first and first not in saved:
+        raise UsageError(f"{phase}: the processes' backups are too far apart to resume together (this process has "
+                         f"epochs {sorted(saved)}, the run needs {first}); delete every process's {folder} folder to "
+                         "restart the phase.")
     return first
 
 

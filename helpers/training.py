@@ -20,6 +20,7 @@ finished phase and the phase's curves, every file written atomically. ``with
 Trainer(...)`` holds the run directory's lock, so a second run on it stops at once.
 """
 
+import functools
 import json
 import logging
 import math
@@ -288,10 +289,10 @@ class Trainer:
                                         run.backup(phase), self.steps_per_epoch,
                                         verbose=progress_verbosity() if self.chief else 0, name=phase)
             else:
-                # Several JAX processes: the chief's backup, and its state in every process.
-                alone = distribute.process_count(self.strategy) == 1
-                first = restore_backup(model, run.backup(phase), phase) if self.chief or alone else 0
-                first = distribute.share_chief_state(model, self.strategy, first)
+                # Several JAX processes: the same epoch in every process, each from its own backup.
+                agree = functools.partial(distribute.agreed_epoch, self.strategy, phase=phase, folder=run.backup(phase))
+                first = restore_backup(model, run.backup(phase), phase,
+                                       agree if distribute.process_count(self.strategy) > 1 else None)
                 if isinstance(train_data, distribute.ProcessSlices):
                     train_data.start_at(first)
                 if first:
@@ -529,14 +530,22 @@ def build_before_tracing(model, train_data):
     build(data_batch=batch)
 
 
-def restore_backup(model, folder, phase):
+def restore_backup(model, folder, phase, agree=None):
     """Loads the newest whole backup of ``EpochBackup`` into ``model`` (weights and
     optimizer state); a damaged one is reported in one line and the one before it tried.
+
+    Args:
+        agree: for several processes, ``agree(saved epochs)`` -> the epoch all of them restore
+            (``helpers.distribute.agreed_epoch``); that backup alone is loaded.
 
     Returns:
         The number of completed epochs restored (0: none, start the phase).
     """
-    for epoch, path in sorted(_backups(folder), reverse=True):
+    backups = sorted(_backups(folder), reverse=True)
+    if agree is not None:
+        first = agree([epoch for epoch, _ in backups])
+        backups = [(epoch, path) for epoch, path in backups if epoch == first]
+    for epoch, path in backups:
         try:
             if model.optimizer is not None and not model.optimizer.built:
                 model.optimizer.build(model.trainable_variables)
@@ -545,6 +554,9 @@ def restore_backup(model, folder, phase):
         except Exception as error:  # h5py and Keras raise several types for a damaged file
             logger.warning("%s: the backup %s is damaged (%s: %s); trying the one before it", phase, path,
                            type(error).__name__, str(error).splitlines()[0][:200] if str(error) else "")
+    if agree is not None and backups:  # the others restored that epoch: this process cannot start over alone
+        raise UsageError(f"{phase}: the backup {backups[0][1]} is damaged; delete every process's {folder} folder "
+                         "to restart the phase.")
     return 0
 
 

@@ -1,0 +1,122 @@
+"""``--distribute multi-worker`` on JAX: several processes on the loopback (gloo collectives on the
+CPU), started as the docs say, without TensorFlow (``tests.stand_in`` hides it under JAX)."""
+
+import csv
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from helpers import distribute
+from helpers.errors import UsageError
+from tests.conftest import make_class_folders
+from tests.test_distribute import free_ports
+
+ROOT = Path(__file__).resolve().parents[1]
+FLAGS = ["--weights", "none", "--image-size", "71", "--rnn-timesteps", "71", "--rnn-units", "8", "--epochs", "3",
+         "--fine-tune-epochs", "0", "--batch-size", "6", "--fine-tune-batch-size", "6", "--workers", "1",
+         "--mixed-precision", "off", "--distribute", "multi-worker", "--skip-image-check"]
+
+
+def start(count, data, out, *extra, port=None):
+    """``count`` classifier processes (stand-in backbones), the same command in each, process 0
+    the coordinator on a free loopback port."""
+    port = port or free_ports(1)[0]
+    processes = []
+    for index in range(count):
+        env = dict(os.environ, KERAS_BACKEND="jax", TF_CPP_MIN_LOG_LEVEL="2",
+                   KERAS_DISTRIBUTION_JOB_ADDRESSES=f"127.0.0.1:{port}",
+                   KERAS_DISTRIBUTION_NUM_PROCESSES=str(count), KERAS_DISTRIBUTION_PROCESS_ID=str(index))
+        command = [sys.executable, "-m", "tests.stand_in", "cnn_rnn_classifier.py", "--data-dir", str(data),
+                   "--output-dir", str(out), *FLAGS, *extra]
+        processes.append(subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                          stderr=subprocess.STDOUT, text=True))
+    return processes
+
+
+def finish(processes, timeout=300):
+    logs = [p.communicate(timeout=timeout)[0] for p in processes]
+    return [p.returncode for p in processes], logs
+
+
+def log_rows(path):
+    with open(path, newline="") as file:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(file)]
+
+
+@pytest.mark.jax_processes
+@pytest.mark.heavy
+def test_two_processes_train_as_one_resume_after_a_kill_and_only_the_chief_writes(tmp_path):
+    """Two loopback processes, each feeding half of every global batch of 6: a kill of process 1
+    in the third epoch ends process 0 in one line (no hang); the same commands again resume from
+    the last complete epoch, and the run then has every epoch's losses and the best weights of one
+    process with the same global batch, uninterrupted. Only process 0 writes the run; another
+    model on its folder is refused by every process."""
+    import keras
+
+    import cnn_rnn_classifier  # noqa: F401  (its layers, to load the checkpoints)
+
+    data = make_class_folders(tmp_path / "data")  # 18 train images: 3 global batches; 9 val: 1
+    (one,) = start(1, data, tmp_path / "one")
+    codes, logs = finish([one])
+    assert codes == [0], logs[0][-3000:]
+
+    out = tmp_path / "two"
+    chief, other = start(2, data, out)
+    seen = []
+    for line in chief.stdout:
+        seen.append(line)
+        if "Epoch 3/3" in line:
+            break
+    other.kill()
+    other.wait()
+    try:
+        rest = chief.communicate(timeout=200)[0]
+    except subprocess.TimeoutExpired:
+        chief.kill()
+        pytest.fail("process 0 hung after process 1 was killed")
+    errors = [line for line in rest.splitlines() if " ERROR " in line]
+    assert chief.returncode == 1 and len(errors) == 1, "".join(seen)[-2000:] + rest[-3000:]
+    assert "another worker of the cluster failed" in errors[0]
+    assert not (out / "phase1_done.json").exists()
+
+    codes, logs = finish(start(2, data, out))
+    assert codes == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    assert "phase1: resuming after 2 completed epochs" in logs[0]
+    single, double = log_rows(tmp_path / "one" / "phase1_log.csv"), log_rows(out / "phase1_log.csv")
+    assert [row["epoch"] for row in double] == [row["epoch"] for row in single] == [0, 1, 2]
+    for a, b in zip(single, double):  # every epoch's losses, the resumed third's too
+        for key in ("loss", "val_loss", "accuracy", "val_accuracy"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key
+    weights = [keras.saving.load_model(folder / "phase1_best.keras").get_weights()
+               for folder in (tmp_path / "one", out)]
+    for a, b in zip(*weights):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    assert (out / "metrics.json").is_file()
+    assert not list(Path(tempfile.gettempdir()).glob("cnn_rnn_process_1_*"))  # removed at the end
+
+    # the same folder with another model: refused by every process, in one line each
+    codes, logs = finish(start(2, data, out, "--rnn-units", "16"))
+    assert codes == [1, 1], logs
+    for log in logs:
+        errors = [line for line in log.splitlines() if " ERROR " in line]
+        assert len(errors) == 1 and "holds a run with another model or other data (--rnn-units 8 -> 16" in errors[0]
+
+
+@pytest.mark.backend_independent
+def test_process_variables_are_checked_in_one_line():
+    good = {"KERAS_DISTRIBUTION_JOB_ADDRESSES": "10.0.0.1:1234,10.0.0.2:1234",
+            "KERAS_DISTRIBUTION_NUM_PROCESSES": "2", "KERAS_DISTRIBUTION_PROCESS_ID": "1"}
+    assert distribute.read_process_variables(good) == ("10.0.0.1:1234", 2, 1)
+    assert distribute.read_process_variables({**good, "KERAS_DISTRIBUTION_JOB_ADDRESSES": "h:1"}) == ("h:1", 2, 1)
+    for change, message in (({"KERAS_DISTRIBUTION_PROCESS_ID": ""}, "needs KERAS_DISTRIBUTION_PROCESS_ID"),
+                            ({"KERAS_DISTRIBUTION_NUM_PROCESSES": "two"}, "must be integers"),
+                            ({"KERAS_DISTRIBUTION_PROCESS_ID": "2"}, "process 2 of 2"),
+                            ({"KERAS_DISTRIBUTION_NUM_PROCESSES": "3"}, "with 2 address")):
+        with pytest.raises(UsageError, match=message) as caught:
+            distribute.read_process_variables({**good, **change})
+        assert "\n" not in str(caught.value) and "KERAS_DISTRIBUTION_JOB_ADDRESSES=10.0.0.1:1234" in str(caught.value)
