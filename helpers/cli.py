@@ -177,9 +177,11 @@ def add_performance_arguments(parser, distribute=True):
         return group
     group.add_argument("--distribute", choices=options.DISTRIBUTE, default="none",
                        help="mirrored: all local GPUs (or --devices): tf.distribute.MirroredStrategy on "
-                       "TensorFlow, keras.distribution.DataParallel on JAX; multi-worker (TensorFlow only): "
-                       "MultiWorkerMirroredStrategy over the cluster in TF_CONFIG (classifier: with --input "
-                       "tf.data; LRCN: with --frames); the batch sizes are then global batches (default: none)")
+                       "TensorFlow, keras.distribution.DataParallel on JAX; multi-worker: across machines, "
+                       "TensorFlow's MultiWorkerMirroredStrategy over the cluster in TF_CONFIG (classifier: with "
+                       "--input tf.data), or on JAX one process per machine started with the "
+                       "KERAS_DISTRIBUTION_* variables (classifier: with --input generator); LRCN: with "
+                       "--frames; the batch sizes are then global batches (default: none)")
     group.add_argument("--devices", nargs="+", default=None,
                        help="devices for --distribute mirrored, e.g. /gpu:0 /gpu:1 (TensorFlow) or gpu:0 gpu:1 "
                        "(JAX) (default: all GPUs)")
