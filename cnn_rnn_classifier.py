@@ -540,7 +540,8 @@ def train(args):
     if args.distribute == "multi-worker" and not backend.is_tensorflow() and args.input != "generator":
         raise UsageError(f"--distribute multi-worker on {backend.name()} reads with --input generator (each process "
                          "its slice of every batch); --input tf.data is TensorFlow's.")
-    strategy = distribute.training_strategy(args)
+    strategy = distribute.training_strategy(args.distribute, args.devices, args.batch_size,
+                                             args.fine_tune_batch_size)
     splits = data.load_splits(args.data_dir)
     class_names = splits["train"].class_names
     with cli.in_flag_words(MODEL_ARGUMENTS):

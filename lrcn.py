@@ -430,7 +430,8 @@ def train(args):
     if args.distribute == "multi-worker" and (not args.frames or args.per_frame):
         raise UsageError("--distribute multi-worker needs --frames N and one label per sequence (not "
                          "--variable-length or --per-frame): every worker must run the same number of equal steps.")
-    strategy = distribute.training_strategy(args)
+    strategy = distribute.training_strategy(args.distribute, args.devices, args.batch_size,
+                                             args.fine_tune_batch_size)
     splits = {"train": sequences.list_sequences(args.data_dir / "train")}
     names = splits["train"].class_names
     for name in ("val", "test"):

@@ -74,15 +74,16 @@ def make_strategy(choice, devices=None):
     return strategy
 
 
-def training_strategy(args):
+def training_strategy(distribute, devices, batch_size, fine_tune_batch_size):
     """The strategy of ``--distribute``/``--devices`` (``None`` for none), after checking
-    that both global batch sizes split evenly over its replicas.
+    that both global batch sizes (``--batch-size``, ``--fine-tune-batch-size``) split evenly
+    over its replicas.
 
     Raises:
         UsageError: a bad flag combination or a batch size not divisible by the replicas.
     """
-    strategy = make_strategy(args.distribute, args.devices)
-    check_global_batch(strategy, batch_size=args.batch_size, fine_tune_batch_size=args.fine_tune_batch_size)
+    strategy = make_strategy(distribute, devices)
+    check_global_batch(strategy, batch_size=batch_size, fine_tune_batch_size=fine_tune_batch_size)
     return strategy
 
 
@@ -205,11 +206,15 @@ def output_folder(strategy, output_dir):
     """Where this process writes: ``output_dir`` on the chief; on another multi-worker process a
     folder of its own in the temporary directory, stable across restarts, removed by ``cleanup``."""
     if isinstance(strategy, ProcessDataParallel):
-        if strategy.process_index == 0:
-            return Path(output_dir)
-        key = hashlib.sha1(str(Path(output_dir).resolve()).encode()).hexdigest()[:10]
-        return Path(tempfile.gettempdir()) / f"cnn_rnn_process_{strategy.process_index}_{key}"
+        return Path(output_dir) if strategy.process_index == 0 else process_folder(output_dir, strategy.process_index)
     return multiworker.worker_dir(output_dir) if multiworker.is_multi_worker(strategy) else Path(output_dir)
+
+
+def process_folder(output_dir, index):
+    """Process ``index``'s folder (not the chief's) for a run in ``output_dir``: in the temporary
+    directory, named by both, so that the same command finds it again after a restart."""
+    key = hashlib.sha1(str(Path(output_dir).resolve()).encode()).hexdigest()[:10]
+    return Path(tempfile.gettempdir()) / f"cnn_rnn_process_{index}_{key}"
 
 
 def cleanup(strategy, output_dir):

@@ -74,7 +74,10 @@ def test_tensorflow_only_flags_are_refused_in_one_line(tmp_path, caplog):
     common = ["--data-dir", str(folder), "--weights", "none", "--image-size", "71", "--rnn-timesteps", "71",
               "--rnn-units", "8", "--batch-size", "4", "--epochs", "1", "--fine-tune-epochs", "0"]
     for flags, message in ((["--input", "tf.data"], "--input tf.data needs TensorFlow"),
-                           (["--distribute", "multi-worker"], "--distribute multi-worker needs the TensorFlow backend")):
+                           # multi-worker trains on JAX too, started with keras.distribution's variables
+                           (["--distribute", "multi-worker"], f"--distribute multi-worker on {BACKEND} needs "
+                            "KERAS_DISTRIBUTION_JOB_ADDRESSES, KERAS_DISTRIBUTION_NUM_PROCESSES, "
+                            "KERAS_DISTRIBUTION_PROCESS_ID. Example")):
         caplog.clear()
         with caplog.at_level(logging.ERROR):
             assert crc.main([*common, "--output-dir", str(tmp_path / "run"), *flags]) == 1
