@@ -270,7 +270,7 @@ class ProcessSlices(keras.utils.PyDataset):
 
     def __init__(self, data, strategy, global_batch, what):
         super().__init__(workers=getattr(data, "workers", 1), use_multiprocessing=False)
-        self.data, self.global_batch, self.epoch = data, global_batch, 0
+        self.data, self.global_batch, self.epoch, self.fetched = data, global_batch, 0, 0
         self.size = global_batch // strategy.num_processes
         self.first = strategy.process_index * self.size
         self.batches = data.row_count // global_batch
@@ -288,18 +288,24 @@ class ProcessSlices(keras.utils.PyDataset):
         return self.batches
 
     def __getitem__(self, index):
+        self.fetched += 1
         start = index * self.global_batch + self.first
         return self.data.load_rows(self.order[start:start + self.size])
 
     def on_epoch_end(self):
-        self.epoch += 1
-        self.order = self._order()
+        """The next epoch's order, once an epoch has been read: Keras's JAX ``fit`` reads one batch
+        to build the model and calls this before its first epoch too, which must not count
+        (else a resumed phase would see other batches than the uninterrupted one)."""
+        if self.fetched > 1 or self.fetched >= self.batches:
+            self.epoch += 1
+            self.order = self._order()
+            self.fetched = 0
         self.data.on_epoch_end()  # its own epoch count (FrameSequences' augmentation)
 
     def start_at(self, epoch):
         """Resumes the order at ``epoch`` (a phase resumed after ``epoch`` completed epochs
         sees the batches it would have seen without the interruption)."""
-        self.epoch = epoch
+        self.epoch, self.fetched = epoch, 0
         self.order = self._order()
 
 
