@@ -1,4 +1,5 @@
-"""Data-parallel training through ``tf.distribute``.
+"""Data-parallel training: ``tf.distribute`` on TensorFlow, ``keras.distribution.DataParallel``
+on JAX (one process, or several with ``ProcessDataParallel``: ``--distribute multi-worker``).
 
 ``--distribute mirrored`` trains with ``tf.distribute.MirroredStrategy`` over all
 local GPUs (or the devices given with ``--devices``): one process, one model replica

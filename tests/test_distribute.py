@@ -188,6 +188,24 @@ def free_ports(count):
     return ports
 
 
+def kill_once_reached(chief, other, marker, timeout):
+    """Reads ``chief``'s output until a line holds ``marker``, kills ``other``, then waits for
+    ``chief`` to end (the test fails if it hangs): ``(output before the kill, output after)``."""
+    seen = []
+    for line in chief.stdout:
+        seen.append(line)
+        if marker in line:
+            break
+    other.kill()
+    other.wait()
+    try:
+        rest = chief.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        chief.kill()
+        pytest.fail(f"the chief hung after the other process was killed ({marker!r} seen)")
+    return "".join(seen), rest
+
+
 def start_workers(script, flags, outputs, ports=None):
     """Starts one ``script`` process per output folder (stand-in backbones: the cluster is under
     test, not Xception or VGG16), a 127.0.0.1 cluster in TF_CONFIG; ``flags`` are the script's own,
@@ -218,19 +236,8 @@ def test_killed_worker_stops_the_other_and_a_rerun_resumes_identically_writing_o
              "--rnn-units", "8", "--input", "tf.data", "--workers", "1", "--epochs", "5", "--fine-tune-epochs", "0",
              "--batch-size", "4"]
     (chief, worker), ports = start_workers("cnn_rnn_classifier.py", flags, outputs)
-    seen = []
-    for line in chief.stdout:  # until epoch 2 has begun, so epoch 1 is backed up
-        seen.append(line)
-        if "Epoch 3/5" in line:
-            break
-    worker.kill()
-    worker.wait()
-    try:
-        rest = chief.communicate(timeout=300)[0]
-    except subprocess.TimeoutExpired:
-        chief.kill()
-        pytest.fail("the chief hung after the other worker was killed")
-    assert chief.returncode == 1, "".join(seen)[-2000:] + rest[-3000:]
+    seen, rest = kill_once_reached(chief, worker, "Epoch 3/5", timeout=300)  # epochs 1-2 backed up
+    assert chief.returncode == 1, seen[-2000:] + rest[-3000:]
     assert "another worker of the cluster failed" in rest
     assert not (outputs[0] / "phase1_done.json").exists()
 

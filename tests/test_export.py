@@ -118,6 +118,22 @@ def exported_lrcn(tmp_path):
     return {"export": tmp_path / "export", "images": frames, "kind": "clip"}, expected
 
 
+CAPTION_WORDS = list(captions.SPECIAL_TOKENS) + [f"w{i}" for i in range(36)]
+
+
+def saved_captioner(run, decoder):
+    """A random untrained tiny captioner (``decoder``), 40 words of at most 7 per caption, saved as
+    ``run/model.keras`` with its ``vocabulary.json``: returns ``run``."""
+    vocabulary = captions.Vocabulary(CAPTION_WORDS, 7)
+    keras.utils.set_random_seed(1)
+    model = cap.build_captioner(vocabulary_size=len(vocabulary), image_size=71, embedding_dim=8, lstm_units=8,
+                                decoder=decoder, attention_dim=8, dropout=0.0, weights=None)
+    run.mkdir()
+    model.save(run / "model.keras")
+    vocabulary.save(run / "vocabulary.json")
+    return run
+
+
 def exported_captioners(tmp_path):
     """A random untrained captioner of each decoder (40 words: long, varied captions, some cut at
     max_length) saved with its vocabulary and exported with beam width 3; ``caption`` on five
@@ -129,16 +145,9 @@ def exported_captioners(tmp_path):
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(path, format=file_format)
         files.append(path)
-    vocabulary = captions.Vocabulary(list(captions.SPECIAL_TOKENS) + [f"w{i}" for i in range(36)], 7)
     jobs, expected = [], []
     for decoder in cap.DECODERS:
-        keras.utils.set_random_seed(1)
-        model = cap.build_captioner(vocabulary_size=len(vocabulary), image_size=71, embedding_dim=8, lstm_units=8,
-                                    decoder=decoder, attention_dim=8, dropout=0.0, weights=None)
-        run = tmp_path / decoder
-        run.mkdir()
-        model.save(run / "model.keras")
-        vocabulary.save(run / "vocabulary.json")
+        run = saved_captioner(tmp_path / decoder, decoder)
         assert cap.main(["export", "--model", str(run / "model.keras"), "--output", str(run / "served"),
                          "--beam-size", "3"]) == 0
         by_width = {width: cap.caption(run / "model.keras", files, beam_size=width) for width in (1, 3)}
@@ -299,15 +308,9 @@ def test_onnx_captioner_encoder_and_step_decode_greedily_as_caption_does(tmp_pat
     for i in range(3):
         files.append(tmp_path / f"{i}.png")
         Image.fromarray(rng.integers(0, 256, (80, 80, 3), dtype=np.uint8)).save(files[-1])
-    vocabulary = captions.Vocabulary(list(captions.SPECIAL_TOKENS) + [f"w{i}" for i in range(36)], 7)
+    vocabulary = captions.Vocabulary(CAPTION_WORDS, 7)
     for decoder in cap.DECODERS:
-        keras.utils.set_random_seed(1)
-        model = cap.build_captioner(vocabulary_size=len(vocabulary), image_size=71, embedding_dim=8, lstm_units=8,
-                                    decoder=decoder, attention_dim=8, dropout=0.0, weights=None)
-        run = tmp_path / decoder
-        run.mkdir()
-        model.save(run / "model.keras")
-        vocabulary.save(run / "vocabulary.json")
+        run = saved_captioner(tmp_path / decoder, decoder)
         assert cap.main(["export", "--model", str(run / "model.keras"), "--output", str(run / "onnx"),
                          "--format", "onnx"]) == 0
         assert captions.Vocabulary.load(run / "onnx" / rundir.VOCABULARY).tokens == vocabulary.tokens

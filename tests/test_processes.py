@@ -13,7 +13,7 @@ import pytest
 from helpers import distribute
 from helpers.errors import UsageError
 from tests.conftest import make_class_folders
-from tests.test_distribute import free_ports
+from tests.test_distribute import free_ports, kill_once_reached
 
 ROOT = Path(__file__).resolve().parents[1]
 FLAGS = ["--weights", "none", "--image-size", "71", "--rnn-timesteps", "71", "--rnn-units", "8", "--epochs", "3",
@@ -66,20 +66,9 @@ def test_two_processes_train_as_one_resume_after_a_kill_and_only_the_chief_write
 
     out = tmp_path / "two"
     chief, other = start(2, data, out)
-    seen = []
-    for line in chief.stdout:
-        seen.append(line)
-        if "Epoch 3/3" in line:
-            break
-    other.kill()
-    other.wait()
-    try:
-        rest = chief.communicate(timeout=200)[0]
-    except subprocess.TimeoutExpired:
-        chief.kill()
-        pytest.fail("process 0 hung after process 1 was killed")
+    seen, rest = kill_once_reached(chief, other, "Epoch 3/3", timeout=200)
     errors = [line for line in rest.splitlines() if " ERROR " in line]
-    assert chief.returncode == 1 and len(errors) == 1, "".join(seen)[-2000:] + rest[-3000:]
+    assert chief.returncode == 1 and len(errors) == 1, seen[-2000:] + rest[-3000:]
     assert "another worker of the cluster failed" in errors[0]
     assert not (out / "phase1_done.json").exists()
 
