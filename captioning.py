@@ -107,7 +107,7 @@ def parse_args(argv=None):
                           help="Adam's learning rate, without cosine decay or warm-up (--lr-schedule plateau "
                           "still lowers it) (default: 5e-05)")
     _add_decoding_arguments(train_parser)
-    cli.add_performance_arguments(train_parser, distribute=False)
+    cli.add_performance_arguments(train_parser, distribute=("none", "multi-worker"))
     cli.add_output_arguments(train_parser)
 
     cli.add_evaluate_arguments(evaluate_parser, batch_size=64)
@@ -140,7 +140,7 @@ if __name__ == "__main__":
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-from helpers import backend, captions, data, features, precision, reports, rundir, training  # noqa: E402
+from helpers import backend, captions, data, distribute, features, precision, reports, rundir, training  # noqa: E402
 from helpers.attention import DoublyStochasticPenalty, SoftAttentionLSTM  # noqa: E402
 from helpers.backbones import pretrained_backbone  # noqa: E402
 from helpers.caption_batches import (CaptionTable, SelfCriticalBatches, SelfCriticalValidation,  # noqa: E402
@@ -327,33 +327,37 @@ def fine_tune_optimizer(learning_rate):
     return phase1_optimizer(learning_rate)
 
 
-def phase1_inputs(model, splits, args, trainer, tables):
+def phase1_inputs(model, splits, args, trainer, tables, strategy=None):
     """``(fitted_model, train, val)`` for phase 1: the decoder, on each image's Xception features
     computed once (cached in the run, ``cached_train_val_features``) with every caption of the
-    ``tables`` (``CaptionTable`` per split); ``(decoder, None, None)`` when phase 1 does not train."""
+    ``tables`` (``CaptionTable`` per split); ``(decoder, None, None)`` when phase 1 does not train.
+    Under ``--distribute multi-worker``, each process encodes its share of the images and feeds its
+    slice of every global batch (``helpers.distribute``)."""
     decoder = model.get_layer("decoder")
     if not features.phase1_on_cache(trainer.run, "Xception", "image", args.epochs):
         return decoder, None, None
-    cached = cached_train_val_features(model.get_layer("encoder"), splits, trainer.run)
-    return (decoder, feature_caption_batches(cached["train"], tables["train"], args.batch_size, shuffle=True,
-                                             seed=args.seed),
-            feature_caption_batches(cached["val"], tables["val"], args.batch_size))
+    cached = cached_train_val_features(model.get_layer("encoder"), splits, trainer.run, strategy)
+    return (decoder, *distribute.process_slices(strategy, {
+        "train": feature_caption_batches(cached["train"], tables["train"], args.batch_size, shuffle=True,
+                                         seed=args.seed),
+        "val": feature_caption_batches(cached["val"], tables["val"], args.batch_size)}, args.batch_size))
 
 
-def training_data(splits, args, batch_size, tables):
+def training_data(splits, args, batch_size, tables, strategy=None):
     """``(train, val)`` from the images (phase 2): each image with one of its captions
-    (``image_caption_batches``)."""
-    return tuple(image_caption_batches(splits[name], tables[name], args.image_size, batch_size,
-                                       shuffle=name == "train", seed=args.seed, workers=args.workers)
-                 for name in ("train", "val"))
+    (``image_caption_batches``); under ``--distribute multi-worker``, each process's slices."""
+    return distribute.process_slices(strategy, {
+        name: image_caption_batches(splits[name], tables[name], args.image_size, batch_size, shuffle=name == "train",
+                                    seed=args.seed, workers=args.workers)
+        for name in ("train", "val")}, batch_size)
 
 
-def cached_train_val_features(encoder, splits, run):
+def cached_train_val_features(encoder, splits, run, strategy=None):
     """``{"train": ..., "val": ...}``: the encoder's features of those splits' images from the run's
     cache (``helpers.features``), computed once; an attention encoder's grids in float16 on disk."""
     grid = len(encoder.output_shape) == 3  # (positions, 2048)
     return {name: features.cached_features(encoder, splits[name].paths, run.features, name,
-                                           dtype="float16" if grid else "float32")
+                                           dtype="float16" if grid else "float32", strategy=strategy)
             for name in ("train", "val")}
 
 
@@ -403,6 +407,13 @@ def train(args):
              0 < args.self_critical_learning_rate < float("inf"), "a positive number")):
         if not ok:
             raise UsageError(f"{flag} must be {wanted}. Received: {flag} {value}")
+    if args.distribute == "multi-worker" and backend.is_tensorflow():
+        raise UsageError("--distribute multi-worker trains the captioner across processes on JAX (KERAS_BACKEND=jax); "
+                         "on TensorFlow it trains on one device.")
+    if args.distribute == "multi-worker" and args.self_critical_epochs:
+        raise UsageError("--self-critical-epochs: phase 3 samples captions on one process; train phases 1 and 2 with "
+                         "--distribute multi-worker, then run the same command with --distribute none "
+                         "--self-critical-epochs N on the chief's machine (it resumes at phase 3).")
     if args.decoder == "attention" and args.inject is not None:
         raise UsageError("--inject is show-and-tell's choice; the attention decoder reads the image at every word. "
                          f"Received: --decoder attention --inject {args.inject}")
@@ -411,37 +422,46 @@ def train(args):
     with cli.in_flag_words(MODEL_ARGUMENTS):
         check_model_arguments(vocabulary_size=len(vocabulary), **cli.model_arguments(
             args, [name for name in MODEL_ARGUMENTS if name != "mixed_precision"]))
-    with training.Trainer(args.output_dir, **cli.trainer_arguments(args)) as trainer:
+    strategy = distribute.training_strategy(args.distribute, args.devices, args.batch_size,
+                                             args.fine_tune_batch_size)
+    with training.Trainer(args.output_dir, strategy, **cli.trainer_arguments(args)) as trainer:
         run = trainer.run
         cli.check_resumable(args, MODEL_ARGUMENTS + TEXT_ARGUMENTS, vocabulary.tokens,
                             labels=(rundir.VOCABULARY, "tokens"))
         data.check_splits([(name, split.paths) for name, split in splits.items()], args.skip_image_check,
                           args.allow_duplicates)
-        cli.save_args(args, args.output_dir)
-        vocabulary.save(run.vocabulary)
+        if trainer.chief:
+            cli.save_args(args, args.output_dir)
+            vocabulary.save(run.vocabulary)
         tables = {name: CaptionTable(splits[name], vocabulary) for name in ("train", "val")}  # what trains
         keras.utils.set_random_seed(args.seed)
-        model = build_captioner(vocabulary_size=len(vocabulary), weights=args.weights,
-                                **cli.model_arguments(args, MODEL_ARGUMENTS))
+        with trainer.scope():
+            model = build_captioner(vocabulary_size=len(vocabulary), weights=args.weights,
+                                    **cli.model_arguments(args, MODEL_ARGUMENTS))
 
-        # Phase 1: Xception frozen; the decoder learns from its features, computed once per image.
-        training.set_backbone_trainable(model, BACKBONE, False)
-        model.summary(print_fn=logger.info, line_length=110, expand_nested=False)
-        fitted, train_data, val_data = phase1_inputs(model, splits, args, trainer, tables)
-        compile_captioner(fitted, phase1_optimizer(trainer.learning_rate(args.learning_rate, args.epochs, train_data)),
-                          args.jit_compile)
-        best = trainer.fit(fitted, "phase1", train_data, val_data, epochs=args.epochs, monitor="val_loss", save=model,
-                           title="phase 1: Xception frozen, decoder on cached features")
+            # Phase 1: Xception frozen; the decoder learns from its features, computed once per image.
+            training.set_backbone_trainable(model, BACKBONE, False)
+            model.summary(print_fn=logger.info, line_length=110, expand_nested=False)
+            fitted, train_data, val_data = phase1_inputs(model, splits, args, trainer, tables, strategy)
+            compile_captioner(fitted, phase1_optimizer(trainer.learning_rate(args.learning_rate, args.epochs,
+                                                                             train_data)), args.jit_compile)
+            best = trainer.fit(fitted, "phase1", train_data, val_data, epochs=args.epochs, monitor="val_loss",
+                               save=model, title="phase 1: Xception frozen, decoder on cached features")
 
-        # Phase 2: from phase 1's best, Xception's top layers and the decoder trained together, from images.
-        model = training.best_model(best, model)
-        training.set_backbone_trainable(model, BACKBONE, True, train_batchnorm=args.train_batchnorm,
-                                        top_layers=args.fine_tune_layers)
-        train_data, val_data = training_data(splits, args, args.fine_tune_batch_size, tables)
-        compile_captioner(model, fine_tune_optimizer(trainer.learning_rate(
-            args.fine_tune_learning_rate, args.fine_tune_epochs, train_data)), args.jit_compile)
-        best = trainer.fit(model, "phase2", train_data, val_data, epochs=args.fine_tune_epochs, monitor="val_loss",
-                           title=f"phase 2: Xception's top {args.fine_tune_layers} layers and the decoder") or best
+            # Phase 2: from phase 1's best, Xception's top layers and the decoder trained together, from images.
+            model = training.best_model(best, model)
+            training.set_backbone_trainable(model, BACKBONE, True, train_batchnorm=args.train_batchnorm,
+                                            top_layers=args.fine_tune_layers)
+            train_data, val_data = training_data(splits, args, args.fine_tune_batch_size, tables, strategy)
+            compile_captioner(model, fine_tune_optimizer(trainer.learning_rate(
+                args.fine_tune_learning_rate, args.fine_tune_epochs, train_data)), args.jit_compile)
+            best = trainer.fit(model, "phase2", train_data, val_data, epochs=args.fine_tune_epochs,
+                               monitor="val_loss",
+                               title=f"phase 2: Xception's top {args.fine_tune_layers} layers and the decoder") or best
+
+        if not trainer.chief:  # the chief evaluates
+            distribute.cleanup(strategy, args.output_dir)
+            return 0
 
         # Phase 3: from the best so far, the decoder trained on the CIDEr-D of its own sampled captions.
         if args.self_critical_epochs:

@@ -159,23 +159,34 @@ class CaptionBatches(keras.utils.PyDataset):
         self.features, self.paths, self.image_size = features, paths, image_size
         self.grid = features is not None and features.ndim == 3
         self.per_image = int(table.count.max())
-        self.rng = np.random.default_rng(seed)
-        self.batches = self._plan()
+        self.seed, self.rng = seed, np.random.default_rng(seed)
+        self.batches = self._plan(self.rng)
 
-    def _plan(self):
-        table, batch_size = self.table, self.batch_size
+    @property
+    def plan_batch_size(self):
+        """Rows of a whole batch: images for a feature grid, else captions
+        (``helpers.distribute.ProcessSlices``)."""
+        return max(1, self.batch_size // self.per_image) if self.grid else self.batch_size
+
+    def plan_epoch(self, epoch):
+        """Epoch ``epoch``'s batches (arrays of rows, as ``load_part`` takes them), drawn from
+        ``numpy.random.default_rng([seed, epoch])``: the same in every process
+        (``helpers.distribute.ProcessSlices``)."""
+        return self._plan(np.random.default_rng([self.seed or 0, epoch]))
+
+    def _plan(self, rng):
+        table, batch_size = self.table, self.plan_batch_size
         if self.grid:  # each image once; its bucket is its longest caption's
             rows = np.arange(len(table.first))
             lengths = np.maximum.reduceat(table.lengths, table.first) - 1
-            batch_size = max(1, batch_size // self.per_image)
         elif self.features is not None:  # every caption
             rows = np.arange(len(table.image))
         else:  # each image once, with one caption
-            rows = table.first + (self.rng.integers(0, table.count) if self.shuffle else 0)
+            rows = table.first + (rng.integers(0, table.count) if self.shuffle else 0)
         if not self.grid:
             lengths = table.lengths[rows] - 1
         if self.shuffle:
-            order = self.rng.permutation(len(rows))
+            order = rng.permutation(len(rows))
             rows, lengths = rows[order], lengths[order]
         if self.shuffle and self.features is None:
             groups = [rows]
@@ -184,23 +195,34 @@ class CaptionBatches(keras.utils.PyDataset):
             groups = [rows[buckets == bucket] for bucket in range(len(BUCKET_BOUNDARIES) + 1)]
         batches = [group[i:i + batch_size] for group in groups for i in range(0, len(group), batch_size)]
         if self.shuffle:
-            batches = [batches[i] for i in self.rng.permutation(len(batches))]
+            batches = [batches[i] for i in rng.permutation(len(batches))]
         return batches
 
     def __len__(self):
         return len(self.batches)
 
     def __getitem__(self, index):
-        rows, table = self.batches[index], self.table
+        return self.load_part(self.batches[index])
+
+    def load_part(self, rows, part=slice(None)):
+        """The batch of ``rows`` (a batch of the plan), or its part ``part`` (a ``slice`` of ``rows``:
+        one process's, ``helpers.distribute.ProcessSlices``), padded as the whole batch is."""
+        table = self.table
         images = rows if self.grid else table.image[rows]
         if self.grid:  # all captions of each image, C per image, -1 where an image has fewer
             offsets = np.arange(self.per_image)
             rows = np.where(offsets[None, :] < table.count[images, None], table.first[images, None] + offsets, -1)
             rows = rows.reshape(-1)
         lengths = np.where(rows >= 0, table.lengths[rows] - 1, 0)  # teacher forcing: <start> w1 ... wn -> w1 ... <end>
-        steps = int(lengths.max())
+        steps = int(lengths.max())  # of the whole batch: every part has the same shape
         if self.pad_to_bucket:
             steps = bucket_steps(steps, table.ids.shape[1] - 1)
+        images = images[part]
+        if self.grid:  # the part's images, each with its C captions
+            per_image = self.per_image
+            part = slice(None if part.start is None else part.start * per_image,
+                         None if part.stop is None else part.stop * per_image)
+        rows, lengths = rows[part], lengths[part]
         tokens = table.ids[rows, :steps].copy()
         targets = table.ids[rows, 1:steps + 1].copy()
         tokens[np.arange(steps)[None, :] >= lengths[:, None]] = PAD_ID  # the <end> of a shorter caption
@@ -213,7 +235,7 @@ class CaptionBatches(keras.utils.PyDataset):
 
     def on_epoch_end(self):
         if self.shuffle:
-            self.batches = self._plan()
+            self.batches = self._plan(self.rng)
 
 
 class SelfCriticalBatches(keras.utils.PyDataset):

@@ -161,8 +161,9 @@ def add_feature_cache_argument(group, backbone, item, conditions):
                        f"{conditions})")
 
 
-def add_performance_arguments(parser, distribute=True):
-    """The performance group; ``distribute=False`` leaves out ``--distribute`` and ``--devices``."""
+def add_performance_arguments(parser, distribute=options.DISTRIBUTE):
+    """The performance group, with ``--distribute`` of the choices ``distribute`` (and ``--devices``
+    where ``mirrored`` is one of them)."""
     group = parser.add_argument_group("performance")
     group.add_argument("--mixed-precision", choices=options.MIXED_PRECISION, default="auto",
                        help="compute dtype of the CNN backbone; recurrent states and gates and the classifier "
@@ -171,11 +172,15 @@ def add_performance_arguments(parser, distribute=True):
                        "capability >= 8, float16 on 7.x, else off (default: auto)")
     group.add_argument("--workers", type=int, default=2,
                        help="threads decoding input (tf.data: parallel calls) (default: 2)")
-    if not distribute:
-        parser.set_defaults(distribute="none", devices=None)
+    if "mirrored" not in distribute:
+        group.add_argument("--distribute", choices=distribute, default="none",
+                           help="multi-worker: across machines on JAX, one process per machine started with the "
+                           "KERAS_DISTRIBUTION_* variables, phases 1 and 2 (phase 3 on one process); the batch sizes "
+                           "are then global batches (default: none)")
+        parser.set_defaults(devices=None)
         _add_jit_argument(group)
         return group
-    group.add_argument("--distribute", choices=options.DISTRIBUTE, default="none",
+    group.add_argument("--distribute", choices=distribute, default="none",
                        help="mirrored: all local GPUs (or --devices): tf.distribute.MirroredStrategy on "
                        "TensorFlow, keras.distribution.DataParallel on JAX; multi-worker: across machines, "
                        "TensorFlow's MultiWorkerMirroredStrategy over the cluster in TF_CONFIG (classifier: with "

@@ -249,57 +249,138 @@ def agreed_epoch(strategy, saved, phase, folder):
     return first
 
 
+def local_predictor(encoder):
+    """``predict(images) -> numpy``: ``encoder``'s inference (``training=False``) on this process's
+    first device alone, from a copy of its weights. A model built under ``ProcessDataParallel``
+    holds global arrays, and Keras's ``predict`` would take each process's batch for its part of
+    one global batch; this one computes what the process asks, no other process involved.
+
+    Args:
+        encoder: a built ``keras.Model``.
+
+    Returns:
+        A function from a numpy batch (``encoder``'s input, batch axis first) to its numpy output.
+    """
+    import jax
+
+    device = jax.local_devices()[0]
+    trainable = jax.device_put([np.asarray(v.value) for v in encoder.trainable_variables], device)
+    other = jax.device_put([np.asarray(v.value) for v in encoder.non_trainable_variables], device)
+    step = jax.jit(lambda t, n, x: encoder.stateless_call(t, n, x, training=False)[0])
+    return lambda batch: np.asarray(step(trainable, other, jax.device_put(batch, device)))
+
+
+def shared_rows(strategy, count, shape, dtype, compute, chunk=256):
+    """Rows ``[0, count)`` computed in shares, process ``p`` the ``p``-th contiguous share (``ceil(count
+    / n)`` rows), and gathered on every process (``multihost_utils.process_allgather``, ``chunk``
+    rows of each share per round, every process in step): each process reads only its share's
+    inputs (its images), and every process ends with every row (the features it trains on).
+
+    Args:
+        strategy: the ``ProcessDataParallel``.
+        count: the rows.
+        shape: one row's shape (without the row axis).
+        dtype: the rows' numpy dtype.
+        compute: ``compute(first, stop)`` -> rows ``[first, stop)`` as ``(stop - first, *shape)``.
+        chunk: rows of each share gathered per round (memory: ``n * chunk`` rows at a time).
+
+    Returns:
+        ``(count, *shape)`` array of ``dtype``, the same on every process.
+    """
+    from jax.experimental import multihost_utils
+
+    processes, share = strategy.num_processes, -(-count // strategy.num_processes)
+    first, stop = min(strategy.process_index * share, count), min((strategy.process_index + 1) * share, count)
+    logger.info("process %d of %d computes rows [%d, %d) of %d; the other processes' rows are gathered",
+                strategy.process_index, processes, first, stop, count)
+    result, rows = np.empty((count, *shape), dtype), max(1, min(chunk, share))
+    for offset in range(0, share, rows):  # the same rounds in every process
+        block = np.zeros((rows, *shape), dtype)
+        start, end = first + offset, min(first + offset + rows, stop)
+        if start < end:
+            block[:end - start] = compute(start, end)
+        gathered = np.asarray(multihost_utils.process_allgather(block))  # (processes, rows, *shape)
+        for process in range(processes):
+            start = process * share + offset
+            end = min(start + rows, (process + 1) * share, count)
+            if start < end:
+                result[start:end] = gathered[process, :end - start]
+    return result
+
+
 class ProcessSlices(keras.utils.PyDataset):
     """This process's slice of every whole global batch of ``data``: of ``n`` processes, process
     ``p`` feeds rows ``[p * b, (p + 1) * b)`` of each global batch (``b`` = global batch / ``n``)
     and reads only those samples, so that the processes together train on exactly the global
-    batches one process would, no sample twice in an epoch. The order is drawn here, the same in
-    every process: with ``data.shuffle``, epoch ``e``'s is ``numpy.random.default_rng([seed,
-    e]).permutation``. A last global batch too small to split evenly is left out of each epoch.
+    batches one process would, no sample twice in an epoch. The batches are the same in every
+    process: drawn here for ``data`` of rows (with ``data.shuffle``, epoch ``e``'s order is
+    ``numpy.random.default_rng([seed, e]).permutation``; a last global batch too small to split
+    evenly is left out), or planned by ``data`` itself (bucketed captions: each epoch's batches
+    of ``data.plan_batch_size`` rows are kept, the smaller ones left out).
 
     Args:
-        data: global batches with ``row_count`` (its samples), ``shuffle``, ``seed`` and
+        data: either rows, with ``row_count`` (its samples), ``shuffle``, ``seed`` and
             ``load_rows(rows)`` (the batch of those samples), as
-            ``cnn_rnn_classifier.ImageReadingIterator`` and ``helpers.sequences.FrameSequences``.
+            ``cnn_rnn_classifier.ImageReadingIterator`` and ``helpers.sequences.FrameSequences``;
+            or planned batches, with ``plan_epoch(epoch)`` (that epoch's batches as arrays of rows,
+            drawn from the epoch and a seed alone, the same number of whole batches every epoch),
+            ``plan_batch_size`` (a whole batch's rows) and ``load_part(rows, part)`` (the part
+            ``part``, a ``slice`` of ``rows``, of that batch, padded as the whole batch would be),
+            as ``helpers.caption_batches.CaptionBatches``.
         strategy: the ``ProcessDataParallel``.
-        global_batch: the global batch size; a multiple of the processes.
+        global_batch: the global batch size (rows data); a multiple of the processes.
         what: the split's name, for errors.
 
     Raises:
-        UsageError: ``data`` holds fewer samples than one global batch.
+        UsageError: ``data`` holds fewer samples than one global batch, or its planned batches do
+            not split evenly over the processes.
     """
 
     def __init__(self, data, strategy, global_batch, what):
         super().__init__(workers=getattr(data, "workers", 1), use_multiprocessing=False)
+        self.planned = hasattr(data, "plan_epoch")
+        if self.planned:
+            global_batch = data.plan_batch_size
+            if global_batch % strategy.num_processes:
+                raise UsageError(f"the {what} batches hold {global_batch} images each, which do not split evenly "
+                                 f"over {strategy.num_processes} processes; choose a batch size that does")
         self.data, self.global_batch, self.epoch, self.fetched = data, global_batch, 0, 0
         self.size = global_batch // strategy.num_processes
         self.first = strategy.process_index * self.size
-        self.batches = data.row_count // global_batch
-        if not self.batches:
-            raise UsageError(f"the {what} data holds {data.row_count} samples, fewer than the global batch "
+        self.plan = self._plan()
+        if not self.plan:
+            rows = data.row_count if not self.planned else sum(map(len, data.plan_epoch(0)))
+            raise UsageError(f"the {what} data holds {rows} samples, fewer than the global batch "
                              f"{global_batch}; multi-worker training uses whole global batches only")
-        self.order = self._order()
 
-    def _order(self):
-        if not self.data.shuffle:
-            return np.arange(self.data.row_count)
-        return np.random.default_rng([self.data.seed or 0, self.epoch]).permutation(self.data.row_count)
+    def _plan(self):
+        """This epoch's whole global batches, as arrays of rows of ``data``."""
+        if self.planned:
+            return [rows for rows in self.data.plan_epoch(self.epoch) if len(rows) == self.global_batch]
+        if self.data.shuffle:
+            order = np.random.default_rng([self.data.seed or 0, self.epoch]).permutation(self.data.row_count)
+        else:
+            order = np.arange(self.data.row_count)
+        batch = self.global_batch
+        return [order[i * batch:(i + 1) * batch] for i in range(self.data.row_count // batch)]
 
     def __len__(self):
-        return self.batches
+        return len(self.plan)
 
     def __getitem__(self, index):
         self.fetched += 1
-        start = index * self.global_batch + self.first
-        return self.data.load_rows(self.order[start:start + self.size])
+        part = slice(self.first, self.first + self.size)
+        if self.planned:
+            return self.data.load_part(self.plan[index], part)
+        return self.data.load_rows(self.plan[index][part])
 
     def on_epoch_end(self):
         """The next epoch's order, once an epoch has been read: Keras's JAX ``fit`` reads one batch
         to build the model and calls this before its first epoch too, which must not count
         (else a resumed phase would see other batches than the uninterrupted one)."""
-        if self.fetched > 1 or self.fetched >= self.batches:
+        if self.fetched > 1 or self.fetched >= len(self.plan):
             self.epoch += 1
-            self.order = self._order()
+            self.plan = self._plan()
             self.fetched = 0
         self.data.on_epoch_end()  # its own epoch count (FrameSequences' augmentation)
 
@@ -307,7 +388,7 @@ class ProcessSlices(keras.utils.PyDataset):
         """Resumes the order at ``epoch`` (a phase resumed after ``epoch`` completed epochs
         sees the batches it would have seen without the interruption)."""
         self.epoch, self.fetched = epoch, 0
-        self.order = self._order()
+        self.plan = self._plan()
 
 
 def _canonical(name):

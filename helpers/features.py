@@ -20,7 +20,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from helpers import backend, data, precision, rundir
+from helpers import backend, data, distribute, precision, rundir
 from helpers.training import progress_verbosity
 
 logger = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ def cache_key(encoder, paths, reader=""):
 
 
 def cached_features(encoder, paths, folder, name, batch_size=32, workers=2, loader=None,
-                    images=None, reader=None, dtype="float32"):
+                    images=None, reader=None, dtype="float32", strategy=None):
     """The encoder's output for every image of ``paths``, from the cache or computed (then cached).
 
     Args:
@@ -113,6 +113,9 @@ def cached_features(encoder, paths, folder, name, batch_size=32, workers=2, load
         reader: the name of the image reader, part of the key (default: ``loader``'s name).
         dtype: the stored dtype: ``"float32"``, or ``"float16"`` for large feature grids (half
             the disk and memory; relative error below 1e-3), part of the key.
+        strategy: under several JAX processes (``helpers.distribute.ProcessDataParallel``), each
+            process reads and encodes its share of ``paths`` and every process gets every row
+            (``distribute.shared_rows``; the default reader only), then caches them in its own folder.
 
     Returns:
         ``(len(paths), *features)`` numpy array of ``dtype``.
@@ -132,7 +135,15 @@ def cached_features(encoder, paths, folder, name, batch_size=32, workers=2, load
             logger.warning("feature cache %s is unreadable (%s); computing it again", path, error)
     logger.info("computing the backbone features of %d %s images once (cached in %s)", len(paths), name, path)
     size = encoder.input_shape[1]
-    if images is not None:
+    if distribute.process_count(strategy) > 1:
+        predict = distribute.local_predictor(encoder)
+
+        def share(first, stop):  # this process's images, read and encoded
+            chunks = [paths[i:min(i + batch_size, stop)] for i in range(first, stop, batch_size)]
+            return np.concatenate([predict(np.stack([data.read_rgb(path, size) for path in chunk])) for chunk in chunks])
+
+        features = distribute.shared_rows(strategy, len(paths), encoder.output_shape[1:], dtype, share)
+    elif images is not None:
         features = np.asarray(encoder.predict(images(), verbose=progress_verbosity()), dtype)
     elif loader is None:  # chunk by chunk into the stored dtype: a float16 grid never exists in float32 whole
         features = np.empty((len(paths), *encoder.output_shape[1:]), dtype)

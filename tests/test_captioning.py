@@ -19,7 +19,8 @@ from helpers import caption_batches, caption_evaluation, captions, features, run
 from helpers.attention import SoftAttentionLSTM
 from helpers.captions import END_ID, PAD_ID, START_ID, UNK_ID
 from helpers.decoding import StepDecoder
-from tests.conftest import Killed, colour_captions, kill_at_batch, make_coco, make_flickr8k, weights_never_drawn
+from tests.conftest import (Killed, colour_captions, kill_at_batch, make_coco, make_flickr8k, weights_never_drawn,
+                            write_photo)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--weights", "none", "--image-size", "71", "--embedding-dim", "16", "--lstm-units", "16",
@@ -134,6 +135,34 @@ def test_attention_over_grouped_captions_equals_one_grid_per_caption():
     targets = np.roll(tokens, -1, axis=1)
     assert decoder.test_on_batch([grids, tokens], targets) == pytest.approx(
         decoder.test_on_batch([np.repeat(grids, 3, axis=0), tokens], targets), rel=1e-5)
+
+
+@pytest.mark.backend_independent
+def test_a_batch_in_parts_is_the_whole_batch_and_every_epoch_plan_is_reproducible(tmp_path):
+    """Several processes each load a part of every planned batch (``helpers.distribute.ProcessSlices``):
+    the parts, joined, are the whole batch (padded to its longest, not each part's), for pooled
+    features, feature grids and images; ``plan_epoch`` draws the same batches for the same epoch."""
+    lengths = ["a b", "a b c d e f g h i j", "a", "b c", "a b c", "a b c d"]
+    split = captions.CaptionSplit("train", [str(write_photo(tmp_path / f"{i}.jpg", "red", i)) for i in range(6)],
+                                  [[text, "a"] for text in lengths], Path("x"))
+    table = caption_batches.CaptionTable(split, captions.Vocabulary.from_captions(lengths, 1, 12))
+    pooled, grids = np.random.default_rng(0).random((6, 4), np.float32), np.ones((6, 2, 3), np.float16)
+    for kind, batch_size in (("pooled", 4), ("grid", 4), ("images", 2)):
+        inputs = {"pooled": dict(features=pooled), "grid": dict(features=grids),
+                  "images": dict(paths=split.paths, image_size=8)}[kind]
+        batches = caption_batches.CaptionBatches(table, batch_size, shuffle=True, seed=3, pad_to_bucket=True, **inputs)
+        plan = batches.plan_epoch(1)
+        assert [rows.tolist() for rows in plan] == [rows.tolist() for rows in batches.plan_epoch(1)]
+        assert [rows.tolist() for rows in plan] != [rows.tolist() for rows in batches.plan_epoch(2)]
+        whole = [rows for rows in plan if len(rows) == batches.plan_batch_size]
+        assert whole and batches.plan_batch_size == (2 if kind == "grid" else batch_size)
+        for rows in whole:
+            (first, tokens), targets = batches.load_part(rows)
+            half = batches.plan_batch_size // 2
+            parts = [batches.load_part(rows, slice(0, half)), batches.load_part(rows, slice(half, 2 * half))]
+            np.testing.assert_array_equal(np.concatenate([part[0][0] for part in parts]), first, err_msg=kind)
+            np.testing.assert_array_equal(np.concatenate([part[0][1] for part in parts]), tokens, err_msg=kind)
+            np.testing.assert_array_equal(np.concatenate([part[1] for part in parts]), targets, err_msg=kind)
 
 
 @pytest.mark.heavy
@@ -355,6 +384,22 @@ def test_coco_without_annotations_is_refused(tmp_path):
     path.write_text(json.dumps({"images": []}))
     with pytest.raises(captions.DatasetError, match="captions_val2017.json: no 'annotations' list"):
         captions.load_caption_splits(root)
+
+
+def test_multi_worker_is_refused_where_it_cannot_train_in_one_line(flickr, tmp_path, caplog):
+    """``--distribute multi-worker``: on TensorFlow (JAX trains the captioner across processes), and
+    with phase 3 (it samples on one process), refused before anything is read or written."""
+    argv = ["--data-dir", str(flickr), "--output-dir", str(tmp_path / "run"), *TINY, "--distribute", "multi-worker"]
+    if keras.backend.backend() == "tensorflow":
+        assert cap.main(argv) == 1
+        assert "--distribute multi-worker trains the captioner across processes on JAX" in caplog.text
+    else:
+        assert cap.main([*argv, "--self-critical-epochs", "1"]) == 1
+        assert "--self-critical-epochs: phase 3 samples captions on one process" in caplog.text
+    assert len([r for r in caplog.records if r.levelname == "ERROR"]) == 1 and not (tmp_path / "run").exists()
+    with pytest.raises(SystemExit) as exit_:  # not a choice of the captioner's
+        cap.main([*argv[:-2], "--distribute", "mirrored"])
+    assert exit_.value.code == 2
 
 
 def test_failed_download_names_the_offline_option(monkeypatch, tmp_path, caplog):

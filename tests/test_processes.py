@@ -12,7 +12,7 @@ import pytest
 
 from helpers import distribute
 from helpers.errors import UsageError
-from tests.conftest import make_class_folders
+from tests.conftest import make_class_folders, make_flickr8k
 from tests.test_distribute import free_ports, kill_once_reached
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,8 +21,14 @@ FLAGS = ["--weights", "none", "--image-size", "71", "--rnn-timesteps", "71", "--
          "--mixed-precision", "off", "--distribute", "multi-worker", "--skip-image-check"]
 
 
-def start(count, data, out, *extra, port=None):
-    """``count`` classifier processes (stand-in backbones), the same command in each, process 0
+CAPTIONER_FLAGS = ["--weights", "none", "--image-size", "71", "--embedding-dim", "16", "--lstm-units", "16",
+                   "--min-word-count", "1", "--max-length", "6", "--epochs", "1", "--fine-tune-epochs", "1",
+                   "--workers", "1", "--mixed-precision", "off", "--distribute", "multi-worker", "--skip-image-check",
+                   "--beam-size", "1"]
+
+
+def start(count, data, out, *extra, port=None, script="cnn_rnn_classifier.py", flags=FLAGS):
+    """``count`` processes of ``script`` (stand-in backbones), the same command in each, process 0
     the coordinator on a free loopback port."""
     port = port or free_ports(1)[0]
     processes = []
@@ -30,8 +36,8 @@ def start(count, data, out, *extra, port=None):
         env = dict(os.environ, KERAS_BACKEND="jax", TF_CPP_MIN_LOG_LEVEL="2",
                    KERAS_DISTRIBUTION_JOB_ADDRESSES=f"127.0.0.1:{port}",
                    KERAS_DISTRIBUTION_NUM_PROCESSES=str(count), KERAS_DISTRIBUTION_PROCESS_ID=str(index))
-        command = [sys.executable, "-m", "tests.stand_in", "cnn_rnn_classifier.py", "--data-dir", str(data),
-                   "--output-dir", str(out), *FLAGS, *extra]
+        command = [sys.executable, "-m", "tests.stand_in", script, "--data-dir", str(data),
+                   "--output-dir", str(out), *flags, *extra]
         processes.append(subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                           stderr=subprocess.STDOUT, text=True))
     return processes
@@ -93,6 +99,34 @@ def test_two_processes_train_as_one_resume_after_a_kill_and_only_the_chief_write
     for log in logs:
         errors = [line for line in log.splitlines() if " ERROR " in line]
         assert len(errors) == 1 and "holds a run with another model or other data (--rnn-units 8 -> 16" in errors[0]
+
+
+@pytest.mark.jax_processes
+@pytest.mark.heavy
+def test_two_captioner_processes_train_as_one(tmp_path):
+    """The captioner on two loopback processes: each encodes half of the images for phase 1's
+    features (gathered on both), feeds its half of every global batch of bucketed captions (phase
+    1: 8 captions; phase 2: 4 images, each with a caption) and both phases' losses equal one
+    process's with the same global batches; the chief alone writes and evaluates. (The attention
+    decoder's grid batches split by image: ``test_captioning``'s parts test.)"""
+    data = make_flickr8k(tmp_path / "data", counts=(12, 4, 3))
+    flags = [*CAPTIONER_FLAGS, "--batch-size", "8", "--fine-tune-batch-size", "4"]
+    runs = {count: tmp_path / f"processes{count}" for count in (1, 2)}
+    started = {count: start(count, data, out, script="captioning.py", flags=flags) for count, out in runs.items()}
+    for count, processes in started.items():  # both runs at once, each on its own port
+        codes, logs = finish(processes)
+        assert codes == [0] * count, "".join(log[-3000:] for log in logs)
+    assert "process 1 of 2 computes rows [6, 12) of 12" in logs[1]  # the train images' grids: its half
+    assert "process 0 of 2 computes rows [0, 6) of 12" in logs[0]
+    assert "split: test" in logs[0] and "split: test" not in logs[1]  # the chief evaluates
+    for phase in ("phase1", "phase2"):
+        single, double = (log_rows(out / f"{phase}_log.csv") for out in runs.values())
+        assert len(single) == len(double) == 1
+        for a, b in zip(single, double):
+            for key in ("loss", "val_loss", "accuracy", "val_accuracy"):
+                assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (phase, key)
+    assert (runs[2] / "metrics.json").is_file() and (runs[2] / "vocabulary.json").is_file()
+    assert not distribute.process_folder(runs[2], 1).exists()
 
 
 @pytest.mark.backend_independent
