@@ -42,7 +42,7 @@ from helpers.backbones import XCEPTION
 
 
 def parse_args(argv=None):
-    parser, train_parser, evaluate_parser, predict_parser = cli.parser_with_commands(
+    parser, train_parser, evaluate_parser, predict_parser, export_parser = cli.parser_with_commands(
         "Xception + LSTM image classifier (seed 000/001), trained in two phases."
     )
     cli.add_data_arguments(train_parser)
@@ -73,6 +73,8 @@ def parse_args(argv=None):
 
     predict_parser.add_argument("--batch-size", type=int, default=32, help="batch size (default: 32)")
     cli.add_predict_arguments(predict_parser, "image files or folders (searched recursively)")
+    for command in (evaluate_parser, predict_parser, export_parser):
+        cli.add_tta_argument(command)
     return parser.parse_args(cli.with_default_command(argv))
 
 
@@ -87,7 +89,7 @@ from helpers import backend, data, distribute, features, multiworker, precision,
 from helpers.backbones import pretrained_backbone  # noqa: E402
 from helpers.features import tf_read_rgb  # noqa: E402
 from helpers.errors import UsageError  # noqa: E402
-from helpers.layers import ChannelMean  # noqa: E402
+from helpers.layers import ChannelMean, flip_averaged  # noqa: E402
 from helpers.optimizers import FusedAdam  # noqa: E402
 from helpers.recurrent import FusedLSTM  # noqa: E402
 
@@ -623,14 +625,14 @@ def evaluate(args):
         raise UsageError(f"{args.model} predicts {model.output_shape[-1]} classes; "
                          f"{split.directory} has {len(split.class_names)}.")
     data.check_images(split.paths)
-    metrics = evaluate_classifier(model, split, args.batch_size)
-    metrics["model"] = str(args.model)
+    metrics = evaluate_classifier(flip_averaged(model, args.tta), split, args.batch_size)
+    metrics["model"], metrics["tta"] = str(args.model), args.tta
     print(reports.format_report(metrics, classes.get("descriptions")))
     if args.json:
         reports.write_json(args.json, metrics)
 
 
-def classify(model, inputs, top_k=5, class_names=None, batch_size=32):
+def classify(model, inputs, top_k=5, class_names=None, batch_size=32, tta="none"):
     """The ``top_k`` most probable classes of each image: the Python API ``predict`` prints.
 
     Args:
@@ -644,17 +646,20 @@ def classify(model, inputs, top_k=5, class_names=None, batch_size=32):
         class_names: the classes in index order (default: the run's ``classes.json``,
             else ``"0"``, ``"1"``, ...).
         batch_size: images per forward pass.
+        tta: ``"flip"``: each image's probabilities averaged with its mirror image's
+            (``helpers.layers.flip_averaged``; twice the inference time); ``"none"``: the image alone.
 
     Returns:
         Per input, ``[(class_name, probability), ...]``, most probable first.
 
     Raises:
-        helpers.errors.UsageError: a bad ``top_k``/``batch_size``, model or array;
+        helpers.errors.UsageError: a bad ``top_k``/``batch_size``/``tta``, model or array;
         helpers.data.DatasetError: an image that cannot be decoded.
     """
     if top_k < 1 or batch_size < 1:
         raise UsageError(f"top_k and batch_size must be >= 1. Received: {top_k}, {batch_size}")
     model, names, _ = training.model_and_classes(model, "classifier", class_names)
+    model = flip_averaged(model, tta)
     size, inputs = model.input_shape[1], data.as_inputs(inputs)
     ranked = []
     for start in range(0, len(inputs), batch_size):
@@ -672,16 +677,18 @@ def predict(args):
     model, names, descriptions = training.model_and_classes(args.model, "classifier")
     paths = data.image_files(args.inputs)
     data.check_images(paths)
-    for path, ranked in zip(paths, classify(model, paths, args.top_k, names, args.batch_size)):
+    for path, ranked in zip(paths, classify(model, paths, args.top_k, names, args.batch_size, args.tta)):
         reports.print_ranked(path, ranked, descriptions)
 
 
 def export(args):
-    """The ``export`` command: a SavedModel or TFLite model taking raw RGB pixels 0..255 (``helpers.export``)."""
+    """The ``export`` command: a SavedModel, TFLite or ONNX model taking raw RGB pixels 0..255 (``helpers.export``);
+    with ``--tta flip`` the served probabilities are averaged over each image and its mirror image."""
     from helpers import export as exporting
     from helpers.layers import XceptionPreprocess
 
-    exporting.export_command(args, "classifier", preprocess=XceptionPreprocess(name="xception_preprocess"))
+    exporting.export_command(args, "classifier", preprocess=XceptionPreprocess(name="xception_preprocess"),
+                             transform=lambda model: flip_averaged(model, args.tta))
 
 
 def main(argv=None, args=None):

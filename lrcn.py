@@ -61,7 +61,7 @@ RECIPES = {
 
 
 def parse_args(argv=None):
-    parser, train_parser, evaluate_parser, predict_parser = cli.parser_with_commands(
+    parser, train_parser, evaluate_parser, predict_parser, _ = cli.parser_with_commands(
         "LRCN (Donahue et al. 2015; seeds 002/003): per-frame VGG16 + GRU, trained in two phases."
     )
     cli.add_data_arguments(train_parser)

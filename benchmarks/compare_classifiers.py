@@ -10,9 +10,11 @@ the first model A, with per-sample correctness ``a_i, b_i`` in {0, 1}, the diffe
 same samples, so their difficulty cancels out; the unpaired error is also printed), and its 95%
 interval the 2.5th and 97.5th percentiles of the mean of ``b - a`` over ``--resamples`` bootstrap
 resamples of the samples (seeded: the same figures every run). ``--shuffled-frames`` adds, after
-each LRCN, the same LRCN on the same clips with each clip's frames in a random order.
+each LRCN, the same LRCN on the same clips with each clip's frames in a random order;
+``--test-time-flips`` adds, after each image classifier, the same classifier with ``--tta flip``.
 
-    python benchmarks/compare_classifiers.py --data-dir DATA --models A.keras B.keras [--shuffled-frames] [--json FILE]
+    python benchmarks/compare_classifiers.py --data-dir DATA --models A.keras B.keras [--shuffled-frames]
+        [--test-time-flips] [--json FILE]
 
 Used for the README's ``--cnn-only`` ablation and the LRCN's baselines on UCF101. Measurements
 only, not a test.
@@ -44,8 +46,9 @@ def paired_difference(first, second, resamples=RESAMPLES, seed=0):
     return float(difference.mean()), float(difference.std(ddof=1) / np.sqrt(n)), float(unpaired), interval
 
 
-def scores(path, data_dir, split_name, batch_size, shuffled_frames):
-    """``[(name, probabilities, labels), ...]`` of one saved model (and its shuffled-frames twin)."""
+def scores(path, data_dir, split_name, batch_size, shuffled_frames, test_time_flips=False):
+    """``[(name, probabilities, labels), ...]`` of one saved model (and its shuffled-frames or
+    test-time-flips twin)."""
     import cnn_rnn_classifier as crc  # importing the scripts registers their layers: models load in safe mode
     import lrcn
     from helpers import training
@@ -64,10 +67,15 @@ def scores(path, data_dir, split_name, batch_size, shuffled_frames):
         return result
     from helpers import data
 
+    from helpers.layers import flip_averaged
+
     split = data.list_split(data_dir / split_name, names, split_name)
-    probabilities = model.predict(crc.flow_from_split(split, model.input_shape[1], batch_size, shuffle=False,
-                                                      workers=2), verbose=0)
-    return [(str(path), probabilities, split.labels)]
+    result = []
+    for tta in ("none", "flip") if test_time_flips else ("none",):
+        probabilities = flip_averaged(model, tta).predict(crc.flow_from_split(
+            split, model.input_shape[1], batch_size, shuffle=False, workers=2), verbose=0)
+        result.append((str(path) + (" (test-time flips)" if tta == "flip" else ""), probabilities, split.labels))
+    return result
 
 
 def main(argv=None):
@@ -78,6 +86,8 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=64, help="samples per forward pass (default: 64)")
     parser.add_argument("--shuffled-frames", action="store_true",
                         help="after each LRCN, the same LRCN with each clip's frames shuffled (default: off)")
+    parser.add_argument("--test-time-flips", action="store_true",
+                        help="after each image classifier, the same classifier with --tta flip (default: off)")
     parser.add_argument("--resamples", type=int, default=RESAMPLES,
                         help=f"bootstrap resamples of the 95%% intervals (default: {RESAMPLES})")
     parser.add_argument("--json", type=Path, help="also write the results here")
@@ -96,7 +106,7 @@ def main(argv=None):
     results, correct = [], []
     for path in args.models:
         for name, probabilities, labels in scores(path, args.data_dir, args.split, args.batch_size,
-                                                  args.shuffled_frames):
+                                                  args.shuffled_frames, args.test_time_flips):
             labels = np.asarray(labels)
             ranked = np.argsort(-probabilities, axis=1)
             top1 = ranked[:, 0] == labels

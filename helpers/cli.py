@@ -474,13 +474,14 @@ def evaluation_split_name(args):
 
 def parser_with_commands(description, predict=("predict", "top-k classes of image files or folders"), export=True):
     """A parser with train / evaluate / ``predict`` (/ export) sub-parsers, returned as a tuple
-    ``(parser, train, evaluate, predict)``; the export sub-parser is complete.
+    ``(parser, train, evaluate, predict[, export])``.
 
     Args:
         predict: ``(name, help)`` of the third command (captioning's is ``caption``).
-        export: ``True``: add the classifiers' ``export`` command (``helpers.export``); a string:
-            add an ``export`` command with this help, ``--model`` and ``--output``, and return its
-            sub-parser as a fifth element for the script's own flags; ``False``: none.
+        export: ``True``: add the classifiers' ``export`` command (``helpers.export``: ``--model``,
+            ``--output``, ``--format``); a string: an ``export`` command with this help, ``--model``
+            and ``--output``; either way its sub-parser is the fifth element, for the script's own
+            flags; ``False``: none.
     """
     parser = argparse.ArgumentParser(description=description)
     parser.set_defaults(distribute="none")  # the commands without --distribute run on one device
@@ -496,10 +497,17 @@ def parser_with_commands(description, predict=("predict", "top-k classes of imag
         _add_saved_model_arguments(exporter)
         exporter.add_argument("--output", required=True, type=Path,
                               help="the folder to create (must not exist or be empty); required")
-        if isinstance(export, str):
-            return parser, train, evaluate, third, exporter
-        exporter.add_argument("--format", choices=options.EXPORT_FORMATS, default="saved_model",
-                              help="saved_model: TensorFlow SavedModel with signatures serve (float32) and "
-                              "serve_uint8; tflite: OUTPUT/model.tflite; onnx: OUTPUT/model.onnx for ONNX Runtime "
-                              "(needs requirements-onnx.txt) (default: saved_model)")
+        if not isinstance(export, str):
+            exporter.add_argument("--format", choices=options.EXPORT_FORMATS, default="saved_model",
+                                  help="saved_model: TensorFlow SavedModel with signatures serve (float32) and "
+                                  "serve_uint8; tflite: OUTPUT/model.tflite; onnx: OUTPUT/model.onnx for ONNX Runtime "
+                                  "(needs requirements-onnx.txt) (default: saved_model)")
+        return parser, train, evaluate, third, exporter
     return parser, train, evaluate, third
+
+
+def add_tta_argument(parser):
+    """``--tta``: the image classifier's test-time augmentation (``helpers.layers.flip_averaged``)."""
+    parser.add_argument("--tta", choices=options.TTA, default="none",
+                        help="test-time augmentation: flip: each image's probabilities averaged with its mirror "
+                        "image's (twice the inference time) (default: none)")

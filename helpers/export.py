@@ -161,9 +161,10 @@ def export_model(model, output, export_format="saved_model", preprocess=None, cl
     return written
 
 
-def export_command(args, kind, preprocess=None):
-    """The scripts' ``export`` command: loads ``--model`` (a model of ``kind``, ``training.check_kind``)
-    and writes ``--output`` in ``--format``; ``--output`` is checked before the model loads.
+def export_command(args, kind, preprocess=None, transform=None):
+    """The scripts' ``export`` command: loads ``--model`` (a model of ``kind``, ``training.check_kind``),
+    ``transform(model)`` when given (the classifier's ``--tta``), and writes ``--output`` in
+    ``--format``; ``--output`` is checked before the model loads.
 
     Raises:
         UsageError: TensorFlow is not the backend (a SavedModel and TFLite are TensorFlow's),
@@ -174,6 +175,8 @@ def export_command(args, kind, preprocess=None):
     backend.require_tensorflow(f"export --format {args.format}")
     rundir.check_writable(args.output, "--output", folder=True)
     model, _ = training.load_checkpoint(args.model, kind)
+    if transform is not None:
+        model = transform(model)
     written = export_model(model, args.output, args.format, preprocess=preprocess,
                            classes_file=rundir.classes_beside(args.model))
     print(f"exported {args.model} to {written}")

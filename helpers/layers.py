@@ -8,6 +8,8 @@ in safe mode.
 
 import keras
 
+from helpers import options
+from helpers.errors import UsageError
 from helpers.serialization import LEGACY_PACKAGE, PACKAGE, serializable  # noqa: F401 (used here and re-exported)
 
 
@@ -214,6 +216,51 @@ class AddToSteps(keras.layers.Layer):
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape[0])
+
+
+@serializable()
+class HorizontalFlip(keras.layers.Layer):
+    """Each image mirrored left to right: test-time augmentation's second view (``flip_averaged``).
+
+    Input: ``(batch, height, width, channels)``; output: the same shape and dtype, column ``j``
+    the input's column ``width - 1 - j``.
+    """
+
+    def call(self, images):
+        return keras.ops.flip(images, axis=2)
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape)
+
+
+TTA = options.TTA  # --tta
+
+
+def flip_averaged(model, tta="flip"):
+    """``model`` with test-time horizontal flips: its output averaged over each image and its mirror
+    image (a standard test-time augmentation for photos, whose classes keep their identity when
+    mirrored; twice the inference cost). ``tta="none"`` returns ``model`` itself.
+
+    Args:
+        model: a ``keras.Model`` from ``(batch, height, width, channels)`` images (any value range:
+            the flip commutes with per-pixel preprocessing) to ``(batch, classes)`` probabilities.
+        tta: one of ``TTA``.
+
+    Returns:
+        A ``keras.Model`` with ``model``'s name, input and output shapes: ``(model(x) +
+        model(flip(x))) / 2``, still probabilities (each row sums to 1).
+
+    Raises:
+        UsageError: an unknown ``tta`` (a ``ValueError``).
+    """
+    if tta not in TTA:
+        raise UsageError(f"tta must be one of {', '.join(TTA)}. Received: {tta!r}")
+    if tta == "none":
+        return model
+    images = keras.Input(model.input_shape[1:], name="images")
+    outputs = keras.layers.Average(name="flip_average", dtype="float32")(
+        [model(images), model(HorizontalFlip(name="horizontal_flip")(images))])
+    return keras.Model(images, outputs, name=model.name)
 
 
 # The attention decoder's layers and the classifier's FusedLSTM register themselves on import:

@@ -6,3 +6,4 @@ DISTRIBUTE = ("none", "mirrored", "multi-worker")  # helpers.distribute.make_str
 LR_SCHEDULES = ("constant", "cosine", "plateau")  # helpers.training.Trainer.learning_rate
 CLASS_WEIGHTS = ("none", "balanced")  # helpers.training.balanced_class_weights
 EXPORT_FORMATS = ("saved_model", "tflite", "onnx")  # helpers.export.export_model
+TTA = ("none", "flip")  # helpers.layers.flip_averaged

@@ -162,7 +162,8 @@ def plot_confusion_matrix(confusion, class_names, path, title):
 def format_report(metrics, class_labels=None):
     """A short text report: the split, top-1, top-k and the weakest classes."""
     lines = [
-        f"split: {metrics['split']} ({metrics['num_images']} samples)",
+        f"split: {metrics['split']} ({metrics['num_images']} samples"
+        f"{', test-time flips' if metrics.get('tta') == 'flip' else ''})",
         f"top-1 accuracy: {100 * metrics['top1']:.2f}%",
     ]
     if "top5" in metrics:

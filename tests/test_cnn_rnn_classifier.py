@@ -215,6 +215,39 @@ def test_two_phase_run_writes_every_output(class_folders, tmp_path, capsys):
     assert (out / "phase2_best.keras").stat().st_mtime_ns == before
 
 
+@pytest.mark.usefixtures("stand_in_backbones")  # the averaging, not Xception
+@pytest.mark.xdist_group("trained_classifier")  # one worker trains the shared run
+def test_test_time_flips_average_each_image_with_its_mirror_image(trained_classifier, tmp_path, capsys):
+    """``--tta flip``/``classify(tta="flip")``: each image's probabilities are the mean of the model's
+    on it and on its mirror image (not the image's alone); ``evaluate --tta flip`` reports it."""
+    from helpers.layers import flip_averaged
+
+    model_path = trained_classifier.run / "phase1_best.keras"
+    images = [np.random.default_rng(i).integers(0, 256, (71, 71, 3)).astype(np.uint8) for i in range(3)]
+    names = [f"c{i}" for i in range(3)]
+
+    def probabilities(inputs, tta="none"):
+        return np.array([[dict(ranked)[n] for n in names]
+                         for ranked in crc.classify(model_path, inputs, top_k=3, class_names=names, tta=tta)])
+
+    plain, mirrored = probabilities(images), probabilities([image[:, ::-1] for image in images])
+    flipped = probabilities(images, "flip")
+    np.testing.assert_allclose(flipped, (plain + mirrored) / 2, atol=1e-6)
+    assert np.abs(flipped - plain).max() > 1e-4  # the mirror image counts
+    np.testing.assert_allclose(flipped.sum(axis=1), 1, rtol=1e-5)
+    symmetric = [np.concatenate([image[:, :36], image[:, :35][:, ::-1]], axis=1) for image in images]
+    np.testing.assert_allclose(probabilities(symmetric, "flip"), probabilities(symmetric), atol=1e-6)
+    model = keras.saving.load_model(model_path)
+    assert flip_averaged(model, "none") is model and flip_averaged(model).name == model.name
+    with pytest.raises(ValueError, match="tta must be one of none, flip. Received: 'crop'"):
+        flip_averaged(model, "crop")
+
+    report = tmp_path / "flip.json"
+    assert crc.main(["evaluate", "--model", str(model_path), "--data-dir", str(trained_classifier.data),
+                     "--split", "val", "--tta", "flip", "--json", str(report)]) == 0
+    assert "test-time flips" in capsys.readouterr().out and json.loads(report.read_text())["tta"] == "flip"
+
+
 @pytest.mark.usefixtures("stand_in_backbones")  # about the training core, not Xception
 def test_model_flags_reach_the_builder_and_phase_2_runs_alone(class_folders, tmp_path):
     """Every flag the resume check compares is a keyword of the builder, and the command line

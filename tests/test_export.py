@@ -246,6 +246,13 @@ def test_onnx_exports_serve_raw_inputs_like_classify_in_onnx_runtime(tmp_path):
     np.testing.assert_allclose(onnx_probabilities(tmp_path / "onnx" / "model.onnx", pixels), expected, atol=1e-4)
     np.testing.assert_allclose(onnx_probabilities(tmp_path / "onnx" / "model.onnx", pixels[1:2]), expected[1:2],
                                atol=1e-4)
+    # with test-time flips: classify(tta="flip")'s probabilities
+    flipped = np.array([[dict(r)[n] for n in names] for r in crc.classify(run / "phase2_best.keras", images, 3,
+                                                                          tta="flip")])
+    assert crc.main(["export", "--model", str(run / "phase2_best.keras"), "--output", str(tmp_path / "onnx_flip"),
+                     "--format", "onnx", "--tta", "flip"]) == 0
+    np.testing.assert_allclose(onnx_probabilities(tmp_path / "onnx_flip" / "model.onnx", pixels), flipped, atol=1e-4)
+    assert np.abs(flipped - expected).max() > 1e-4
 
     # the LRCN on frames (variable length) and on feature clips with padding
     for kind, build, clips in (
