@@ -334,7 +334,7 @@ def phase1_inputs(model, splits, args, trainer, tables, strategy=None):
     Under ``--distribute multi-worker``, each process encodes its share of the images and feeds its
     slice of every global batch (``helpers.distribute``)."""
     decoder = model.get_layer("decoder")
-    if not features.phase1_on_cache(trainer.run, "Xception", "image", args.epochs):
+    if not features.phase1_on_cache(trainer, "Xception", "image", args.epochs):
         return decoder, None, None
     cached = cached_train_val_features(model.get_layer("encoder"), splits, trainer.run, strategy)
     return (decoder, *distribute.process_slices(strategy, {

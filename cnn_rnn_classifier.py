@@ -463,7 +463,7 @@ def phase1_inputs(model, splits, args, trainer, strategy=None):
     ``--no-feature-cache``) the whole model trains from the images (``training_data``); the
     log says which and why.
     """
-    if not features.phase1_on_cache(trainer.run, "Xception", "image", args.epochs, args.feature_cache,
+    if not features.phase1_on_cache(trainer, "Xception", "image", args.epochs, args.feature_cache,
                                      args.augment, args.distribute):
         return (model, *training_data(splits, args, args.batch_size, strategy))
     backbone = model.get_layer(BACKBONE)

@@ -381,7 +381,7 @@ def phase1_inputs(model, splits, args, trainer, strategy=None):
     """
     if args.feature_width:  # feature clips: the model is the head, which trains on them as they are
         return (model, *training_data(splits, args, args.batch_size, strategy))
-    if not features.phase1_on_cache(trainer.run, "VGG16", "frame", args.epochs, args.feature_cache, args.augment,
+    if not features.phase1_on_cache(trainer, "VGG16", "frame", args.epochs, args.feature_cache, args.augment,
                                      args.distribute, off=((not args.frames, "--variable-length"),)):
         return (model, *training_data(splits, args, args.batch_size, strategy))
     backbone = training.find_layer(model, "frame_backbone")

@@ -224,6 +224,18 @@ def cleanup(strategy, output_dir):
         shutil.rmtree(output_folder(strategy, output_dir), ignore_errors=True)
 
 
+def everywhere(strategy, flag):
+    """True when ``flag`` holds in every process of a multi-process run (``multihost_utils.
+    process_allgather``, every process in step), else ``flag`` itself: whether a phase is
+    complete or a cache holds, asked so that every process then takes the same path (one that
+    trains a phase or computes features while another skips would wait in a collective)."""
+    if process_count(strategy) == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+
+    return bool(np.min(multihost_utils.process_allgather(np.int32(bool(flag)))))
+
+
 def agreed_epoch(strategy, saved, phase, folder):
     """The completed epochs every process of a multi-process run resumes from: the newest backup
     each holds, the oldest of those (``multihost_utils.process_allgather``, every process in
@@ -344,7 +356,7 @@ class ProcessSlices(keras.utils.PyDataset):
             if global_batch % strategy.num_processes:
                 raise UsageError(f"the {what} batches hold {global_batch} images each, which do not split evenly "
                                  f"over {strategy.num_processes} processes; choose a batch size that does")
-        self.data, self.global_batch, self.epoch, self.fetched = data, global_batch, 0, 0
+        self.data, self.global_batch, self.epoch = data, global_batch, 0
         self.size = global_batch // strategy.num_processes
         self.first = strategy.process_index * self.size
         self.plan = self._plan()
@@ -368,27 +380,34 @@ class ProcessSlices(keras.utils.PyDataset):
         return len(self.plan)
 
     def __getitem__(self, index):
-        self.fetched += 1
         part = slice(self.first, self.first + self.size)
         if self.planned:
             return self.data.load_part(self.plan[index], part)
         return self.data.load_rows(self.plan[index][part])
 
     def on_epoch_end(self):
-        """The next epoch's order, once an epoch has been read: Keras's JAX ``fit`` reads one batch
-        to build the model and calls this before its first epoch too, which must not count
-        (else a resumed phase would see other batches than the uninterrupted one)."""
-        if self.fetched > 1 or self.fetched >= len(self.plan):
-            self.epoch += 1
-            self.plan = self._plan()
-            self.fetched = 0
         self.data.on_epoch_end()  # its own epoch count (FrameSequences' augmentation)
 
     def start_at(self, epoch):
-        """Resumes the order at ``epoch`` (a phase resumed after ``epoch`` completed epochs
-        sees the batches it would have seen without the interruption)."""
-        self.epoch, self.fetched = epoch, 0
+        """Epoch ``epoch``'s batches from now on: ``EpochOrder`` calls it as each epoch begins, so that
+        a phase resumed after ``epoch`` completed epochs reads the batches the uninterrupted one read.
+        (Counting ``on_epoch_end`` calls would not do: Keras's JAX ``fit`` calls it once more before
+        the first epoch, after reading a batch to build the model, and its input threads may read
+        ahead.)"""
+        self.epoch = epoch
         self.plan = self._plan()
+
+
+class EpochOrder(keras.callbacks.Callback):
+    """Sets a ``ProcessSlices``'s epoch as each epoch begins (``ProcessSlices.start_at``), before
+    ``fit`` reads any of its batches (its input starts after ``on_epoch_begin``)."""
+
+    def __init__(self, data):
+        super().__init__()
+        self.data = data
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.data.start_at(epoch)
 
 
 def _canonical(name):

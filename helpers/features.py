@@ -125,14 +125,18 @@ def cached_features(encoder, paths, folder, name, batch_size=32, workers=2, load
         reader = "" if loader is None else f"{loader.__module__}.{loader.__qualname__}"
     key = cache_key(encoder, paths, reader + ("" if dtype == "float32" else f" as {dtype}"))[:20]
     path = folder / f"{name}-{key}.npy"
+    features = None
     if path.is_file():
         try:
             features = np.load(path, mmap_mode=None, allow_pickle=False)
-            if features.shape[0] == len(paths):
-                logger.info("features of %d %s images read from the cache %s", len(paths), name, path)
-                return features
+            if features.shape[0] != len(paths):
+                features = None
         except (OSError, ValueError) as error:  # a damaged file is computed again
             logger.warning("feature cache %s is unreadable (%s); computing it again", path, error)
+    # several processes compute together: each reads its cache only when every one of them can
+    if distribute.everywhere(strategy, features is not None):
+        logger.info("features of %d %s images read from the cache %s", len(paths), name, path)
+        return features
     logger.info("computing the backbone features of %d %s images once (cached in %s)", len(paths), name, path)
     size = encoder.input_shape[1]
     if distribute.process_count(strategy) > 1:
@@ -140,7 +144,8 @@ def cached_features(encoder, paths, folder, name, batch_size=32, workers=2, load
 
         def share(first, stop):  # this process's images, read and encoded
             chunks = [paths[i:min(i + batch_size, stop)] for i in range(first, stop, batch_size)]
-            return np.concatenate([predict(np.stack([data.read_rgb(path, size) for path in chunk])) for chunk in chunks])
+            return np.concatenate([predict(np.stack([data.read_rgb(path, size) for path in chunk]))
+                                   for chunk in chunks])
 
         features = distribute.shared_rows(strategy, len(paths), encoder.output_shape[1:], dtype, share)
     elif images is not None:
@@ -207,13 +212,14 @@ class ArrayBatches(keras.utils.PyDataset):
             self.order = self.rng.permutation(len(self.labels))
 
 
-def phase1_on_cache(run, backbone, unit, epochs, feature_cache=True, augment=False, distribute="none", off=()):
+def phase1_on_cache(trainer, backbone, unit, epochs, feature_cache=True, augment=False, distribute="none", off=()):
     """Whether phase 1 trains on cached backbone features (the backbone is frozen, so each
     image's or frame's features are the same in every epoch), logging why not when a flag
     rules the cache out.
 
     Args:
-        run: the run's ``helpers.rundir.RunDir``.
+        trainer: the run's ``helpers.training.Trainer`` (whether phase 1 is complete: in every
+            process of a multi-process run).
         backbone: the backbone's name for the log (``"Xception"``, ``"VGG16"``).
         unit: what the backbone reads (``"image"``, ``"frame"``).
         epochs: phase 1's epochs (``--epochs``).
@@ -225,7 +231,7 @@ def phase1_on_cache(run, backbone, unit, epochs, feature_cache=True, augment=Fal
         False when phase 1 does not train (0 epochs, or already complete) or a flag rules the
         cache out; True otherwise.
     """
-    if not epochs or run.phase_complete("phase1"):
+    if not epochs or trainer.phase_complete("phase1"):
         return False
     reasons = [reason for condition, reason in (
         (not feature_cache, "--no-feature-cache"), *off,

@@ -205,6 +205,12 @@ class Trainer:
         """The strategy's scope (a no-op without one): build, load and compile inside it."""
         return distribute.scope(self.strategy)
 
+    def phase_complete(self, phase):
+        """Whether ``phase`` is complete (``<phase>_done.json``): in every process of a multi-process
+        run (``distribute.everywhere``), so that all of them skip it or all train it (a process
+        whose own folder was lost trains it again with the others, from their agreed backup)."""
+        return distribute.everywhere(self.strategy, self.run.phase_complete(phase))
+
     def __enter__(self):
         """Takes the run directory's lock (``rundir.RunDir.lock``) until ``__exit__``."""
         self._lock = self.run.lock()
@@ -255,7 +261,7 @@ class Trainer:
         if epochs <= 0:
             logger.info("%s: skipped (0 epochs)", phase)
             return None
-        if run.phase_complete(phase):
+        if self.phase_complete(phase):
             logger.info("%s: skipped, already complete (%s)", phase, run.done(phase))
             return run.best(phase)
         past = rundir.read_history(run.log(phase)).get(monitor, [])
@@ -293,8 +299,7 @@ class Trainer:
                 agree = functools.partial(distribute.agreed_epoch, self.strategy, phase=phase, folder=run.backup(phase))
                 first = restore_backup(model, run.backup(phase), phase,
                                        agree if distribute.process_count(self.strategy) > 1 else None)
-                if isinstance(train_data, distribute.ProcessSlices):
-                    train_data.start_at(first)
+                ordered = isinstance(train_data, distribute.ProcessSlices)  # its batches in its own order
                 if first:
                     logger.info("%s: resuming after %d completed epochs (best %s so far: %s)", phase, first,
                                 monitor, "none" if best_so_far is None else f"{best_so_far:.4f}")
@@ -304,11 +309,12 @@ class Trainer:
                 model.fit(
                     distribute.replica_safe(train_data, replicas, "training"),
                     validation_data=distribute.replica_safe(val_data, replicas, "validation"),
-                    shuffle=not backend.is_tf_dataset(train_data),  # a tf.data pipeline shuffles itself
+                    shuffle=not (ordered or backend.is_tf_dataset(train_data)),  # tf.data shuffles itself
                     initial_epoch=first,
                     epochs=epochs,
                     steps_per_epoch=self.steps(train_data, phase=phase),
-                    callbacks=[*callbacks, EpochBackup(run.backup(phase))],
+                    callbacks=[*callbacks, EpochBackup(run.backup(phase))] + (
+                        [distribute.EpochOrder(train_data)] if ordered else []),
                     class_weight=class_weight,
                     verbose=progress_verbosity(),
                 )
@@ -480,19 +486,42 @@ def _batches(data):
 
 class EpochBackup(keras.callbacks.Callback):
     """Backs up the weights and optimizer state after every epoch into ``folder`` as
-    ``epoch-<N>.weights.h5`` (N completed epochs), written atomically, keeping the last two.
+    ``epoch-<N>.weights.h5`` (N completed epochs), and the random-number states the weights
+    leave out (``seed_states``: dropout's) as ``epoch-<N>.seeds.npz`` before it, both written
+    atomically, keeping the last two epochs.
 
     In place of ``keras.callbacks.BackupAndRestore``, whose write in place left a run that
-    could not resume when a kill fell inside it; ``restore_backup`` reads these."""
+    could not resume when a kill fell inside it (and which restores no random state: a resumed
+    phase drew the dropout masks of its first epochs again); ``restore_backup`` reads these."""
 
     def __init__(self, folder):
         super().__init__()
         self.folder = Path(folder)
 
     def on_epoch_end(self, epoch, logs=None):
-        rundir.write_atomically(self.folder / f"epoch-{epoch + 1}.weights.h5", self.model.save_weights)
+        weights = self.folder / f"epoch-{epoch + 1}.weights.h5"
+        states = [np.asarray(keras.ops.convert_to_numpy(v.value)) for v in seed_states(self.model)]
+        if states:
+            def write(path):
+                with open(path, "wb") as file:
+                    np.savez(file, *states)
+
+            rundir.write_atomically(_seeds_of(weights), write)
+        rundir.write_atomically(weights, self.model.save_weights)
         for _, old in sorted(_backups(self.folder))[:-2]:
             old.unlink(missing_ok=True)
+            _seeds_of(old).unlink(missing_ok=True)
+
+
+def seed_states(model):
+    """``model``'s random-number states (each ``keras.random.SeedGenerator``'s, as dropout holds):
+    variables that ``save_weights`` leaves out, in a fixed order."""
+    return [v for v in model.variables if v.path.endswith("seed_generator_state")]
+
+
+def _seeds_of(weights):
+    """The ``.seeds.npz`` file beside a backup's ``.weights.h5``."""
+    return Path(weights).with_name(Path(weights).name[:-len(".weights.h5")] + ".seeds.npz")
 
 
 def _backups(folder):
@@ -550,6 +579,7 @@ def restore_backup(model, folder, phase, agree=None):
             if model.optimizer is not None and not model.optimizer.built:
                 model.optimizer.build(model.trainable_variables)
             model.load_weights(path)
+            _restore_seed_states(model, _seeds_of(path))
             return epoch
         except Exception as error:  # h5py and Keras raise several types for a damaged file
             logger.warning("%s: the backup %s is damaged (%s: %s); trying the one before it", phase, path,
@@ -558,6 +588,19 @@ def restore_backup(model, folder, phase, agree=None):
         raise UsageError(f"{phase}: the backup {backups[0][1]} is damaged; delete every process's {folder} folder "
                          "to restart the phase.")
     return 0
+
+
+def _restore_seed_states(model, path):
+    """Assigns the random-number states of ``path`` (``EpochBackup``) to ``model``'s, where the file
+    exists and matches them (a backup of an earlier version has none: the states stay as built)."""
+    if not path.is_file():
+        return
+    with np.load(path) as saved:
+        states = [saved[f"arr_{i}"] for i in range(len(saved.files))]
+    variables = seed_states(model)
+    if [s.shape for s in states] == [tuple(v.shape) for v in variables]:
+        for variable, state in zip(variables, states):
+            variable.assign(state)
 
 
 def saved_bytes(model):

@@ -497,7 +497,8 @@ def test_phase1_cache_is_on_by_default_and_flags_turn_it_off(trained_classifier,
     from helpers import data, features
 
     def phase1_on_cache(**flags):
-        return features.phase1_on_cache(rundir.RunDir(tmp_path / "new"), "Xception", "image", **{"epochs": 1, **flags})
+        trainer = training.Trainer(tmp_path / "new")
+        return features.phase1_on_cache(trainer, "Xception", "image", **{"epochs": 1, **flags})
 
     assert phase1_on_cache()
     assert not phase1_on_cache(feature_cache=False) and not phase1_on_cache(augment=True)

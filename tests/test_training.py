@@ -67,6 +67,41 @@ def killed_then_resumed(folder, monkeypatch, completed, **controls):
     return fit_regression(folder, **controls)
 
 
+def test_a_backup_holds_the_dropout_states_so_that_a_resumed_epoch_draws_the_same_masks(tmp_path):
+    """``EpochBackup`` writes the random-number states the weights leave out (``seed_states``) and
+    ``restore_backup`` assigns them: the epoch after a restore has the loss of the uninterrupted
+    run's (without them it drew the masks of the first epochs again)."""
+    x = np.random.default_rng(0).normal(size=(64, 8)).astype("float32")
+    y = np.arange(64) % 3
+
+    def dropout_model():
+        keras.utils.set_random_seed(0)
+        inputs = keras.Input((8,))
+        hidden = keras.layers.Dropout(0.5)(keras.layers.Dense(16)(inputs))
+        model = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(hidden))
+        model.compile(keras.optimizers.Adam(1e-2), "sparse_categorical_crossentropy")
+        return model
+
+    model = dropout_model()
+    straight = model.fit(x, y, epochs=3, batch_size=16, shuffle=False, verbose=0,
+                         callbacks=[training.EpochBackup(tmp_path)]).history["loss"]
+    assert len(training.seed_states(model)) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch-2.seeds.npz", "epoch-2.weights.h5",
+                                                          "epoch-3.seeds.npz", "epoch-3.weights.h5"]
+    (tmp_path / "epoch-3.weights.h5").unlink()  # as if killed in the third epoch
+    for seeds in (True, False):
+        if not seeds:  # a backup without the states (an earlier version's): it loads, the masks differ
+            (tmp_path / "epoch-2.seeds.npz").unlink()
+        resumed = dropout_model()
+        first = training.restore_backup(resumed, tmp_path, "phase1")
+        loss = resumed.fit(x, y, epochs=3, initial_epoch=first, batch_size=16, shuffle=False, verbose=0)
+        assert first == 2
+        if seeds:
+            assert loss.history["loss"][0] == pytest.approx(straight[2], rel=1e-6)
+        else:
+            assert loss.history["loss"][0] != pytest.approx(straight[2], rel=1e-6)
+
+
 def test_the_train_step_is_traced_once_per_phase(tmp_path, monkeypatch):
     """The optimizer's and the metrics' variables exist before ``fit`` traces the train step
     (``training.build_before_tracing``): on TensorFlow a step that creates them is traced twice.
