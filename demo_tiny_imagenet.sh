@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job on the seed's own dataset, end to end on a CPU (23 minutes on 2 cores with AMX-BF16, about
-# 2 h 20 min on AVX2 only):
+# 2 h 10 min on AVX2 only, summed from its stages):
 # tiny-imagenet-100 (the first 100 classes of Tiny ImageNet-200, raw download layout)
 # -> python -m helpers.restructure_dataset --holdout 50 (5,000 labelled held-out images, hard links,
 # no copies) -> phase 1 on cached Xception features -> phase 2 fine-tuning Xception's blocks 10-14
