@@ -224,21 +224,27 @@ def cleanup(strategy, output_dir):
         shutil.rmtree(output_folder(strategy, output_dir), ignore_errors=True)
 
 
-def everywhere(strategy, flag):
-    """True when ``flag`` holds in every process of a multi-process run (``multihost_utils.
-    process_allgather``, every process in step), else ``flag`` itself: whether a phase is
-    complete or a cache holds, asked so that every process then takes the same path (one that
-    trains a phase or computes features while another skips would wait in a collective)."""
+def smallest_everywhere(strategy, value):
+    """The smallest of every process's integer ``value`` (``multihost_utils.process_allgather``,
+    every process in step); ``value`` itself with one process."""
     if process_count(strategy) == 1:
-        return bool(flag)
+        return int(value)
     from jax.experimental import multihost_utils
 
-    return bool(np.min(multihost_utils.process_allgather(np.int32(bool(flag)))))
+    return int(np.min(multihost_utils.process_allgather(np.int32(value))))
+
+
+def everywhere(strategy, flag):
+    """True when ``flag`` holds in every process of a multi-process run (``smallest_everywhere``),
+    else ``flag`` itself: whether a phase is complete or a cache holds, asked so that every process
+    then takes the same path (one that trains a phase or computes features while another skips
+    would wait in a collective)."""
+    return bool(smallest_everywhere(strategy, bool(flag)))
 
 
 def agreed_epoch(strategy, saved, phase, folder):
     """The completed epochs every process of a multi-process run resumes from: the newest backup
-    each holds, the oldest of those (``multihost_utils.process_allgather``, every process in
+    each holds, the oldest of those (``smallest_everywhere``, every process in
     step); ``max(saved, default=0)`` alone.
 
     Each process backs up into its own folder (the chief into the run), and a kill can fall
@@ -251,9 +257,7 @@ def agreed_epoch(strategy, saved, phase, folder):
     newest = max(saved, default=0)
     if process_count(strategy) == 1:
         return newest
-    from jax.experimental import multihost_utils
-
-    first = int(np.min(multihost_utils.process_allgather(np.int32(newest))))
+    first = smallest_everywhere(strategy, newest)
     if first and first not in saved:
         raise UsageError(f"{phase}: the processes' backups are too far apart to resume together (this process has "
                          f"epochs {sorted(saved)}, the run needs {first}); delete every process's {folder} folder to "

@@ -500,7 +500,7 @@ class EpochBackup(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         weights = self.folder / f"epoch-{epoch + 1}.weights.h5"
-        states = [np.asarray(keras.ops.convert_to_numpy(v.value)) for v in seed_states(self.model)]
+        states = [keras.ops.convert_to_numpy(v.value) for v in seed_states(self.model)]
         if states:
             def write(path):
                 with open(path, "wb") as file:
