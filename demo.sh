@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The main job end to end on real photos, on a CPU: 4 minutes on 2 cores with AVX512_BF16, 22 on AVX2 only:
+# The main job end to end on real photos, on a CPU: 4 minutes on 2 cores with AVX512_BF16, 15 on AVX2 only:
 # Fashion-MNIST written in Tiny ImageNet's raw layout -> python -m helpers.restructure_dataset
 # (with a labelled 50-per-class holdout) -> both training phases -> evaluation on the holdout.
 #
