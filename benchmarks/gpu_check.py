@@ -37,6 +37,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # (name, model, phase, batch, what one example is)
 SEED = [("classifier phase 1", "classifier", 1, 32, "images"), ("classifier phase 2", "classifier", 2, 16, "images"),
         ("LRCN", "lrcn", 2, 4, "clips"), ("captioner", "captioner", 2, 64, "images")]
+# --precision: the --mixed-precision values each choice measures
+PRECISIONS = {"both": ("off", "bfloat16"), "float32": ("off",), "bfloat16": ("bfloat16",)}
 SMOKE = {"classifier": dict(image_size=71, rnn_timesteps=71, rnn_units=8), "lrcn": dict(frames=2, image_size=32),
          "captioner": dict(image_size=71)}
 
@@ -214,6 +216,8 @@ def main(argv=None):
                         help="what prepare_gpu_check.py wrote: the real run runs when given (default: skip it)")
     parser.add_argument("--only", choices=("classifier", "lrcn", "captioner"), default=None,
                         help="measure this model only (default: all three)")
+    parser.add_argument("--precision", choices=("both", "float32", "bfloat16"), default="both",
+                        help="measure in float32, in bfloat16 mixed precision, or both (default: both)")
     parser.add_argument("--json", default=None, help="also write the results here (a file name)")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(ROOT))
@@ -244,7 +248,7 @@ def main(argv=None):
     for name, model, phase, batch, what in plan:
         if args.only and model != args.only:
             continue
-        for precision in ("off", "bfloat16"):
+        for precision in PRECISIONS[args.precision]:
             row = {"name": name, "batch": batch, "precision": "float32" if precision == "off" else "bfloat16 mixed",
                    "unit": what, **run_child(model, phase, batch, precision, steps, args.smoke)}
             if "per_second" in row:

@@ -101,6 +101,7 @@ def test_two_processes_train_as_one_resume_after_a_kill_and_only_the_chief_write
         assert len(errors) == 1 and "holds a run with another model or other data (--rnn-units 8 -> 16" in errors[0]
 
 
+@pytest.mark.slow  # three processes at once, about a minute of CPU: opt-in (the default suite's time)
 @pytest.mark.jax_processes
 @pytest.mark.heavy
 def test_two_captioner_processes_train_as_one(tmp_path):
