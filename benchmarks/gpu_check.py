@@ -10,9 +10,10 @@ Run by hand on a GPU box with the JAX backend (or, with ``--smoke``, anywhere on
 It prints one table. For each model at the seed's configuration (classifier 299 px, LSTM 2048,
 phase 1 batch 32 with Xception frozen and phase 2 batch 16 with everything trained; LRCN 16
 frames x 224 px, batch 4; captioner 299 px, batch 64, end to end) in float32 and in bfloat16
-mixed precision (the backbone in bfloat16, as ``--mixed-precision bfloat16`` trains): images
-(or clips) per second of ``train_on_batch`` (median of ``--steps`` steps after two warm-up
-steps, one with ``--smoke``; compilation excluded), the peak device memory of that measurement
+mixed precision (the backbone in bfloat16, as ``--mixed-precision bfloat16`` trains;
+``--precision`` picks one): images (or clips) per second of ``train_on_batch`` (median of
+``--steps`` steps after two warm-up steps, one with ``--smoke``; compilation excluded), the
+peak device memory of that measurement
 (each in a fresh process, so the peak is its own), the training FLOPs per step (XLA's cost
 analysis of the forward and backward pass of the trainable weights) and the model FLOP
 utilisation: achieved FLOP/s over the same device's bfloat16 matmul peak, measured first in the
@@ -216,7 +217,7 @@ def main(argv=None):
                         help="what prepare_gpu_check.py wrote: the real run runs when given (default: skip it)")
     parser.add_argument("--only", choices=("classifier", "lrcn", "captioner"), default=None,
                         help="measure this model only (default: all three)")
-    parser.add_argument("--precision", choices=("both", "float32", "bfloat16"), default="both",
+    parser.add_argument("--precision", choices=tuple(PRECISIONS), default="both",
                         help="measure in float32, in bfloat16 mixed precision, or both (default: both)")
     parser.add_argument("--json", default=None, help="also write the results here (a file name)")
     args = parser.parse_args(argv)
